@@ -1,0 +1,38 @@
+# make demo  — install (first time) and run the main job on the embedded local default
+# make test  — install (first time) and run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	# torch + torchvision first, as a pair (they lie on local disk for Python 3.11)
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	# DeepSpeed: prebuild only the shm_comm op so deepspeed.initialize does not JIT-compile it;
+	# --no-cache-dir because pip reuses a cached wheel whatever DS_BUILD_* says.
+	$(BIN)/python -c "import deepspeed" 2>/dev/null || \
+		DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install --quiet --no-cache-dir --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/convllava demo --workdir work/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf work .pytest_cache

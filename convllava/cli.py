@@ -1,0 +1,152 @@
+"""`convllava` command line: one entry point for the whole platform.
+
+Each subcommand's arguments mirror the signature of the function it calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+# No hub is ever contacted: tokenizers and models come from local paths or s3:// only.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from convllava.checkpoint import load_model
+    from convllava.image_processing import load_image
+    from convllava.inference import GenerationOptions, chat_reply
+
+    model, processor = load_model(args.model)
+    image = load_image(args.image) if args.image else None
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                                temperature=args.temperature or 1.0)  # fmt: skip
+    if args.question:
+        messages = [{"role": "user", "content": " ".join(args.question)}]
+        print(chat_reply(model, processor, messages, image, options))
+        return 0
+    messages: list[dict[str, str]] = []
+    print("Interactive chat: type a message, an empty line or Ctrl-D to quit.", file=sys.stderr)
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply = chat_reply(model, processor, messages, image, options)
+        messages.append({"role": "assistant", "content": reply})
+        print(f"ASSISTANT: {reply}", flush=True)
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from convllava.checkpoint import CheckpointError, from_llava_checkpoint, save_checkpoint
+
+    model, processor = from_llava_checkpoint(
+        args.llava, vision_tower=args.vision_tower, resolution=args.resolution, image_mode=args.image_mode,
+        template=args.template, text_model_type=args.text_model_type,
+    )  # fmt: skip
+    if processor is None:
+        raise CheckpointError(f"{args.llava}: no tokenizer files; a converted checkpoint needs its tokenizer")
+    save_checkpoint(model, processor, args.output)
+    counts = model.parameter_counts()
+    print(f"wrote {args.output}: " + ", ".join(f"{k}={v:,}" for k, v in counts.items()))
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    import torch
+
+    from convllava.checkpoint import save_checkpoint
+    from convllava.config import ConvLlavaConfig
+    from convllava.modeling import ConvLlavaForCausalLM
+    from convllava.processor import ConvLlavaProcessor
+
+    torch.manual_seed(args.seed)
+    config = ConvLlavaConfig.from_preset(args.preset)
+    model = ConvLlavaForCausalLM(config)
+    save_checkpoint(model, ConvLlavaProcessor.for_model(config, args.tokenizer), args.output)
+    print(f"wrote a randomly initialised {args.preset} model to {args.output}")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from convllava.buckets import num_visual_tokens
+    from convllava.config import ConvLlavaConfig
+    from convllava.modeling import ConvLlavaForCausalLM
+
+    config = ConvLlavaConfig.from_preset(args.preset)
+    with torch.device("meta"):  # shapes only: a 7B preset allocates nothing
+        model = ConvLlavaForCausalLM(config)
+    for name, count in model.parameter_counts().items():
+        print(f"{name:16s} {count:>15,d}")
+    r = config.image_resolution
+    print(f"{'visual tokens':16s} {num_visual_tokens(r, r):>15,d}  at {r}x{r}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from convllava.demo import run_demo
+
+    return run_demo(args.workdir, steps=args.steps, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convllava", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("chat", help="answer questions about an image (one shot, or interactive on stdin)")
+    p.add_argument("--model", required=True, help="checkpoint directory or s3:// prefix (our format)")
+    p.add_argument("--image", help="image file")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("question", nargs="*", help="the question; omit for an interactive session")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("convert", help="convert a released ConvLLaVA (LLaVA-layout) checkpoint to our format")
+    p.add_argument("--llava", required=True, help="LLM directory (local or s3://) with config.json and weights")
+    p.add_argument("--vision-tower", help="HF ConvNextModel directory (default: config.json's mm_vision_tower)")
+    p.add_argument("--resolution", type=int, help="input resolution (default: the tower config's image_size)")
+    p.add_argument("--image-mode", choices=["square", "bucket", "short-side"])
+    p.add_argument("--template", default="vicuna_v1")
+    p.add_argument("--text-model-type", help="LM model_type when config.json's architectures is not LLaVA's")
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("init", help="write a randomly initialised model of a preset (with its processor)")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--tokenizer", default="tiny", help="'tiny', a local tokenizer directory or s3:// prefix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=_cmd_init)
+
+    p = sub.add_parser("info", help="parameter counts and visual tokens of a preset (meta device, no memory)")
+    p.add_argument("--preset", default="convllava-1536")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="the main job on the embedded local default")
+    p.add_argument("--workdir", default="work/demo")
+    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # Errors we raise name the file/field/sample; print them plainly instead of a traceback.
+        print(f"convllava {args.command}: error: {e}", file=sys.stderr)
+        code = 2
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

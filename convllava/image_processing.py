@@ -1,0 +1,162 @@
+"""Image loading and the three input modes: `square` (the paper's), `bucket` (our default), `short-side`.
+
+Every mode returns an image whose sides are multiples of the tower's stride, plus the `Placement`
+that maps coordinates between the original image and the model's input frame.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from convllava.buckets import STRIDE, Bucket, Placement, check_resolution, fit_in_canvas, make_buckets, nearest_bucket
+
+# OpenAI CLIP normalisation, used by the laion CLIP ConvNeXt the paper starts from.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Mode = Literal["square", "bucket", "short-side"]
+MODES = ("square", "bucket", "short-side")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message says which file and why."""
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Any PIL mode → 8-bit RGB. Transparency is composited over `background`; 16/32-bit greyscale is
+    rescaled by its actual range (not clipped), CMYK/YCbCr/LAB go through PIL's converters."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        lo, hi = float(array.min()), float(array.max())
+        scaled = np.zeros_like(array) if hi <= lo else (array - lo) / (hi - lo) * 255.0
+        image = Image.fromarray(scaled.round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(
+    source: str | os.PathLike | bytes,
+    max_pixels: int = 64_000_000,
+    background: tuple[int, int, int] = (0, 0, 0),
+) -> Image.Image:
+    """Open, fully decode, EXIF-rotate and convert an image to RGB. Animated images give their first frame.
+
+    Raises:
+        ImageError: missing, empty, truncated or non-image data, or more than `max_pixels` pixels
+            (decompression bombs are refused before decoding).
+    """
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if not isinstance(source, bytes):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError(f"{name}: file not found")
+        source = path.read_bytes()
+    if not source:
+        raise ImageError(f"{name}: file is empty (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(source)) as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageError(f"{name}: {width}x{height} = {width * height} pixels exceeds the limit {max_pixels}")
+            image.seek(0)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image, background)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: decompression bomb refused ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+@dataclass(frozen=True)
+class ImageProcessorConfig:
+    resolution: int = 768
+    mode: Mode = "bucket"
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    max_aspect: float = 4.0
+
+    def __post_init__(self) -> None:
+        check_resolution(self.resolution)
+        if self.mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean/std: need three values each and positive std, got {self.mean} / {self.std}")
+        if self.max_aspect < 1:
+            raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+
+
+class ConvLlavaImageProcessor:
+    """Resize/pad to a stride-aligned size and normalise to a (3, H, W) float tensor."""
+
+    def __init__(self, config: ImageProcessorConfig | None = None, **kwargs) -> None:
+        self.config = config or ImageProcessorConfig(**kwargs)
+        self.buckets = make_buckets(self.config.resolution, STRIDE, self.config.max_aspect)
+
+    @property
+    def fill(self) -> tuple[int, int, int]:
+        """Padding colour: the normalisation mean, so padding is zero after normalising."""
+        return tuple(int(round(m * 255)) for m in self.config.mean)
+
+    def target(self, width: int, height: int) -> Placement:
+        """Where an image of this size lands in the model's input frame."""
+        r = self.config.resolution
+        if self.config.mode == "square":
+            side = max(width, height)  # LLaVA's expand2square, then resize the square to r×r
+            square = Placement(side, side, height, width, (side - height) // 2, (side - width) // 2)
+            s = r / side
+            return Placement(
+                r, r, round(height * s), round(width * s), round(square.offset_y * s), round(square.offset_x * s)
+            )
+        if self.config.mode == "bucket":
+            b = nearest_bucket(width, height, self.buckets)
+            return fit_in_canvas(width, height, b.height, b.width)
+        # short-side: short side = r, long side rounded to the stride (small aspect change, no padding),
+        # capped at max_aspect·r.
+        short, long = min(width, height), max(width, height)
+        long_px = min(int(self.config.max_aspect * r), max(STRIDE, round(long * r / short / STRIDE) * STRIDE))
+        h, w = (r, long_px) if width >= height else (long_px, r)
+        return Placement(h, w, h, w, 0, 0)
+
+    def bucket_for(self, width: int, height: int) -> Bucket:
+        p = self.target(width, height)
+        return Bucket(p.canvas_height, p.canvas_width)
+
+    def resize(self, image: Image.Image) -> tuple[Image.Image, Placement]:
+        """The image at its model-input size (PIL, RGB) and its placement."""
+        image = to_rgb(image, self.fill)
+        p = self.target(*image.size)
+        content = image.resize((p.content_width, p.content_height), Image.Resampling.BICUBIC)
+        if (p.content_height, p.content_width) == (p.canvas_height, p.canvas_width):
+            return content, p
+        canvas = Image.new("RGB", (p.canvas_width, p.canvas_height), self.fill)
+        canvas.paste(content, (p.offset_x, p.offset_y))
+        return canvas, p
+
+    def normalize(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image → (3, H, W) float32, CLIP-normalised."""
+        x = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        mean = torch.tensor(self.config.mean).view(3, 1, 1)
+        std = torch.tensor(self.config.std).view(3, 1, 1)
+        return (x - mean) / std
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        resized, _ = self.resize(image)
+        return self.normalize(resized)

@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny model/processor, real sample photos, a real HTTP S3 endpoint (moto's server)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from convllava.config import ConvLlavaConfig
+
+    return ConvLlavaConfig.from_preset("tiny", attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_config):
+    from convllava.processor import ConvLlavaProcessor
+
+    return ConvLlavaProcessor.for_model(tiny_config, "tiny")
+
+
+@pytest.fixture()
+def tiny_model(tiny_config):
+    from convllava.modeling import ConvLlavaForCausalLM
+
+    torch.manual_seed(0)
+    return ConvLlavaForCausalLM(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos shipped inside scikit-image (decoded from PNG/JPEG files on disk)."""
+    from convllava.sample_images import sample_photos
+
+    return sample_photos()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's ThreadedMotoServer on 127.0.0.1: a real HTTP S3 endpoint for boto3 and pyarrow."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    yield endpoint
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request, tmp_path, monkeypatch):
+    """A fresh bucket on the moto server; the convllava download cache goes to tmp_path."""
+    import boto3
+
+    monkeypatch.setenv("CONVLLAVA_CACHE", str(tmp_path / "cache"))
+    name = "test-" + request.node.name.lower().replace("_", "-")[:40]
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name

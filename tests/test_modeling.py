@@ -1,0 +1,133 @@
+import pytest
+import torch
+from PIL import Image
+from transformers import Qwen2Config
+
+from convllava.checkpoint import load_model, save_checkpoint
+from convllava.config import ConvLlavaConfig
+from convllava.inference import GenerationOptions, chat_reply, generate
+from convllava.modeling import ConvLlavaForCausalLM
+from convllava.processor import ConvLlavaProcessor
+
+CONV = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A red box."}]
+
+
+def _images():
+    return [Image.new("RGB", (300, 150), (220, 20, 20)), Image.new("RGB", (160, 320), (20, 20, 220))]
+
+
+def test_list_of_sizes_equals_per_image_forward(tiny_model, tiny_processor):
+    """Images of different sizes in one batch: each sample's logits equal a batch of one."""
+    images = _images()
+    batch = tiny_processor([CONV, CONV], images)
+    assert isinstance(batch["pixel_values"], list)  # (3, 192, 320) and (3, 320, 192)
+    with torch.no_grad():
+        joint = tiny_model(**batch).logits
+        for row in range(2):
+            single = tiny_processor([CONV], [images[row]])
+            alone = tiny_model(**single).logits[0]
+            n = single["attention_mask"][0].sum()
+            assert torch.allclose(joint[row, :n], alone[:n], atol=1e-5)
+
+
+def test_scatter_places_features_in_placeholder_order(tiny_model, tiny_processor):
+    batch = tiny_processor([CONV], [_images()[0]])
+    with torch.no_grad():
+        embeds = tiny_model.embed_inputs(batch["input_ids"], batch["pixel_values"])
+        features = tiny_model.get_image_features(batch["pixel_values"])
+    mask = batch["input_ids"][0] == tiny_processor.image_token_id
+    assert torch.equal(embeds[0, mask], features)
+    text_ids = batch["input_ids"][0, ~mask]
+    assert torch.equal(embeds[0, ~mask], tiny_model.get_input_embeddings()(text_ids))
+
+
+def test_count_mismatch_raises_with_both_counts(tiny_model, tiny_processor):
+    batch = tiny_processor([CONV], [_images()[0]])  # 15 placeholders
+    with pytest.raises(ValueError, match="hold 15 placeholder tokens but the images give 16 visual tokens"):
+        tiny_model(input_ids=batch["input_ids"], pixel_values=torch.zeros(1, 3, 256, 256))
+    with pytest.raises(ValueError, match="15 image placeholder tokens .* but no pixel_values"):
+        tiny_model(input_ids=batch["input_ids"])
+
+
+def test_loss_only_on_replies(tiny_model, tiny_processor):
+    batch = tiny_processor([CONV], [_images()[0]])
+    labels = batch["labels"]
+    logits = tiny_model(**batch).logits
+    shift_logits, shift_labels = logits[0, :-1], labels[0, 1:]
+    keep = shift_labels != -100
+    expected = torch.nn.functional.cross_entropy(shift_logits[keep], shift_labels[keep])
+    assert torch.allclose(tiny_model(**batch).loss, expected, atol=1e-5)
+    assert keep.sum() == len(tiny_processor.tokenizer(" A red box.</s>", add_special_tokens=False).input_ids)
+
+
+def test_generate_batched_equals_one_by_one_with_and_without_images(tiny_model, tiny_processor):
+    questions = ["What is this?", "Tell me a story about the sea.", "Which colour?"]
+    images = [_images()[0], None, _images()[1]]
+    options = GenerationOptions(max_new_tokens=12)
+    batched = generate(tiny_model, tiny_processor, questions, images, options)
+    singles = [
+        generate(tiny_model, tiny_processor, [q], [i], options)[0] for q, i in zip(questions, images, strict=True)
+    ]
+    assert batched == singles
+    assert all(len(tiny_processor.tokenizer(a).input_ids) > 1 for a in batched)  # the random model emits tokens
+
+
+def test_kv_cache_matches_full_recompute(tiny_model, tiny_processor):
+    batch = tiny_processor.prompts(["What is this?"], [_images()[0]])
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=3)
+    with torch.no_grad():
+        cached = tiny_model.generate(**batch, use_cache=True, **kwargs)
+        uncached = tiny_model.generate(**batch, use_cache=False, **kwargs)
+    assert cached.shape[1] == batch["input_ids"].shape[1] + 10
+    assert torch.equal(cached, uncached)
+
+
+def test_chat_reply_multi_turn(tiny_model, tiny_processor):
+    messages = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A box."},
+                {"role": "user", "content": "Which colour?"}]  # fmt: skip
+    reply = chat_reply(tiny_model, tiny_processor, messages, _images()[0], GenerationOptions(max_new_tokens=5))
+    assert isinstance(reply, str) and "</s>" not in reply
+
+
+def test_save_and_load_round_trip_gives_identical_logits(tmp_path, tiny_model, tiny_processor):
+    batch = tiny_processor([CONV], [_images()[0]])
+    save_checkpoint(tiny_model, tiny_processor, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    loaded, processor = load_model(tmp_path / "ckpt", attn_implementation="eager")  # same backend as the fixture
+    with torch.no_grad():
+        assert torch.equal(tiny_model(**batch).logits, loaded(**processor([CONV], [_images()[0]])).logits)
+
+
+def test_gradient_checkpointing_covers_tower_and_lm_and_keeps_gradients(tiny_config, tiny_processor):
+    torch.manual_seed(0)
+    model = ConvLlavaForCausalLM(tiny_config).train()
+    batch = tiny_processor([CONV], [_images()[0]])
+    model(**batch).loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.activation_checkpointing_enable()
+    assert all(stage.grad_checkpointing for stage in model.vision_tower.model.stages)
+    assert all(layer.gradient_checkpointing for layer in model.language_model.model.layers)
+    model(**batch).loss.backward()
+    for name, grad in reference.items():
+        assert torch.allclose(model.get_parameter(name).grad, grad, atol=1e-6), name
+    model.activation_checkpointing_disable()
+    assert not any(stage.grad_checkpointing for stage in model.vision_tower.model.stages)
+
+
+def test_any_causal_lm_works_including_tied_embeddings(tmp_path, tiny_processor):
+    text = Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    config = ConvLlavaConfig.from_preset("tiny", text_config=text, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = ConvLlavaForCausalLM(config).eval()
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    processor = ConvLlavaProcessor.for_model(config, tiny_processor.tokenizer)
+    batch = processor([CONV], [_images()[0]])
+    save_checkpoint(model, processor, tmp_path / "qwen")
+    loaded, _ = load_model(tmp_path / "qwen", attn_implementation="eager")
+    assert type(loaded.language_model).__name__ == "Qwen2ForCausalLM"
+    assert loaded.get_output_embeddings().weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, loaded(**batch).logits)
+    assert generate(loaded, processor, ["What?"], [_images()[0]], GenerationOptions(max_new_tokens=3))
