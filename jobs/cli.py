@@ -1,4 +1,6 @@
-"""`convllava` command line: one entry point for the whole platform.
+"""`convllava` command line: one entry point for the whole platform (model library, pipelines, jobs).
+
+It lives in the top layer so that imports point one way: jobs → pipelines → convllava.
 
 Each subcommand's arguments mirror the signature of the function it calls.
 """
@@ -90,6 +92,52 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_preprocess(args: argparse.Namespace) -> int:
+    from pipelines.config import ConfigError, Mixture, PreprocessConfig
+    from pipelines.preprocess import QuarantineLimitExceeded, run_preprocess
+
+    if args.mixture and (args.annotations or args.image_root):
+        raise ConfigError("use either --mixture or --annotations with --image-root, not both")
+    if args.mixture:
+        mixture = Mixture.from_yaml(args.mixture)
+    elif args.annotations and args.image_root:
+        mixture = Mixture.from_files(args.annotations, args.image_root)
+    else:
+        raise ConfigError("give --annotations FILE (repeatable) with --image-root DIR, or --mixture YAML")
+    overrides = dict(resolution=args.resolution, mode=args.mode, tokenizer=args.tokenizer, template=args.template,
+                     max_length=args.max_length, workers=args.workers)  # fmt: skip
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.config:
+        config = PreprocessConfig.from_yaml(args.config, **overrides)
+    elif args.mixture:
+        config = PreprocessConfig.from_yaml(args.mixture, **overrides) if _has_preprocess(args.mixture) else (
+            PreprocessConfig.from_dict(overrides))  # fmt: skip
+    else:
+        config = PreprocessConfig.from_dict(overrides)
+    try:
+        run_preprocess(mixture, config, args.output, address=args.address)
+    except QuarantineLimitExceeded as e:
+        print(f"convllava preprocess: failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _has_preprocess(path: str) -> bool:
+    import yaml
+
+    with open(path) as f:
+        return "preprocess" in (yaml.safe_load(f) or {})
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from pipelines.demo_data import generate_demo_data
+
+    summary = generate_demo_data(args.output, seed=args.seed, n_caption=args.captions, n_instruct=args.instruct,
+                                 n_eval=args.eval, with_photos=not args.no_photos)  # fmt: skip
+    print(summary)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from convllava.demo import run_demo
 
@@ -129,6 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="convllava-1536")
     p.set_defaults(func=_cmd_info)
 
+    p = sub.add_parser("preprocess", help="LLaVA-style annotations + images → resolution-bucketed Parquet shards")
+    p.add_argument("--annotations", action="append", help="LLaVA JSON list or JSONL (local or s3://); repeatable")
+    p.add_argument("--image-root", help="folder (or s3:// prefix) the records' image paths are relative to")
+    p.add_argument("--mixture", help="data-mixture YAML naming several sources (instead of --annotations)")
+    p.add_argument("--output", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--config", help="preprocess config YAML (keys of PreprocessConfig; unknown keys are refused)")
+    p.add_argument(
+        "--resolution", type=int, help="token budget (R/64)² per image: 768, 1024, 1536 or any multiple of 64"
+    )
+    p.add_argument("--mode", choices=["bucket", "square", "short-side"])
+    p.add_argument("--tokenizer", help="'tiny', a tokenizer folder or s3:// prefix")
+    p.add_argument("--template", help="conversation template (vicuna_v1, plain, chatml)")
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--workers", type=int, help="Ray Data actors (default: all CPUs Ray has)")
+    p.add_argument("--address", help="Ray cluster address (default: an embedded local instance)")
+    p.set_defaults(func=_cmd_preprocess)
+
+    p = sub.add_parser("demo-data", help="generate the seeded demo data set (shapes scenes + real photos)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", type=int, default=1200)
+    p.add_argument("--instruct", type=int, default=1200)
+    p.add_argument("--eval", type=int, default=200)
+    p.add_argument("--no-photos", action="store_true", help="leave out the real photos from scikit-image")
+    p.set_defaults(func=_cmd_demo_data)
+
     p = sub.add_parser("demo", help="the main job on the embedded local default")
     p.add_argument("--workdir", default="work/demo")
     p.add_argument("--steps", type=int, default=120)
@@ -141,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
         # Errors we raise name the file/field/sample; print them plainly instead of a traceback.
         print(f"convllava {args.command}: error: {e}", file=sys.stderr)
         code = 2

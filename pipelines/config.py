@@ -1,0 +1,205 @@
+"""Preprocessing configuration and data mixtures: typed, validated, loaded from YAML with unknown keys refused.
+
+A mixture names several sources, each an annotation file (LLaVA JSON list or JSONL) with its image root, and
+optionally how much of it to use — `ratio` (a fraction, chosen deterministically by hashed sample id) and/or
+`cap` (at most this many samples), as LLaVA-NeXT's data mixtures do:
+
+    sources:
+      - {name: captions, annotations: captions.json, image_root: ., ratio: 1.0}
+      - {name: instruct, annotations: instruct.jsonl, image_root: ., cap: 5000}
+
+Relative paths are relative to the YAML file's folder; `s3://` URIs are used as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from convllava.buckets import check_resolution
+from convllava.image_processing import MODES
+from convllava.storage import is_s3
+from convllava.templates import TEMPLATES
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that is not accepted; the message names it and the file."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How samples become shards.
+
+    Args:
+        resolution: token budget (R/64)² per image; buckets span 1:4..4:1 aspect ratios under it.
+        mode: `bucket` (default), `square` (the paper's) or `short-side`.
+        tokenizer: `tiny`, a local tokenizer directory or an `s3://` prefix.
+        template: conversation template (`vicuna_v1`, `plain`, `chatml`).
+        max_length: maximum tokens per sample, visual tokens included.
+        too_long: `truncate` (never through an image) or `quarantine`.
+        max_pixels: images with more pixels are refused before decoding (decompression bombs).
+        min_image_side: images whose shorter side is smaller are quarantined as too small to be useful.
+        image_format: re-encoding of the bucket-sized image (`jpeg` or `png`).
+        jpeg_quality: JPEG quality when re-encoding.
+        max_quarantine_fraction: the job fails (after writing everything) when more samples are quarantined.
+        unit_size: samples per work unit (one Ray task; one shard file per bucket it touches).
+        workers: Ray Data actors doing the work (default: the CPUs Ray has).
+        seed: for mixture sampling.
+    """
+
+    resolution: int = 768
+    mode: Literal["bucket", "square", "short-side"] = "bucket"
+    tokenizer: str = "tiny"
+    template: str = "vicuna_v1"
+    max_length: int = 2048
+    too_long: Literal["truncate", "quarantine"] = "truncate"
+    max_pixels: int = 64_000_000
+    min_image_side: int = 32
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = 95
+    max_quarantine_fraction: float = 0.1
+    unit_size: int = 256
+    workers: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ConfigError(f"preprocess config: {name}: {why}")
+
+        try:
+            check_resolution(self.resolution)
+        except ValueError as e:
+            fail("resolution", str(e))
+        if self.mode not in MODES:
+            fail("mode", f"must be one of {MODES}, got {self.mode!r}")
+        if self.template not in TEMPLATES:
+            fail("template", f"must be one of {sorted(TEMPLATES)}, got {self.template!r}")
+        if self.max_length < 8:
+            fail("max_length", f"must be >= 8, got {self.max_length}")
+        if self.too_long not in ("truncate", "quarantine"):
+            fail("too_long", f"must be 'truncate' or 'quarantine', got {self.too_long!r}")
+        if self.max_pixels < 64 * 64:
+            fail("max_pixels", f"must be >= 4096, got {self.max_pixels}")
+        if self.min_image_side < 1:
+            fail("min_image_side", f"must be >= 1, got {self.min_image_side}")
+        if self.image_format not in ("jpeg", "png"):
+            fail("image_format", f"must be 'jpeg' or 'png', got {self.image_format!r}")
+        if not 1 <= self.jpeg_quality <= 100:
+            fail("jpeg_quality", f"must be in 1..100, got {self.jpeg_quality}")
+        if not 0.0 <= self.max_quarantine_fraction <= 1.0:
+            fail("max_quarantine_fraction", f"must be in [0, 1], got {self.max_quarantine_fraction}")
+        if self.unit_size < 1:
+            fail("unit_size", f"must be >= 1, got {self.unit_size}")
+        if self.workers is not None and self.workers < 1:
+            fail("workers", f"must be >= 1, got {self.workers}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def output_hash(self) -> str:
+        """Hash of the fields that change what a shard holds (not how the work is scheduled)."""
+        content = {
+            k: v for k, v in self.to_dict().items() if k not in ("max_quarantine_fraction", "unit_size", "workers")
+        }
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> PreprocessConfig:
+        data = _load_yaml_mapping(path)
+        data = data.get("preprocess", data)
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}}, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> PreprocessConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown preprocess key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One annotation file with its image root, and how much of it the mixture uses."""
+
+    name: str
+    annotations: str
+    image_root: str
+    ratio: float = 1.0
+    cap: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"source name {self.name!r}: use letters, digits, '-', '_' or '.'")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ConfigError(f"source {self.name}: ratio must be in (0, 1], got {self.ratio}")
+        if self.cap is not None and self.cap < 0:
+            raise ConfigError(f"source {self.name}: cap must be >= 0, got {self.cap}")
+
+
+@dataclass(frozen=True)
+class Mixture:
+    sources: tuple[Source, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("a mixture needs at least one source")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"source names must be unique, got {names}")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Mixture:
+        data = _load_yaml_mapping(path)
+        unknown = sorted(set(data) - {"sources", "preprocess"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown mixture key(s) {unknown}; expected 'sources' (and 'preprocess')")
+        base = Path(path).parent
+        sources = []
+        for i, raw in enumerate(data.get("sources") or []):
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: sources[{i}] must be a mapping")
+            known = {f.name for f in dataclasses.fields(Source)}
+            bad = sorted(set(raw) - known)
+            if bad:
+                raise ConfigError(f"{path}: sources[{i}]: unknown key(s) {bad}; known keys: {sorted(known)}")
+            for key in ("name", "annotations", "image_root"):
+                if key not in raw:
+                    raise ConfigError(f"{path}: sources[{i}] is missing {key!r}")
+            resolved = {k: _resolve(base, raw[k]) if k in ("annotations", "image_root") else raw[k] for k in raw}
+            sources.append(Source(**resolved))
+        return cls(tuple(sources))
+
+    @classmethod
+    def from_files(cls, annotations: list[str], image_root: str) -> Mixture:
+        """Sources named after the annotation files, all sharing one image root."""
+        names: list[str] = []
+        for a in annotations:
+            stem = Path(a.rstrip("/")).name.split(".")[0] or "data"
+            name, n = stem, 2
+            while name in names:
+                name, n = f"{stem}-{n}", n + 1
+            names.append(name)
+        return cls(tuple(Source(n, a, image_root) for n, a in zip(names, annotations, strict=True)))
+
+
+def _resolve(base: Path, value: str) -> str:
+    return value if is_s3(value) or Path(value).is_absolute() else str((base / value).resolve())
+
+
+def _load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())  # safe_load: config is data, never code
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data

@@ -1,0 +1,197 @@
+"""`convllava preprocess`: LLaVA-style annotations + images → Parquet shards partitioned by resolution bucket.
+
+Driver: read every source (cheap: JSON + image fingerprints) → diff against the previous run's index by
+content hash → Ray Data processes only new or changed samples in parallel work units → rows of removed or
+changed samples are dropped from their old shards → `index.jsonl`, `quarantine.jsonl`, `manifest.json` and
+`buckets.png` are written from the complete index, so `written + quarantined == read` always holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.config import Mixture, PreprocessConfig
+from pipelines.report import bucket_histogram_png, code_version, length_histogram, summary_table
+from pipelines.sources import Record, assign_content_hashes, image_fingerprints, read_records, select
+from pipelines.store import OutputStore
+from pipelines.worker import UnitProcessor
+
+INDEX, QUARANTINE, MANIFEST = "index.jsonl", "quarantine.jsonl", "manifest.json"
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "CONVLLAVA_CACHE",
+              "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # fmt: skip
+
+
+class QuarantineLimitExceeded(RuntimeError):
+    """More samples were quarantined than the configured fraction allows (outputs are still written)."""
+
+
+@dataclass
+class PreprocessResult:
+    manifest: dict[str, Any]
+    summary: str
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest["quarantine_fraction"] <= self.manifest["config"]["max_quarantine_fraction"]
+
+
+def run_preprocess(
+    mixture: Mixture, config: PreprocessConfig, output: str, address: str | None = None, echo=print
+) -> PreprocessResult:
+    """Preprocess `mixture` into `output` (local directory or `s3://` prefix), incrementally.
+
+    Raises:
+        OutputError: the output cannot be written (checked before any work).
+        SourceError: an annotation file is missing or not parseable at all.
+        QuarantineLimitExceeded: after writing everything, when the quarantined fraction is over the limit.
+    """
+    start = time.time()
+    store = OutputStore(output)
+    store.check_writable()
+    config_hash = config.output_hash()
+
+    records: list[Record] = []
+    per_source: dict[str, dict[str, int]] = {}
+    for source in mixture.sources:
+        found = read_records(source)
+        chosen = select(found, source, config.seed)
+        assign_content_hashes(chosen, image_fingerprints(chosen, source.image_root), config_hash)
+        per_source[source.name] = {"available": len(found), "read": len(chosen)}
+        records.extend(chosen)
+
+    previous = _load_index(store)
+    current = {r.key: r for r in records}
+    reused = {k: e for k, e in previous.items() if k in current and current[k].content_hash == e["content_hash"]}
+    todo = sorted((r for r in records if r.key not in reused), key=lambda r: r.key)
+    removed = [e for k, e in previous.items() if k not in reused]
+    echo(f"preprocess: {len(records)} samples read, {len(reused)} unchanged, {len(todo)} to process, "
+         f"{len(removed)} removed or changed since the last run")  # fmt: skip
+
+    new_entries = _process(todo, config, output, address) if todo else []
+    _drop_stale_rows(store, removed, reused)
+
+    entries = sorted([*reused.values(), *new_entries], key=lambda e: e["key"])
+    if len(entries) != len(records):
+        raise RuntimeError(f"internal error: {len(records)} samples read but {len(entries)} accounted for")
+    store.write_text(INDEX, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+    quarantined = sorted((e for e in entries if e["status"] == "quarantined"), key=lambda e: (e["source"], e["line"]))
+    store.write_text(QUARANTINE, "".join(json.dumps(_quarantine_row(e), sort_keys=True) + "\n" for e in quarantined))
+
+    manifest = _manifest(entries, per_source, config, config_hash, len(todo), len(reused), len(removed), start)
+    store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    store.write_bytes("buckets.png", bucket_histogram_png(entries))
+    result = PreprocessResult(manifest, summary_table(manifest))
+    echo(result.summary)
+    if not result.ok:
+        raise QuarantineLimitExceeded(
+            f"{manifest['quarantined']} of {manifest['read']} samples quarantined "
+            f"({manifest['quarantine_fraction']:.1%}), over the limit {config.max_quarantine_fraction:.1%}; "
+            f"see {output.rstrip('/')}/{QUARANTINE}"
+        )
+    return result
+
+
+def _process(todo: list[Record], config: PreprocessConfig, output: str, address: str | None) -> list[dict]:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.ray_runtime import ensure_ray
+
+    ensure_ray(address)
+    units = [todo[i : i + config.unit_size] for i in range(0, len(todo), config.unit_size)]
+    items = [{"unit": json.dumps([_unit_record(r) for r in unit])} for unit in units]
+    workers = min(len(units), config.workers or max(1, int(ray.available_resources().get("CPU", 1))))
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+        UnitProcessor,
+        fn_constructor_kwargs={"config": config.to_dict(), "output": output},
+        compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        num_cpus=1,
+        runtime_env={"env_vars": env},
+    )
+    return [entry for row in ds.take_all() for entry in json.loads(row["entries"])]
+
+
+def _unit_record(r: Record) -> dict[str, Any]:
+    return {
+        "key": r.key, "id": r.id, "source": r.source, "line": r.line, "raw": r.raw, "error": r.error,
+        "conversations": (r.data or {}).get("conversations"), "image": r.image, "image_uri": r.image_uri,
+        "content_hash": r.content_hash,
+    }  # fmt: skip
+
+
+def _load_index(store: OutputStore) -> dict[str, dict]:
+    data = store.read_bytes(INDEX)
+    if data is None:
+        return {}
+    entries = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    return {e["key"]: e for e in entries}
+
+
+def _drop_stale_rows(store: OutputStore, removed: list[dict], reused: dict[str, dict]) -> None:
+    """Rewrite each shard that holds a removed/changed sample without it; other shards stay untouched."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines.worker import shard_path
+
+    affected = sorted({e["shard"] for e in removed if e.get("shard")})
+    for path in affected:
+        keep = [k for k, e in reused.items() if e.get("shard") == path]
+        if keep:
+            table = store.read_table(path)
+            table = table.filter(pc.is_in(table["key"], value_set=pa.array(keep)))
+            bucket = path.split("bucket=")[1].split("/")[0]
+            new_path = shard_path(bucket, table["content_hash"].to_pylist())
+            store.write_table(new_path, table)
+            for k in keep:
+                reused[k]["shard"] = new_path
+            if new_path == path:
+                continue
+        store.delete(path)
+
+
+def _quarantine_row(e: dict) -> dict:
+    return {k: e.get(k) for k in ("id", "source", "line", "category", "reason", "record")}
+
+
+def _manifest(entries, per_source, config, config_hash, processed, reused, removed, start) -> dict[str, Any]:
+    written = [e for e in entries if e["status"] == "written"]
+    quarantined = [e for e in entries if e["status"] == "quarantined"]
+    for name, counts in per_source.items():
+        counts["written"] = sum(e["source"] == name for e in written)
+        counts["quarantined"] = sum(e["source"] == name for e in quarantined)
+    shards = Counter(e["shard"] for e in written)
+    pixels = sum(e.get("pixels") or 0 for e in written)
+    padded = sum((e.get("padded_fraction") or 0) * (e.get("pixels") or 0) for e in written)
+    read = len(entries)
+    return {
+        "read": read,
+        "written": len(written),
+        "quarantined": len(quarantined),
+        "reconciled": len(written) + len(quarantined) == read,
+        "quarantine_fraction": len(quarantined) / read if read else 0.0,
+        "buckets": dict(sorted(Counter(e["bucket"] for e in written).items())),
+        "sources": per_source,
+        "quarantine_reasons": dict(sorted(Counter(e["category"] for e in quarantined).items())),
+        "input_fingerprint": hashlib.sha256("".join(e["content_hash"] for e in entries).encode()).hexdigest(),
+        "config": config.to_dict(),
+        "config_hash": config_hash,
+        "code_version": code_version(),
+        "padded_pixel_fraction": padded / pixels if pixels else 0.0,
+        "token_length_histogram": length_histogram([e["length"] for e in written], config.max_length),
+        "visual_tokens": sum(e["num_image_tokens"] for e in written),
+        "shards": [
+            {"path": p, "bucket": p.split("bucket=")[1].split("/")[0], "rows": n} for p, n in sorted(shards.items())
+        ],
+        "run": {"processed": processed, "reused": reused, "removed": removed, "seconds": round(time.time() - start, 2)},
+        "mean_length": math.fsum(e["length"] for e in written) / len(written) if written else 0.0,
+    }

@@ -1,0 +1,193 @@
+"""The per-sample work of preprocessing, run inside Ray Data actors.
+
+One work unit = a sorted list of records. For each record: read the image bytes → decode (EXIF rotation,
+any mode → RGB, bomb and size limits) → choose its bucket → resize/pad → re-encode → tokenize with the
+template (labels, `<image>` expansion, preflight). Rows are grouped by bucket and each group is written as
+one Parquet file named by the hash of its rows' content hashes, so identical input gives identical files.
+Every record ends as exactly one index entry: `written` (with its shard) or `quarantined` (with a reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from convllava.image_processing import ImageError, ImageProcessorConfig, load_image
+from convllava.processor import ConvLlavaProcessor, PreflightError, ProcessorConfig, SequenceTooLongError
+from convllava.templates import ConversationError
+from convllava.tokenizer import load_tokenizer
+from pipelines.config import PreprocessConfig
+from pipelines.sources import read_bytes
+from pipelines.store import OutputStore
+
+TEXT_BUCKET = "text"
+
+SHARD_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("line", pa.int32()),
+        ("bucket", pa.string()),
+        ("image", pa.binary()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("orig_height", pa.int32()),
+        ("orig_width", pa.int32()),
+        ("content_box", pa.list_(pa.int32())),  # x, y, w, h of the image inside the padded canvas
+        ("padded_fraction", pa.float32()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("num_image_tokens", pa.int32()),
+        ("length", pa.int32()),
+        ("num_label_tokens", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("content_hash", pa.string()),
+    ]
+)
+
+
+class Quarantined(Exception):
+    def __init__(self, category: str, reason: str) -> None:
+        super().__init__(reason)
+        self.category = category
+        self.reason = reason
+
+
+def build_processor(config: PreprocessConfig) -> ConvLlavaProcessor:
+    return ConvLlavaProcessor(
+        load_tokenizer(config.tokenizer),
+        ProcessorConfig(
+            template=config.template,
+            max_length=config.max_length,
+            truncation="error" if config.too_long == "quarantine" else "truncate",
+            image=ImageProcessorConfig(resolution=config.resolution, mode=config.mode),
+        ),
+    )
+
+
+class UnitProcessor:
+    """Ray Data actor: holds the tokenizer/processor and the output store across units."""
+
+    def __init__(self, config: dict[str, Any], output: str) -> None:
+        self.config = PreprocessConfig(**config)
+        self.processor = build_processor(self.config)
+        self.store = OutputStore(output)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        records = json.loads(row["unit"])
+        entries, rows = [], []
+        for rec in records:
+            entry = {k: rec[k] for k in ("key", "id", "source", "line", "content_hash")}
+            try:
+                sample = self.process(rec)
+            except Quarantined as q:
+                entry.update(status="quarantined", category=q.category, reason=q.reason, record=rec["raw"])
+            else:
+                rows.append(sample)
+                entry.update(status="written", bucket=sample["bucket"], length=sample["length"],
+                             num_image_tokens=sample["num_image_tokens"], padded_fraction=sample["padded_fraction"],
+                             orig_aspect=sample["orig_width"] / sample["orig_height"] if sample["orig_height"] else None,
+                             pixels=sample["height"] * sample["width"])  # fmt: skip
+            entries.append(entry)
+        shard_of = self.write_shards(rows)
+        for entry in entries:
+            if entry["status"] == "written":
+                entry["shard"] = shard_of[entry["key"]]
+        return {"entries": json.dumps(entries)}
+
+    def process(self, rec: dict[str, Any]) -> dict[str, Any]:
+        if rec.get("error"):
+            raise Quarantined(*rec["error"])
+        sid = rec["key"]
+        image_sizes, encoded, orig, placement = [], None, (0, 0), None
+        if rec.get("image_uri"):
+            image = self.decode(rec["image_uri"], rec["image"])
+            orig = image.size
+            resized, placement = self.processor.image_processor.resize(image)
+            image_sizes = [(placement.canvas_height, placement.canvas_width)]
+            encoded = self.encode(resized)
+        try:
+            sample = self.processor.tokenize(rec["conversations"], image_sizes, sample_id=sid)
+        except ConversationError as e:
+            raise Quarantined("malformed_record", str(e)) from None
+        except SequenceTooLongError as e:
+            raise Quarantined("too_long", str(e)) from None
+        except PreflightError as e:
+            raise Quarantined("preflight", str(e)) from None
+        p = placement
+        return {
+            "key": sid,
+            "id": rec["id"],
+            "source": rec["source"],
+            "line": rec["line"],
+            "bucket": f"{p.canvas_height}x{p.canvas_width}" if p else TEXT_BUCKET,
+            "image": encoded,
+            "height": p.canvas_height if p else 0,
+            "width": p.canvas_width if p else 0,
+            "orig_height": orig[1],
+            "orig_width": orig[0],
+            "content_box": [p.offset_x, p.offset_y, p.content_width, p.content_height] if p else [],
+            "padded_fraction": p.padded_fraction if p else 0.0,
+            "input_ids": sample.input_ids,
+            "labels": sample.labels,
+            "num_image_tokens": sample.num_image_tokens,
+            "length": len(sample.input_ids),
+            "num_label_tokens": sample.num_label_tokens,
+            "truncated": sample.truncated,
+            "content_hash": rec["content_hash"],
+        }
+
+    def decode(self, uri: str, relative: str) -> Image.Image:
+        try:
+            data = read_bytes(uri)
+        except FileNotFoundError:
+            raise Quarantined("missing_file", f"image {relative} not found") from None
+        except IsADirectoryError:
+            raise Quarantined("missing_file", f"image {relative} is a directory") from None
+        except OSError as e:
+            raise Quarantined("missing_file", f"image {relative} cannot be read ({e})") from None
+        try:
+            image = load_image(data, max_pixels=self.config.max_pixels, background=self.processor.image_processor.fill)
+        except ImageError as e:
+            reason = str(e).replace("<bytes>", relative)
+            category = "decompression_bomb" if "exceeds the limit" in reason or "bomb" in reason else (
+                "empty_file" if "empty" in reason else "unreadable_image")  # fmt: skip
+            raise Quarantined(category, reason) from None
+        if min(image.size) < self.config.min_image_side:
+            raise Quarantined(
+                "too_small",
+                f"image {relative} is {image.size[0]}x{image.size[1]}, under the minimum side {self.config.min_image_side}",
+            )
+        return image
+
+    def encode(self, image: Image.Image) -> bytes:
+        buf = io.BytesIO()
+        if self.config.image_format == "jpeg":
+            image.save(buf, format="JPEG", quality=self.config.jpeg_quality)
+        else:
+            image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def write_shards(self, rows: list[dict[str, Any]]) -> dict[str, str]:
+        """One Parquet file per bucket, rows sorted by key; returns key → shard path (relative)."""
+        by_bucket: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_bucket.setdefault(r["bucket"], []).append(r)
+        shard_of = {}
+        for bucket, group in sorted(by_bucket.items()):
+            group.sort(key=lambda r: r["key"])
+            path = shard_path(bucket, [r["content_hash"] for r in group])
+            self.store.write_table(path, pa.Table.from_pylist(group, schema=SHARD_SCHEMA))
+            shard_of.update({r["key"]: path for r in group})
+        return shard_of
+
+
+def shard_path(bucket: str, content_hashes: list[str]) -> str:
+    digest = hashlib.sha256("".join(sorted(content_hashes)).encode()).hexdigest()[:20]
+    return f"shards/bucket={bucket}/part-{digest}.parquet"
