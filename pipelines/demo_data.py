@@ -8,8 +8,10 @@ Layout of OUTPUT:
     images/scene_NNNNNN.{jpg,png}   rendered scenes (JPEG quality 90; about 10% PNG)
     images/photos/*.{png,jpg}       the sample photos, copied as they are (with_photos)
     captions.json                   LLaVA JSON list, one caption turn per image (stages 1–2)
-    instruct.jsonl                  2–3 Q/A turns per scene, ~2% text-only records, one Q/A per photo (stage 3)
-    eval/{open,pope,grounding,detail}.jsonl   held-out scenes: {"id", "image", "question", "answer", "type", ...}
+    instruct.jsonl                  2–3 Q/A turns per scene, ~2% text-only records, one Q/A per photo (stage 3);
+                                    each record's extra `types` key lists its turns' question types
+    eval/{open,pope,grounding,detail}.jsonl   held-out scenes: {"id", "image", "question", "answer", "type",
+                                    "objects" (the scene's "colour shape" names), ...}; questions carry no <image> tag
     mixture.yaml                    the two training sources with sampling ratios
     metadata.json                   seed, record counts, chance level per eval type (DemoDataSummary, no path)
 
@@ -18,9 +20,8 @@ Answer conventions (training replies to the eval-style questions use exactly the
     detail: the two-digit number ("47", chance 1/90); grounding: [x1, y1, x2, y2] normalised to [0, 1] in
     the original image frame (eval: 3 decimals plus `bbox_pixels`, `width`, `height`; training: 2 decimals).
 
-mixture.yaml schema (provisional until the preprocessing pipeline fixes it): `sources`, a list of
-`{name, annotations, image_root, ratio}` with paths relative to the YAML's folder; `ratio` scales how
-often a source is sampled (1.0 = each record once per epoch).
+mixture.yaml follows `pipelines.config.Mixture`: `sources`, a list of `{name, annotations, image_root, ratio}`
+with paths relative to the YAML's folder; `ratio` ∈ (0, 1] is the share of a source's records used (1.0: all).
 """
 
 from __future__ import annotations
@@ -461,6 +462,13 @@ def generate_demo_data(
     header = f"# Demo data mixture written by pipelines.demo_data.generate_demo_data(seed={seed}).\n"
     (output / "mixture.yaml").write_text(header + yaml.safe_dump(mixture, sort_keys=False))
 
+    chance = {
+        "color": 1 / len(COLORS),
+        "shape": 1 / len(SHAPES),
+        "count": 1 / MAX_SHAPES,
+        "pope": 0.5,
+        "detail": 1 / 90,
+    }
     grounding_chance = _random_box_hit_rate([r["answer"] for r in evals["grounding"]], np.random.default_rng([seed, 1]))
     summary = DemoDataSummary(
         output=output,
@@ -476,14 +484,7 @@ def generate_demo_data(
             "instruct.jsonl": _type_counts(instruct, "types"),
             **{f"eval/{name}.jsonl": _type_counts(records, "type") for name, records in evals.items()},
         },
-        chance={
-            "color": 1 / len(COLORS),
-            "shape": 1 / len(SHAPES),
-            "count": 1 / MAX_SHAPES,
-            "pope": 0.5,
-            "detail": 1 / 90,
-            "grounding": grounding_chance,
-        },
+        chance={**chance, "grounding": grounding_chance},
         notes={
             "grounding_chance": "mean over grounding records of P(IoU >= 0.5) for a box whose x and y corners are "
             "two sorted uniform draws in [0, 1] (4096 draws per record); None without grounding records",

@@ -83,6 +83,9 @@ def bucket_histogram_png(entries: list[dict[str, Any]]) -> bytes:
         bins = [2 ** (x / 4) for x in range(-10, 11)]
         right.hist(aspects, bins=bins)
         right.set_xscale("log")
+        ticks = [0.25, 0.5, 1, 2, 4]
+        right.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.set_title("original aspect ratio (W / H)")
     fig.tight_layout()
     buf = io.BytesIO()

@@ -86,3 +86,17 @@ def s3_bucket(s3_server, request, tmp_path, monkeypatch):
     name = "test-" + request.node.name.lower().replace("_", "-")[:40]
     boto3.client("s3").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole test session (starting Ray costs 20–30 s on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
