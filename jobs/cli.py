@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # No hub is ever contacted: tokenizers and models come from local paths or s3:// only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -138,6 +139,27 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from jobs.stage_config import StageConfig
+    from jobs.tracking import default_tracking_uri
+    from jobs.train import run_stage
+
+    overrides = list(args.overrides)
+    if args.init_from:
+        overrides.append(f"init_from={args.init_from}")
+    if args.stage is not None:
+        overrides.append(f"stage={args.stage}")
+    config = StageConfig.from_yaml(args.config, overrides)
+    tracking = args.tracking_uri or default_tracking_uri(args.workdir)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    result = run_stage(config, args.storage or str(Path(args.workdir) / "runs"), tracking_uri=tracking,
+                       run_name=args.run_name, address=args.address)  # fmt: skip
+    print(f"{config.name}: {result.steps} steps, final loss {result.metrics.get('train/loss', float('nan')):.4f}")
+    print(f"checkpoint: {result.checkpoint_uri}")
+    print(f"model:      {result.model_uri}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from convllava.demo import run_demo
 
@@ -202,6 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=int, default=200)
     p.add_argument("--no-photos", action="store_true", help="leave out the real photos from scikit-image")
     p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser("train", help="run one training stage (Ray Train + DeepSpeed)")
+    p.add_argument("--config", required=True, help="stage YAML, e.g. jobs/configs/tiny/stage1.yaml")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3])
+    p.add_argument("--init-from", help="checkpoint to start from (local or s3://), e.g. the previous stage's model")
+    p.add_argument("--storage", help="checkpoint storage (folder or s3://); default WORKDIR/runs")
+    p.add_argument("--workdir", default="work", help="holds mlflow.db and runs/ by default")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
+    p.add_argument("--run-name", help="Ray Train run name (same name + storage resumes)")
+    p.add_argument("--address", help="Ray cluster address (default: an embedded local instance)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the stage config (values are YAML)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo", help="the main job on the embedded local default")
     p.add_argument("--workdir", default="work/demo")

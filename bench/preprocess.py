@@ -1,0 +1,487 @@
+"""Preprocessing throughput (Ray Data pipeline vs a plain loop) and padded pixels (bucket vs square mode).
+
+Data: `--images` (default 2,000) seeded synthetic images, generated once into `work/bench-preprocess/` and reused.
+Both sides lie in 640..2048 px and the aspect ratio in 1:3..3:1 (half drawn from common photo ratios 1:1, 4:3, 3:2,
+16:9 and their transposes, half log-uniform). Content: a colour gradient plus 5–25 random ellipses, rectangles and
+lines; JPEGs (90%, quality 80–95) get mild Gaussian noise (σ≈5) so they compress like photos (~0.1–0.2 bytes/px),
+PNGs (10%) are flat graphics like screenshots and diagrams. 5% of the JPEGs carry EXIF orientation 6 (stored
+rotated, shown upright). One LLaVA JSONL record per image with a short Vicuna conversation (1–2 turns).
+
+1. Throughput, images/s over the same images, `PreprocessConfig(resolution=768, workers=2)` (bucket mode, JPEG q95,
+   tiny tokenizer, Vicuna v1 template):
+
+   - plain loop: one process, what LLaVA's lazy dataset does per sample every epoch — read the file's bytes,
+     decode (`load_image`: EXIF rotation, RGB), choose bucket + resize/pad (`ConvLlavaImageProcessor.resize`),
+     re-encode JPEG q95, tokenize with the template (`ConvLlavaProcessor.tokenize`). The processor (tokenizer
+     load) is built before timing; nothing is written. Runs before Ray starts, so no Ray process competes.
+   - pipeline: `pipelines.preprocess.run_preprocess` end to end into a fresh output directory — reading the
+     annotations, fingerprinting, the Ray Data job (actor start-up, tokenizer load per actor, the per-sample work,
+     Parquet shards), index, manifest and histogram. Ray is started before timing
+     (`ray.init(num_cpus=2, include_dashboard=False)`, reported separately; `run_preprocess` then joins it);
+     Ray Data progress bars are off. The time of its Ray Data stage (`_process`) is reported too.
+
+   Both must account for every image: the manifest must say written == images, quarantined == 0, and the plain
+   loop's bucket counts and visual-token total must equal the manifest's. Goal: pipeline >= 1.5x plain loop.
+   The page cache is warmed (every file read once) before either is timed. Busy CPU cores of the whole machine
+   during each timed phase (from /proc/stat) are reported to expose other load.
+
+2. Padded-pixel fraction at resolution 768, `ConvLlavaImageProcessor(resolution=768, mode=...)
+   .target(w, h).padded_fraction` per image over the upright (post-EXIF) sizes: plain mean and mean weighted by
+   canvas pixels, for `bucket` and `square`; for the benchmark images and for the demo data set's images
+   (`pipelines.demo_data.generate_demo_data`, small counts, in a temporary directory). Goal: bucket <= 5%.
+
+Run (about 3–4 minutes on 2 CPU cores plus about a minute the first time to generate the images):
+
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python bench/preprocess.py [--images 2000] \
+        [--out bench/results/preprocess.json]
+
+It prints a markdown table and writes the numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = REPO / "bench" / "results" / "preprocess.json"
+CACHE_ROOT = REPO / "work" / "bench-preprocess"
+GENERATOR_VERSION = 1
+RESOLUTION = 768
+WORKERS = 2
+RAY_CPUS = 2
+GOAL_RATIO = 1.5
+GOAL_PADDED = 0.05
+SIDE_MIN, SIDE_MAX, MAX_ASPECT = 640, 2048, 3.0
+COMMON_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
+PNG_FRACTION, EXIF_FRACTION = 0.10, 0.05
+NOISE_SIGMA, NOISE_TILE = 5.0, 512
+PROMPTS = (
+    "Describe the image briefly.",
+    "What is in this image?",
+    "Give a short description of the picture.",
+    "Write a caption for this image.",
+)
+FOLLOW_UPS = ("How many shapes are there?", "Which colour dominates?", "Is there a line in the picture?")
+
+
+# ---------------------------------------------------------------------------------------------- data set
+def plan(n: int, seed: int) -> list[dict[str, Any]]:
+    """Per image: upright size, format, EXIF rotation and its conversation — a pure function of (n, seed)."""
+    rng = np.random.default_rng([seed, 0])
+    items = []
+    for i in range(n):
+        if rng.random() < 0.5:
+            aspect = float(COMMON_RATIOS[rng.integers(len(COMMON_RATIOS))])  # width / height
+        else:
+            aspect = float(math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT))))
+        r = max(aspect, 1 / aspect)  # short side drawn so that the long side stays within SIDE_MAX
+        short = int(rng.integers(SIDE_MIN, int(SIDE_MAX / r) + 1))
+        long = min(SIDE_MAX, max(SIDE_MIN, round(short * r)))
+        width, height = (long, short) if aspect >= 1 else (short, long)
+        fmt = "png" if rng.random() < PNG_FRACTION else "jpg"
+        rotated = fmt == "jpg" and rng.random() < EXIF_FRACTION
+        n_shapes = int(rng.integers(5, 26))
+        turns = [(f"<image>\n{PROMPTS[rng.integers(len(PROMPTS))]}", f"A picture of {n_shapes} shapes on a gradient.")]
+        if rng.random() < 0.5:
+            turns.append((FOLLOW_UPS[rng.integers(len(FOLLOW_UPS))], f"There are {n_shapes} shapes; look closely."))
+        conversations = [m for q, a in turns for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+        items.append(
+            {
+                "id": f"img-{i:06d}",
+                "image": f"images/img_{i:06d}.{fmt}",
+                "width": width,
+                "height": height,
+                "fmt": fmt,
+                "exif_rotated": rotated,
+                "n_shapes": n_shapes,
+                "conversations": conversations,
+            }
+        )
+    return items
+
+
+def render(args: tuple[dict[str, Any], int, int, str]) -> int:
+    """Write one image; returns its file size. Stored rotated (EXIF orientation 6) when `exif_rotated`."""
+    item, seed, index, root = args
+    rng = np.random.default_rng([seed, 1, index])
+    w, h = (item["height"], item["width"]) if item["exif_rotated"] else (item["width"], item["height"])
+    y = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
+    x = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :, None]
+    c0, cx, cy = rng.uniform(40, 215, 3), rng.uniform(-100, 100, 3), rng.uniform(-100, 100, 3)
+    base = (c0 + cx * x + cy * y).clip(0, 255).astype(np.uint8)
+    image = Image.fromarray(base)
+    draw = ImageDraw.Draw(image)
+    for _ in range(item["n_shapes"]):
+        x1, x2 = sorted(int(v) for v in rng.integers(0, w, 2))
+        y1, y2 = sorted(int(v) for v in rng.integers(0, h, 2))
+        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            draw.ellipse((x1, y1, x2, y2), fill=colour)
+        elif kind == 1:
+            draw.rectangle((x1, y1, x2, y2), fill=colour)
+        else:
+            draw.line((x1, y1, x2, y2), fill=colour, width=int(rng.integers(2, 24)))
+    path = Path(root) / item["image"]
+    if item["fmt"] == "png":
+        image.save(path, "PNG")
+    else:
+        # Tiled Gaussian noise (a random offset into one 512² tile): JPEG codes 8×8 blocks independently, so
+        # this compresses like full-frame noise at a fraction of the cost of drawing it.
+        tile = np.random.default_rng([seed, 2]).normal(0.0, NOISE_SIGMA, (NOISE_TILE, NOISE_TILE, 3))
+        oy, ox = (int(v) for v in rng.integers(0, NOISE_TILE, 2))
+        reps = (h // NOISE_TILE + 2, w // NOISE_TILE + 2, 1)
+        noise = np.tile(tile.astype(np.int16), reps)[oy : oy + h, ox : ox + w]
+        pixels = (np.asarray(image, dtype=np.int16) + noise).clip(0, 255).astype(np.uint8)
+        exif = Image.Exif()
+        if item["exif_rotated"]:
+            exif[0x0112] = 6  # display rotated 90° clockwise: stored h×w becomes upright w×h
+        Image.fromarray(pixels).save(path, "JPEG", quality=int(rng.integers(80, 96)), exif=exif)
+    return path.stat().st_size
+
+
+def ensure_dataset(n: int, seed: int) -> tuple[Path, list[dict[str, Any]], float | None]:
+    """The cached data set for (n, seed), generated on first use. Returns (root, plan, seconds spent generating)."""
+    root = CACHE_ROOT / f"data-n{n}-seed{seed}-v{GENERATOR_VERSION}"
+    items = plan(n, seed)
+    done = root / "done.json"
+    if done.exists() and json.loads(done.read_text()).get("images") == n:
+        return root, items, None
+    start = time.perf_counter()
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "images").mkdir(parents=True)
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        sizes = list(pool.map(render, [(it, seed, i, str(root)) for i, it in enumerate(items)], chunksize=16))
+    with (root / "annotations.jsonl").open("w") as f:
+        for it in items:
+            f.write(json.dumps({"id": it["id"], "image": it["image"], "conversations": it["conversations"]}) + "\n")
+    seconds = time.perf_counter() - start
+    done.write_text(json.dumps({"images": n, "seed": seed, "bytes": sum(sizes), "seconds": round(seconds, 1)}) + "\n")
+    return root, items, seconds
+
+
+def dataset_stats(root: Path, items: list[dict[str, Any]]) -> dict[str, Any]:
+    sizes = [(root / it["image"]).stat().st_size for it in items]
+    jpg = [(s, it) for s, it in zip(sizes, items, strict=True) if it["fmt"] == "jpg"]
+    aspects = [it["width"] / it["height"] for it in items]
+    return {
+        "images": len(items),
+        "png": sum(it["fmt"] == "png" for it in items),
+        "exif_rotated": sum(it["exif_rotated"] for it in items),
+        "bytes_total": sum(sizes),
+        "bytes_mean": sum(sizes) / len(sizes),
+        "jpeg_bytes_per_pixel": sum(s for s, _ in jpg) / sum(it["width"] * it["height"] for _, it in jpg),
+        "megapixels_mean": sum(it["width"] * it["height"] for it in items) / len(items) / 1e6,
+        "side_range": [
+            min(min(it["width"], it["height"]) for it in items),
+            max(max(it["width"], it["height"]) for it in items),
+        ],
+        "aspect_range": [min(aspects), max(aspects)],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+class CpuMeter:
+    """Busy CPU cores of the whole machine over an interval, from /proc/stat (None where unavailable)."""
+
+    def __init__(self) -> None:
+        self.start = self._read()
+        self.t0 = time.perf_counter()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields) - idle, sum(fields)
+
+    def busy_cores(self) -> float | None:
+        end = self._read()
+        if self.start is None or end is None or end[1] == self.start[1]:
+            return None
+        return (end[0] - self.start[0]) / (end[1] - self.start[1]) * (os.cpu_count() or 1)
+
+
+def warm_page_cache(root: Path, items: list[dict[str, Any]]) -> None:
+    (root / "annotations.jsonl").read_bytes()
+    for it in items:
+        (root / it["image"]).read_bytes()
+
+
+def plain_loop(root: Path, items: list[dict[str, Any]], config) -> dict[str, Any]:
+    """The per-sample work of one epoch of a lazy LLaVA dataset, in this process, stage by stage."""
+    from convllava.image_processing import load_image
+    from pipelines.worker import build_processor
+
+    t = time.perf_counter()
+    processor = build_processor(config)  # tokenizer + template + image processor, as the pipeline's actors do
+    build_s = time.perf_counter() - t
+    ip = processor.image_processor
+    stages = dict.fromkeys(("read", "decode", "resize", "encode", "tokenize"), 0.0)
+    buckets: Counter[str] = Counter()
+    visual_tokens = total_length = 0
+    meter, cpu0 = CpuMeter(), time.process_time()
+    start = time.perf_counter()
+    for it in items:
+        t0 = time.perf_counter()
+        data = (root / it["image"]).read_bytes()
+        t1 = time.perf_counter()
+        image = load_image(data, max_pixels=config.max_pixels, background=ip.fill)
+        if min(image.size) < config.min_image_side:
+            raise RuntimeError(f"{it['image']} is too small")
+        t2 = time.perf_counter()
+        resized, p = ip.resize(image)
+        t3 = time.perf_counter()
+        buf = io.BytesIO()
+        resized.save(buf, format="JPEG", quality=config.jpeg_quality)
+        t4 = time.perf_counter()
+        sample = processor.tokenize(it["conversations"], [(p.canvas_height, p.canvas_width)], sample_id=it["id"])
+        t5 = time.perf_counter()
+        for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            stages[name] += dt
+        buckets[f"{p.canvas_height}x{p.canvas_width}"] += 1
+        visual_tokens += sample.num_image_tokens
+        total_length += len(sample.input_ids)
+    seconds = time.perf_counter() - start
+    return {
+        "images": len(items),
+        "seconds": seconds,
+        "images_per_s": len(items) / seconds,
+        "cpu_s": time.process_time() - cpu0,
+        "busy_cores": meter.busy_cores(),
+        "processor_build_s": build_s,
+        "stage_ms_per_image": {k: v / len(items) * 1e3 for k, v in stages.items()},
+        "buckets": dict(sorted(buckets.items())),
+        "visual_tokens": visual_tokens,
+        "mean_length": total_length / len(items),
+    }
+
+
+def start_ray() -> float:
+    import ray
+    import ray.data
+
+    start = time.perf_counter()
+    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
+    seconds = time.perf_counter() - start
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return seconds
+
+
+def pipeline(root: Path, n: int, config) -> dict[str, Any]:
+    """`run_preprocess` end to end into a fresh directory (deleted afterwards); Ray must already be running."""
+    import pipelines.preprocess as pp
+    from pipelines.config import Mixture, Source
+
+    ray_stage = {}
+    original = pp._process
+
+    def timed_process(*args, **kwargs):  # the Ray Data stage alone, to split driver work from the job
+        t = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            ray_stage["seconds"] = time.perf_counter() - t
+
+    output = CACHE_ROOT / "runs" / f"out-{os.getpid()}-{int(time.time())}"
+    if output.exists():
+        shutil.rmtree(output)
+    mixture = Mixture((Source("bench", str(root / "annotations.jsonl"), str(root)),))
+    lines: list[str] = []
+    pp._process = timed_process
+    try:
+        meter = CpuMeter()
+        start = time.perf_counter()
+        result = pp.run_preprocess(mixture, config, str(output), echo=lines.append)
+        seconds = time.perf_counter() - start
+        busy = meter.busy_cores()
+    finally:
+        pp._process = original
+    output_bytes = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
+    shutil.rmtree(output)
+    m = result.manifest
+    return {
+        "images": m["written"],
+        "seconds": seconds,
+        "images_per_s": n / seconds,
+        "busy_cores": busy,
+        "ray_data_stage_s": ray_stage.get("seconds"),
+        "driver_other_s": seconds - ray_stage.get("seconds", 0.0),
+        "manifest": {
+            k: m[k] for k in ("read", "written", "quarantined", "reconciled", "buckets", "visual_tokens", "mean_length")
+        }
+        | {"padded_pixel_fraction": m["padded_pixel_fraction"], "shards": len(m["shards"])},
+        "output_bytes": output_bytes,
+        "units": math.ceil(n / config.unit_size),
+        "unit_size": config.unit_size,
+    }
+
+
+def padded(sizes: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
+    """Padded fraction per mode over (width, height) sizes: plain mean, and weighted by canvas pixels."""
+    from convllava.image_processing import ConvLlavaImageProcessor
+
+    out = {}
+    for mode in ("bucket", "square"):
+        ip = ConvLlavaImageProcessor(resolution=RESOLUTION, mode=mode)
+        targets = [ip.target(w, h) for w, h in sizes]
+        canvas = [p.canvas_height * p.canvas_width for p in targets]
+        fractions = [p.padded_fraction for p in targets]
+        out[mode] = {
+            "mean": sum(fractions) / len(fractions),
+            "pixel_weighted": sum(f * c for f, c in zip(fractions, canvas, strict=True)) / sum(canvas),
+            "max": max(fractions),
+            "images": len(sizes),
+        }
+    return out
+
+
+def demo_sizes() -> list[tuple[int, int]]:
+    """Upright sizes of the demo data set's images (rendered scenes + shipped photos), small counts."""
+    from convllava.image_processing import load_image
+    from pipelines.demo_data import generate_demo_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_demo_data(Path(tmp) / "demo", seed=0, n_caption=300, n_instruct=0, n_eval=0, with_photos=True)
+        return [load_image(p).size for p in sorted((Path(tmp) / "demo" / "images").rglob("*")) if p.is_file()]
+
+
+# ---------------------------------------------------------------------------------------------- report
+def fmt(v: float | None, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    plain, pipe, pad = r["plain_loop"], r["pipeline"], r["padded_fraction"]
+    ratio = r["throughput_ratio"]
+    lines = [
+        f"| measure ({r['images']} images, R={RESOLUTION}) | value | goal |",
+        "|---|---|---|",
+        f"| plain loop, 1 process (images/s) | {plain['images_per_s']:.2f} ({plain['seconds']:.1f} s) | |",
+        f"| Ray Data pipeline, {WORKERS} workers on {RAY_CPUS} CPUs, end to end (images/s) | "
+        f"{pipe['images_per_s']:.2f} ({pipe['seconds']:.1f} s; Ray Data stage {fmt(pipe['ray_data_stage_s'], '.1f')} s) | |",
+        f"| pipeline / plain loop | **{ratio:.2f}x** | >= {GOAL_RATIO}x {'(met)' if ratio >= GOAL_RATIO else '(missed)'} |",
+        f"| Ray start-up (`ray.init`, not in the pipeline's time) | {r['ray_init_s']:.1f} s | |",
+    ]
+    for name, key in (("benchmark images", "bench"), ("demo data set", "demo")):
+        if key not in pad:
+            continue
+        for mode in ("bucket", "square"):
+            p = pad[key][mode]
+            goal = f"<= {GOAL_PADDED:.0%} {'(met)' if p['pixel_weighted'] <= GOAL_PADDED else '(missed)'}"
+            lines.append(
+                f"| padded pixels, `{mode}`, {name} ({p['images']} images): pixel-weighted / mean | "
+                f"{p['pixel_weighted']:.2%} / {p['mean']:.2%} | {goal if mode == 'bucket' else ''} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="number of images (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="data set seed (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path (default: %(default)s)")
+    parser.add_argument("--no-demo", action="store_true", help="skip the demo data set's padded-pixel numbers")
+    args = parser.parse_args(argv)
+    if args.images < 1:
+        parser.error("--images must be >= 1")
+
+    from pipelines.config import PreprocessConfig
+
+    t_all = time.perf_counter()
+    load_start = os.getloadavg()
+    root, items, gen_s = ensure_dataset(args.images, args.seed)
+    print(f"data: {root} ({'cached' if gen_s is None else f'generated in {gen_s:.1f} s'})", flush=True)
+    config = PreprocessConfig(resolution=RESOLUTION, workers=WORKERS)
+    warm_page_cache(root, items)
+
+    print("plain loop ...", flush=True)
+    plain = plain_loop(root, items, config)
+    print(f"  {plain['images_per_s']:.2f} images/s", flush=True)
+    ray_init_s = start_ray()
+    print(f"ray.init: {ray_init_s:.1f} s; pipeline ...", flush=True)
+    try:
+        pipe = pipeline(root, args.images, config)
+    finally:
+        import ray
+
+        ray.shutdown()
+    print(f"  {pipe['images_per_s']:.2f} images/s", flush=True)
+
+    m = pipe["manifest"]
+    checks = {
+        "manifest_written_equals_images": m["written"] == args.images,
+        "manifest_quarantined_zero": m["quarantined"] == 0,
+        "plain_processed_equals_images": plain["images"] == args.images,
+        "same_buckets": plain["buckets"] == m["buckets"],
+        "same_visual_tokens": plain["visual_tokens"] == m["visual_tokens"],
+    }
+    pad = {"bench": padded([(it["width"], it["height"]) for it in items])}
+    if not args.no_demo:
+        pad["demo"] = padded(demo_sizes())
+    checks["manifest_padded_matches_bucket"] = math.isclose(
+        m["padded_pixel_fraction"], pad["bench"]["bucket"]["pixel_weighted"], rel_tol=1e-4, abs_tol=1e-6
+    )
+
+    result = {
+        "description": __doc__.splitlines()[0],
+        "images": args.images,
+        "seed": args.seed,
+        "config": config.to_dict(),
+        "dataset": {"root": str(root.relative_to(REPO)), **dataset_stats(root, items), "generated_s": gen_s},
+        "plain_loop": plain,
+        "ray_init_s": ray_init_s,
+        "pipeline": pipe,
+        "throughput_ratio": pipe["images_per_s"] / plain["images_per_s"],
+        "goal_ratio": GOAL_RATIO,
+        "padded_fraction": pad,
+        "goal_padded_fraction": GOAL_PADDED,
+        "checks": checks,
+        "environment": {
+            "cpus": os.cpu_count(),
+            "loadavg_start": load_start,
+            "loadavg_end": os.getloadavg(),
+            "python": platform.python_version(),
+            "ray": __import__("ray").__version__,
+            "pillow": Image.__version__,
+        },
+        "elapsed_s": time.perf_counter() - t_all,
+    }
+    print()
+    print(markdown(result))
+    print()
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in plain["stage_ms_per_image"].items())
+    print(f"plain loop ms/image: {stages}; busy cores: plain {fmt(plain['busy_cores'], '.2f')}, "
+          f"pipeline {fmt(pipe['busy_cores'], '.2f')}; load average at start {load_start[0]:.2f}")  # fmt: skip
+    print(f"checks: {', '.join(f'{k}={v}' for k, v in checks.items())}. Took {result['elapsed_s']:.0f} s.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

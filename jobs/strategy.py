@@ -1,0 +1,91 @@
+"""DeepSpeed and Ray placement behind one small object: the rest of the job never touches either directly."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs.stage_config import StageConfig
+
+
+class DeepSpeedStrategy:
+    """Fills the shipped DeepSpeed JSON from the stage config and owns engine set-up, checkpoints, consolidation.
+
+    CPU: gloo, fp32, torch AdamW (`zero_allow_untested_optimizer`). GPU: nccl, bf16.
+    """
+
+    def __init__(self, config: StageConfig, world_size: int) -> None:
+        self.config = config
+        self.world_size = world_size
+        self.ds_config = self._fill(config.deepspeed_config())
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def scaling_config(self):
+        from ray.train import ScalingConfig
+
+        resources = {"CPU": 1, "GPU": 1} if self.config.use_gpu else {"CPU": 1}
+        return ScalingConfig(num_workers=self.config.workers, use_gpu=self.config.use_gpu,
+                             resources_per_worker=resources)  # fmt: skip
+
+    def _fill(self, ds: dict[str, Any]) -> dict[str, Any]:
+        c = self.config
+        if self.world_size != c.workers:
+            raise ValueError(f"DeepSpeed world size {self.world_size} differs from the configured workers {c.workers}")
+        ds = dict(ds)
+        ds["train_micro_batch_size_per_gpu"] = c.micro_batch_size
+        ds["gradient_accumulation_steps"] = c.grad_accum
+        ds["train_batch_size"] = c.global_batch_size
+        ds["gradient_clipping"] = c.max_grad_norm
+        ds["zero_allow_untested_optimizer"] = True
+        if c.use_gpu:
+            ds["bf16"] = {"enabled": True}
+        return ds
+
+    def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+              scheduler_fn: Callable[[torch.optim.Optimizer], Any]):  # fmt: skip
+        import deepspeed
+
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler_fn, config=self.ds_config
+        )
+        return engine, scheduler
+
+    @staticmethod
+    def save(engine, directory: Path) -> None:
+        """DeepSpeed's resumable state (collective: every rank writes its partition)."""
+        engine.save_checkpoint(str(directory), tag="state")
+
+    @staticmethod
+    def load(engine, directory: Path) -> None:
+        path, _ = engine.load_checkpoint(str(directory), tag="state")
+        if path is None:
+            raise FileNotFoundError(f"{directory}: no DeepSpeed state to resume from")
+
+    def full_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (None elsewhere). Collective under ZeRO-3, which partitions them."""
+        module = engine.module
+        if self.zero_stage < 3:
+            return (
+                {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                if engine.global_rank == 0
+                else None
+            )
+        import deepspeed
+
+        state: dict[str, torch.Tensor] = {}
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                if engine.global_rank == 0:
+                    state[name] = param.detach().cpu().clone()
+        if engine.global_rank != 0:
+            return None
+        for name, buf in module.named_buffers():
+            state.setdefault(name, buf.detach().cpu().clone())
+        persistent = set(module.state_dict().keys())
+        return {k: v for k, v in state.items() if k in persistent}
