@@ -87,13 +87,14 @@ def run_stage(
 
     config.check_runnable()
     ensure_ray(address)
-    if tracking_uri and run_id is None:
+    owns_run = bool(tracking_uri and run_id is None)
+    if owns_run:
         run_id = start_run(tracking_uri, "convllava", run_name or config.name,
                            tags={"convllava.stage": str(config.stage), "convllava.config_hash": config.config_hash()})  # fmt: skip
         log_params(tracking_uri, run_id, config.to_dict())
-    if tracking_uri and run_id:
-        from jobs.tracking import client
+    from jobs.tracking import client
 
+    if tracking_uri and run_id:
         client(tracking_uri).log_text(run_id, config.to_yaml(), "stage_config.yaml")
 
     storage_path, filesystem = storage_for(storage)
@@ -112,7 +113,14 @@ def run_stage(
             worker_runtime_env={"env_vars": env},
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if owns_run:
+            client(tracking_uri).set_terminated(run_id, "FAILED")
+        raise
+    if owns_run:
+        client(tracking_uri).set_terminated(run_id, "FAILED" if result.error else "FINISHED")
     if result.error:
         raise RuntimeError(f"stage {config.name} failed: {result.error}") from result.error
     if result.checkpoint is None:
