@@ -160,6 +160,64 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from pipelines.predict import run_predict
+
+    summary = run_predict(args.model, args.input, args.output, image_root=args.image_root,
+                          max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          workers=args.workers, address=args.address)  # fmt: skip
+    print(summary)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from jobs.evaluate import run_eval
+
+    result = run_eval(args.model, args.suite, args.output, tracking_uri=args.tracking_uri, run_id=args.run_id,
+                      address=args.address, limit=args.limit)  # fmt: skip
+    print(result.report)
+    return 0
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from jobs.pipeline import pipeline_status, run_pipeline
+
+    if args.action == "status":
+        print(pipeline_status(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri))
+        return 0
+    result = run_pipeline(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri,
+                          from_node=args.from_node, address=args.address)  # fmt: skip
+    print(result.summary)
+    return 0 if result.ok else 1
+
+
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    from jobs.retrain import run_retrain
+
+    outcome = run_retrain(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address)
+    print(outcome.message)
+    return 0 if outcome.ok else 1
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from jobs.submit import submit
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    job_id = submit(args.address, command, working_dir=args.working_dir, wait=args.wait)
+    print(job_id)
+    return 0
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from jobs.submit import job_logs, job_status, stop_job
+
+    fn = {"status": job_status, "logs": job_logs, "stop": stop_job}[args.action]
+    print(fn(args.address, args.job_id))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from convllava.demo import run_demo
 
@@ -168,7 +226,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convllava", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="subcommand", required=True)
 
     p = sub.add_parser("chat", help="answer questions about an image (one shot, or interactive on stdin)")
     p.add_argument("--model", required=True, help="checkpoint directory or s3:// prefix (our format)")
@@ -237,6 +295,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the stage config (values are YAML)")
     p.set_defaults(func=_cmd_train)
 
+    p = sub.add_parser("predict", help="batch inference on Ray Data: questions JSONL → answers JSONL")
+    p.add_argument("--model", required=True, help="checkpoint (local or s3://)")
+    p.add_argument("--input", required=True, help="JSONL with id, question and optional image per line")
+    p.add_argument("--output", required=True, help="answers JSONL")
+    p.add_argument("--image-root", help="folder the images are relative to (default: the input's folder)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, help="model replicas (actors); default: all CPUs / GPUs")
+    p.add_argument("--address", help="Ray cluster address")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark suite")
+    p.add_argument("--model", required=True, help="checkpoint (local or s3://)")
+    p.add_argument("--suite", required=True, help="suite name (e.g. demo) or a suite YAML")
+    p.add_argument("--output", required=True, help="folder for metrics.json, predictions.jsonl, report.md")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI to log into (with --run-id)")
+    p.add_argument("--run-id", help="MLflow run to log metrics and artifacts into")
+    p.add_argument("--limit", type=int, help="at most this many samples per benchmark")
+    p.add_argument("--address", help="Ray cluster address")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("pipeline", help="the DAG: preprocess → stage 1 → 2 → 3 → eval, tracked in MLflow")
+    p.add_argument("action", choices=["run", "status"])
+    p.add_argument("--config", required=True, help="pipeline YAML, e.g. jobs/configs/demo.yaml")
+    p.add_argument("--workdir", default="work/pipeline")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
+    p.add_argument("--from", dest="from_node", choices=["preprocess", "stage1", "stage2", "stage3", "eval"],
+                   help="re-run from this node on purpose")
+    p.add_argument("--address", help="Ray cluster address")
+    p.set_defaults(func=_cmd_pipeline)
+
+    p = sub.add_parser("retrain", help="scheduled retraining: re-run the pipeline only when the raw data changed")
+    p.add_argument("--config", required=True)
+    p.add_argument("--workdir", default="work/pipeline")
+    p.add_argument("--tracking-uri")
+    p.add_argument("--address")
+    p.set_defaults(func=_cmd_retrain)
+
+    p = sub.add_parser("submit", help="submit a convllava command as a Ray job to a cluster")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's working dir")
+    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the convllava arguments")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    p.add_argument("action", choices=["status", "logs", "stop"])
+    p.add_argument("job_id")
+    p.add_argument("--address", required=True)
+    p.set_defaults(func=_cmd_jobs)
+
     p = sub.add_parser("demo", help="the main job on the embedded local default")
     p.add_argument("--workdir", default="work/demo")
     p.add_argument("--steps", type=int, default=120)
@@ -251,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = args.func(args)
     except (ValueError, OSError, KeyError) as e:
         # Errors we raise name the file/field/sample; print them plainly instead of a traceback.
-        print(f"convllava {args.command}: error: {e}", file=sys.stderr)
+        print(f"convllava {args.subcommand}: error: {e}", file=sys.stderr)
         code = 2
     raise SystemExit(code)
 
