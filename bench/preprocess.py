@@ -71,6 +71,7 @@ WORKERS = 2
 RAY_CPUS = 2
 GOAL_RATIO = 1.5
 GOAL_PADDED = 0.05
+CONTENDED_CORES = 0.25  # other processes' average busy cores during a timed phase above which timings are suspect
 SIDE_MIN, SIDE_MAX, MAX_ASPECT = 640, 2048, 3.0
 COMMON_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
 PNG_FRACTION, EXIF_FRACTION = 0.10, 0.05
@@ -202,27 +203,63 @@ def dataset_stats(root: Path, items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
+def _system_cpu() -> tuple[float, float] | None:
+    """(busy, total) jiffies of the whole machine from /proc/stat; None where unavailable."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and all its descendants (Ray's GCS, raylet and workers, which are our children
+    on a local instance); processes that ended count through their parent's reaped-children times."""
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:
+            pass
+    return total
+
+
 class CpuMeter:
-    """Busy CPU cores of the whole machine over an interval, from /proc/stat (None where unavailable)."""
+    """Busy CPU cores over an interval: the whole machine, ours (this process tree) and everybody else's."""
 
     def __init__(self) -> None:
-        self.start = self._read()
-        self.t0 = time.perf_counter()
+        self.system, self.own, self.t0 = _system_cpu(), _own_cpu(), time.perf_counter()
 
-    @staticmethod
-    def _read() -> tuple[int, int] | None:
-        try:
-            fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        except (OSError, ValueError):
-            return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-        return sum(fields) - idle, sum(fields)
+    def read(self) -> dict[str, float | None]:
+        system, own, wall = _system_cpu(), _own_cpu(), time.perf_counter() - self.t0
+        cores = os.cpu_count() or 1
+        ours = (own - self.own) / wall
+        if self.system is None or system is None or system[1] == self.system[1]:
+            return {"machine": None, "ours": ours, "others": None}
+        machine = (system[0] - self.system[0]) / (system[1] - self.system[1]) * cores
+        return {"machine": machine, "ours": ours, "others": max(0.0, machine - ours)}
 
-    def busy_cores(self) -> float | None:
-        end = self._read()
-        if self.start is None or end is None or end[1] == self.start[1]:
-            return None
-        return (end[0] - self.start[0]) / (end[1] - self.start[1]) * (os.cpu_count() or 1)
+
+def wait_quiet(max_wait: float, threshold: float = 0.2, windows: int = 3) -> dict[str, Any]:
+    """Wait (at most `max_wait` s) until the machine has been idle — under `threshold` busy cores — for `windows`
+    consecutive seconds, so that nobody else's work is timed with ours. Reports whether it got there."""
+    start, quiet = time.perf_counter(), 0
+    busy = None
+    while time.perf_counter() - start < max_wait:
+        a = _system_cpu()
+        time.sleep(1.0)
+        b = _system_cpu()
+        if a is None or b is None:
+            return {"quiet": None, "waited_s": 0.0}
+        busy = (b[0] - a[0]) / max(1, b[1] - a[1]) * (os.cpu_count() or 1)
+        quiet = quiet + 1 if busy < threshold else 0
+        if quiet >= windows:
+            return {"quiet": True, "waited_s": time.perf_counter() - start}
+    return {"quiet": False if max_wait > 0 else None, "waited_s": time.perf_counter() - start, "last_busy": busy}
 
 
 def warm_page_cache(root: Path, items: list[dict[str, Any]]) -> None:
@@ -271,7 +308,7 @@ def plain_loop(root: Path, items: list[dict[str, Any]], config) -> dict[str, Any
         "seconds": seconds,
         "images_per_s": len(items) / seconds,
         "cpu_s": time.process_time() - cpu0,
-        "busy_cores": meter.busy_cores(),
+        "cpu_cores": meter.read(),
         "processor_build_s": build_s,
         "stage_ms_per_image": {k: v / len(items) * 1e3 for k, v in stages.items()},
         "buckets": dict(sorted(buckets.items())),
@@ -317,7 +354,7 @@ def pipeline(root: Path, n: int, config) -> dict[str, Any]:
         start = time.perf_counter()
         result = pp.run_preprocess(mixture, config, str(output), echo=lines.append)
         seconds = time.perf_counter() - start
-        busy = meter.busy_cores()
+        cores = meter.read()
     finally:
         pp._process = original
     output_bytes = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
@@ -327,7 +364,7 @@ def pipeline(root: Path, n: int, config) -> dict[str, Any]:
         "images": m["written"],
         "seconds": seconds,
         "images_per_s": n / seconds,
-        "busy_cores": busy,
+        "cpu_cores": cores,
         "ray_data_stage_s": ray_stage.get("seconds"),
         "driver_other_s": seconds - ray_stage.get("seconds", 0.0),
         "manifest": {
@@ -370,6 +407,13 @@ def demo_sizes() -> list[tuple[int, int]]:
 
 
 # ---------------------------------------------------------------------------------------------- report
+def _quiet_note(q: dict[str, Any]) -> str:
+    if q["quiet"] is None:
+        return "not waiting for an idle machine"
+    state = "idle" if q["quiet"] else "NOT idle"
+    return f"machine {state} after waiting {q['waited_s']:.0f} s"
+
+
 def fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -405,6 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="data set seed (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path (default: %(default)s)")
     parser.add_argument("--no-demo", action="store_true", help="skip the demo data set's padded-pixel numbers")
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=180.0,
+        metavar="S",
+        help="before each timed phase wait up to S s for an idle machine (0: don't wait; default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be >= 1")
@@ -418,9 +469,12 @@ def main(argv: list[str] | None = None) -> int:
     config = PreprocessConfig(resolution=RESOLUTION, workers=WORKERS)
     warm_page_cache(root, items)
 
-    print("plain loop ...", flush=True)
+    quiet = {"plain_loop": wait_quiet(args.wait_quiet)}
+    print(f"plain loop ({_quiet_note(quiet['plain_loop'])}) ...", flush=True)
     plain = plain_loop(root, items, config)
     print(f"  {plain['images_per_s']:.2f} images/s", flush=True)
+    quiet["pipeline"] = wait_quiet(args.wait_quiet)
+    print(f"ray.init + pipeline ({_quiet_note(quiet['pipeline'])}) ...", flush=True)
     ray_init_s = start_ray()
     print(f"ray.init: {ray_init_s:.1f} s; pipeline ...", flush=True)
     try:
@@ -439,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         "same_buckets": plain["buckets"] == m["buckets"],
         "same_visual_tokens": plain["visual_tokens"] == m["visual_tokens"],
     }
+    others = [r["cpu_cores"]["others"] for r in (plain, pipe)]
+    contended = any(o is not None and o > CONTENDED_CORES for o in others)
     pad = {"bench": padded([(it["width"], it["height"]) for it in items])}
     if not args.no_demo:
         pad["demo"] = padded(demo_sizes())
@@ -460,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         "padded_fraction": pad,
         "goal_padded_fraction": GOAL_PADDED,
         "checks": checks,
+        "quiet_before": quiet,
+        "contended": contended,
         "environment": {
             "cpus": os.cpu_count(),
             "loadavg_start": load_start,
@@ -474,8 +532,14 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     print()
     stages = ", ".join(f"{k} {v:.1f}" for k, v in plain["stage_ms_per_image"].items())
-    print(f"plain loop ms/image: {stages}; busy cores: plain {fmt(plain['busy_cores'], '.2f')}, "
-          f"pipeline {fmt(pipe['busy_cores'], '.2f')}; load average at start {load_start[0]:.2f}")  # fmt: skip
+    print(f"plain loop ms/image: {stages}; processor build {plain['processor_build_s']:.2f} s")
+    for name, r in (("plain loop", plain), ("pipeline", pipe)):
+        c = r["cpu_cores"]
+        print(f"CPU cores busy during {name}: ours {c['ours']:.2f}, other processes {fmt(c['others'], '.2f')}")
+    if contended:
+        print(
+            f"WARNING: other processes used over {CONTENDED_CORES} cores during a timed phase; rerun on an idle machine"
+        )
     print(f"checks: {', '.join(f'{k}={v}' for k, v in checks.items())}. Took {result['elapsed_s']:.0f} s.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

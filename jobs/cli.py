@@ -174,7 +174,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from jobs.evaluate import run_eval
 
     result = run_eval(args.model, args.suite, args.output, tracking_uri=args.tracking_uri, run_id=args.run_id,
-                      address=args.address, limit=args.limit)  # fmt: skip
+                      address=args.address, limit=args.limit, data_root=args.data_root)  # fmt: skip
     print(result.report)
     return 0
 
@@ -313,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI to log into (with --run-id)")
     p.add_argument("--run-id", help="MLflow run to log metrics and artifacts into")
     p.add_argument("--limit", type=int, help="at most this many samples per benchmark")
+    p.add_argument("--data-root", help="where the suite's files are (overrides the suite's root)")
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=_cmd_eval)
 
@@ -321,8 +322,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="pipeline YAML, e.g. jobs/configs/demo.yaml")
     p.add_argument("--workdir", default="work/pipeline")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
-    p.add_argument("--from", dest="from_node", choices=["preprocess", "stage1", "stage2", "stage3", "eval"],
-                   help="re-run from this node on purpose")
+    p.add_argument(
+        "--from",
+        dest="from_node",
+        choices=["preprocess", "stage1", "stage2", "stage3", "eval"],
+        help="re-run from this node on purpose",
+    )
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=_cmd_pipeline)
 

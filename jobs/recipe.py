@@ -201,6 +201,11 @@ class StageRecipe:
         state = json.loads((directory / TRAINER_STATE).read_text())
         if state["data_fingerprint"] != self.shards.fingerprint:
             raise ValueError(f"checkpoint {directory} was trained on other data ({state['data_fingerprint']})")
+        if state["config_hash"] != self.config.config_hash():
+            raise ValueError(
+                f"checkpoint {directory} belongs to a run started with another stage config "
+                f"({state['config_hash']} ≠ {self.config.config_hash()}); use another --run-name or storage"
+            )
         self.strategy.load(self.engine, directory / "deepspeed")
         self.step = state["step"]
         rng = json.loads((directory / "rng" / f"rank{self.rank}.json").read_text())

@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from convllava.metrics import GROUNDING_PROMPT
 from convllava.sample_images import sample_photos
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -64,7 +65,6 @@ CAPTION_PROMPTS = (
 )
 SINGLE_WORD = "Answer with a single word."
 DETAIL_QUESTION = "What is the small number written in the image? Answer with the number."
-GROUNDING_PROMPT = "Please provide the bounding box coordinate of the region this sentence describes: the {}."
 PHOTO_QUESTION = "What is the main subject of this photo? Answer with one word."
 MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("red", "blue"): "purple"}
 
@@ -263,7 +263,7 @@ def _qa(kind: str, scene: Scene, rng: np.random.Generator, short: bool) -> tuple
     if kind == "grounding" and (names := scene.unique("name")):
         name = _pick(rng, names)
         box = ", ".join(f"{v:.2f}" for v in scene.normalized_box(scene.shape(name), 2))
-        return GROUNDING_PROMPT.format(name), f"[{box}]"
+        return GROUNDING_PROMPT.format(f"the {name}"), f"[{box}]"
     return None
 
 
@@ -378,7 +378,7 @@ class _Builder:
             while not (names := (s := self.scene()).unique("name")):
                 pass
             target = self.keep(s).shape(_pick(self.rng, names))
-            question, box = GROUNDING_PROMPT.format(target.name), s.normalized_box(target, 3)
+            question, box = GROUNDING_PROMPT.format(f"the {target.name}"), s.normalized_box(target, 3)
             extra = {"bbox_pixels": list(target.box), "width": s.width, "height": s.height}
             sets["grounding"].append(self._record("grounding", i, s, question, box, "grounding", **extra))
         for i in range(n):

@@ -58,14 +58,7 @@ def run_preprocess(
     store.check_writable()
     config_hash = config.output_hash()
 
-    records: list[Record] = []
-    per_source: dict[str, dict[str, int]] = {}
-    for source in mixture.sources:
-        found = read_records(source)
-        chosen = select(found, source, config.seed)
-        assign_content_hashes(chosen, image_fingerprints(chosen, source.image_root), config_hash)
-        per_source[source.name] = {"available": len(found), "read": len(chosen)}
-        records.extend(chosen)
+    records, per_source = read_mixture(mixture, config)
 
     previous = _load_index(store)
     current = {r.key: r for r in records}
@@ -97,6 +90,30 @@ def run_preprocess(
             f"see {output.rstrip('/')}/{QUARANTINE}"
         )
     return result
+
+
+def read_mixture(mixture: Mixture, config: PreprocessConfig) -> tuple[list[Record], dict[str, dict[str, int]]]:
+    """Every selected record of every source, with its content hash (cheap: JSON + image fingerprints)."""
+    records: list[Record] = []
+    per_source: dict[str, dict[str, int]] = {}
+    for source in mixture.sources:
+        found = read_records(source)
+        chosen = select(found, source, config.seed)
+        assign_content_hashes(chosen, image_fingerprints(chosen, source.image_root), config.output_hash())
+        per_source[source.name] = {"available": len(found), "read": len(chosen)}
+        records.extend(chosen)
+    return records, per_source
+
+
+def input_fingerprint(content_hashes_by_key: dict[str, str]) -> str:
+    """The manifest's `input_fingerprint`: one hash over every sample's content hash, in key order."""
+    return hashlib.sha256("".join(content_hashes_by_key[k] for k in sorted(content_hashes_by_key)).encode()).hexdigest()
+
+
+def fingerprint_mixture(mixture: Mixture, config: PreprocessConfig) -> str:
+    """What `manifest.json` would record as `input_fingerprint` for this input and config, without processing."""
+    records, _ = read_mixture(mixture, config)
+    return input_fingerprint({r.key: r.content_hash for r in records})
 
 
 def _process(todo: list[Record], config: PreprocessConfig, output: str, address: str | None) -> list[dict]:
@@ -182,7 +199,7 @@ def _manifest(entries, per_source, config, config_hash, processed, reused, remov
         "buckets": dict(sorted(Counter(e["bucket"] for e in written).items())),
         "sources": per_source,
         "quarantine_reasons": dict(sorted(Counter(e["category"] for e in quarantined).items())),
-        "input_fingerprint": hashlib.sha256("".join(e["content_hash"] for e in entries).encode()).hexdigest(),
+        "input_fingerprint": input_fingerprint({e["key"]: e["content_hash"] for e in entries}),
         "config": config.to_dict(),
         "config_hash": config_hash,
         "code_version": code_version(),

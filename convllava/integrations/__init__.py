@@ -1,0 +1,101 @@
+"""Adapters that let the standard VLM evaluation frameworks drive a ConvLLaVA checkpoint.
+
+- `convllava.integrations.lmms_eval`: a model for lmms-eval (`lmms-eval --model convllava ...`), with task YAMLs in
+  `convllava/integrations/lmms_eval_tasks/`. Needs the `eval` extra (lmms-eval).
+- `convllava.integrations.vlmevalkit`: a model for VLMEvalKit (`generate(message)` on interleaved image/text
+  messages). Subclasses VLMEvalKit's `BaseModel` when `vlmeval` is importable; works without it.
+
+Both answer through `generate_interleaved`: the prompt building and decoding of `convllava.inference.generate`, with
+any number of images per question, each at its `<image>` tag.
+
+This package imports neither framework; each adapter module imports its own.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from PIL import Image
+
+from convllava.image_processing import load_image, to_rgb
+from convllava.inference import GenerationOptions, _generate_ids
+from convllava.modeling import ConvLlavaForCausalLM
+from convllava.processor import ConvLlavaProcessor
+from convllava.templates import IMAGE_TOKEN
+
+LMMS_EVAL_MODEL_NAME = "convllava"
+
+
+def as_image(source: str | os.PathLike | Image.Image) -> Image.Image:
+    """An RGB PIL image from a PIL image or a local file.
+
+    Raises:
+        ImageError: a missing, empty or undecodable file (the message names it).
+        ValueError: a URL (nothing is downloaded; fetch the file first) or another type.
+    """
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, (str, os.PathLike)):
+        if str(source).startswith(("http://", "https://", "s3://")):
+            raise ValueError(f"image {str(source)!r} is a URL; download it and pass the local path")
+        return load_image(source)
+    raise ValueError(f"expected an image path or a PIL image, got {type(source).__name__}")
+
+
+def generate_interleaved(
+    model: ConvLlavaForCausalLM,
+    processor: ConvLlavaProcessor,
+    prompts: Sequence[tuple[str, Sequence[Image.Image]]],
+    options: GenerationOptions | None = None,
+    system: str | None = None,
+    sample_ids: Sequence[str] | None = None,
+) -> list[str]:
+    """Answer a batch of single-turn prompts, each with any number of images.
+
+    Each prompt's images fill its `<image>` tags in order. A prompt with images but no tag gets one tag per image
+    prepended (`"<image>\\n" * n + text`), which for one image is exactly what `convllava.inference.generate` builds,
+    so both give the same answer.
+
+    Args:
+        prompts: (text, images) pairs; text-only prompts have no images.
+        sample_ids: named in errors (defaults to the prompt's index).
+
+    Raises:
+        ConversationError: a prompt's `<image>` tags do not match its images one to one, or its text is empty.
+    """
+    sample_ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(prompts))]
+    if len(sample_ids) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(sample_ids)} sample ids")
+    samples, pixels = [], []
+    for (text, images), sample_id in zip(prompts, sample_ids, strict=True):
+        if images and IMAGE_TOKEN not in text:
+            text = f"{IMAGE_TOKEN}\n" * len(images) + text
+        sizes = []
+        for image in images:
+            x = processor.image_processor(image)  # (3, H, W)
+            pixels.append(x)
+            sizes.append(tuple(x.shape[-2:]))
+        messages = [{"role": "user", "content": text}]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        samples.append(
+            processor.tokenize(messages, sizes, sample_id=sample_id, add_generation_prompt=True, check=False)
+        )
+    batch = processor.collate(samples, padding_side="left")
+    del batch["labels"]
+    batch["pixel_values"] = processor.stack_images(pixels)
+    return [processor.decode(ids) for ids in _generate_ids(model, processor, batch, options or GenerationOptions())]
+
+
+def lmms_eval_manifest():
+    """lmms-eval's model manifest for `convllava` (the payload of our `lmms_eval.models` entry point).
+
+    lmms-eval (0.6+) reads the entry-point group `lmms_eval.models` when `lmms_eval.models` is imported; the
+    class is imported only when the model is requested.
+    """
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(
+        model_id=LMMS_EVAL_MODEL_NAME, simple_class_path="convllava.integrations.lmms_eval.ConvLlavaLmms"
+    )

@@ -1,0 +1,1 @@
+"""lmms-eval task configs for ConvLLaVA's local question sets (pass this folder as `--include_path`)."""

@@ -1,0 +1,205 @@
+"""`convllava predict`: batch inference on Ray Data.
+
+questions.jsonl (one `{"id", "question", "image"?}` per line) → answers.jsonl (the same ids, in input order,
+each with `answer` or with `error`). The driver reads each image's size from its header (cheap), puts every
+question in its bucket and cuts bucket-homogeneous batches sorted by prompt length, so no batch pads images to a
+common shape and little text is padded. An actor pool holds the model (one replica per CPU here, per GPU on a
+cluster) and generates greedily unless told otherwise. Every input line ends as exactly one output line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from convllava.storage import is_s3
+from pipelines.sources import read_bytes, resolve_image
+
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "CONVLLAVA_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # fmt: skip
+
+
+@dataclass
+class Question:
+    index: int
+    id: str
+    question: str
+    image_uri: str | None
+    bucket: str  # "HxW", or "text"
+    error: str | None = None
+    extra: dict | None = None
+
+
+def read_questions(path: str, image_root: str | None, bucket_of) -> list[Question]:
+    """Parse the questions file; bad lines become questions with an `error` (answered with that error)."""
+    root = image_root or (path.rsplit("/", 1)[0] if is_s3(path) else str(Path(path).resolve().parent))
+    out = []
+    for n, line in enumerate(read_bytes(path).decode("utf-8", "replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        q = Question(len(out), f"line-{n}", "", None, "text")
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or not isinstance(rec.get("question"), str) or not rec["question"].strip():
+                raise ValueError("needs a non-empty 'question'")
+            q.id, q.question = str(rec.get("id", q.id)), rec["question"]
+            # The input may carry its ground truth as "answer": keep it, as "reference", apart from ours.
+            q.extra = {("reference" if k == "answer" else k): v for k, v in rec.items() if k != "question"}
+            if rec.get("image"):
+                q.image_uri = resolve_image(root, rec["image"])
+                q.bucket = bucket_of(q.image_uri)
+        except (ValueError, OSError) as e:  # JSONDecodeError is a ValueError
+            q.error = f"line {n}: {e}"
+        out.append(q)
+    return out
+
+
+def make_batches(questions: list[Question], batch_size: int) -> list[list[Question]]:
+    """Bucket-homogeneous batches; inside a bucket, questions of similar length go together."""
+    by_bucket: dict[str, list[Question]] = {}
+    for q in questions:
+        if q.error is None:
+            by_bucket.setdefault(q.bucket, []).append(q)
+    batches = []
+    for bucket in sorted(by_bucket):
+        group = sorted(by_bucket[bucket], key=lambda q: (len(q.question), q.index))
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    return batches
+
+
+class Predictor:
+    """Ray Data actor: one model replica; answers a batch of same-bucket questions at a time."""
+
+    def __init__(self, model: str, max_new_tokens: int, threads: int) -> None:
+        import torch
+
+        from convllava.checkpoint import load_model
+        from convllava.inference import GenerationOptions
+
+        torch.set_num_threads(threads)
+        self.model, self.processor = load_model(model)
+        if torch.cuda.is_available():
+            self.model = self.model.to("cuda", torch.bfloat16)
+        self.options = GenerationOptions(max_new_tokens=max_new_tokens)
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        from convllava.image_processing import ImageError, load_image
+        from convllava.inference import generate
+
+        batch = json.loads(row["batch"])
+        results, ok = [], []
+        for q in batch:
+            try:
+                image = load_image(read_bytes(q["image_uri"])) if q["image_uri"] else None
+                ok.append((q, image))
+            except (ImageError, OSError) as e:
+                results.append({"index": q["index"], "error": f"image: {e}"})
+        if ok:
+            answers = generate(self.model, self.processor, [q["question"] for q, _ in ok], [im for _, im in ok],
+                               self.options)  # fmt: skip
+            results += [{"index": q["index"], "answer": a} for (q, _), a in zip(ok, answers, strict=True)]
+        return {"results": json.dumps(results)}
+
+
+def image_bucket(processor_config: dict[str, Any]):
+    """A function uri → bucket name that reads only the image header."""
+    from convllava.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig
+
+    proc = ConvLlavaImageProcessor(ImageProcessorConfig(resolution=processor_config["resolution"],
+                                                        mode=processor_config["mode"]))  # fmt: skip
+
+    def bucket_of(uri: str) -> str:
+        import io
+
+        with Image.open(io.BytesIO(read_bytes(uri))) as im:  # the header only: no pixels decoded
+            w, h = im.size
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotations by 90° swap the sides
+                w, h = h, w
+        return proc.bucket_for(w, h).name
+
+    return bucket_of
+
+
+def run_predict(
+    model: str,
+    input: str,
+    output: str,
+    image_root: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    workers: int | None = None,
+    address: str | None = None,
+) -> str:
+    """Answer every question in `input` into `output` (JSONL, input order). Returns a one-line summary."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from convllava.storage import resolve_local
+    from pipelines.ray_runtime import ensure_ray
+
+    start = time.time()
+    processor_config = json.loads((resolve_local(model) / "processor_config.json").read_text())["image"]
+    bucket_of = image_bucket(processor_config)
+
+    def safe_bucket(uri: str) -> str:
+        try:
+            return bucket_of(uri)
+        except FileNotFoundError:
+            raise OSError(f"image {uri} not found") from None
+        except Exception as e:  # noqa: BLE001 - any unreadable header becomes this question's error
+            raise OSError(f"image {uri} is not readable ({type(e).__name__}: {e})") from None
+
+    questions = read_questions(input, image_root, safe_bucket)
+    batches = make_batches(questions, batch_size)
+    results: dict[int, dict] = {}
+    if batches:
+        ensure_ray(address)
+        gpu = bool(ray.available_resources().get("GPU"))
+        replicas = workers or max(1, int(ray.available_resources().get("GPU" if gpu else "CPU", 1)))
+        replicas = min(replicas, len(batches))
+        items = [{"batch": json.dumps([{"index": q.index, "question": q.question, "image_uri": q.image_uri}
+                                       for q in b])} for b in batches]  # fmt: skip
+        env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+            Predictor,
+            fn_constructor_kwargs={"model": model, "max_new_tokens": max_new_tokens, "threads": 1},
+            compute=ActorPoolStrategy(size=replicas),
+            num_cpus=0 if gpu else 1,
+            num_gpus=1 if gpu else 0,
+            runtime_env={"env_vars": env},
+        )
+        for row in ds.take_all():
+            for r in json.loads(row["results"]):
+                results[r["index"]] = r
+    lines, answered, failed = [], 0, 0
+    for q in questions:
+        r = results.get(q.index, {"error": q.error or "not answered"})
+        record = {**(q.extra or {}), "id": q.id, "question": q.question}
+        if "answer" in r:
+            record["answer"] = r["answer"]
+            answered += 1
+        else:
+            record["error"] = r["error"]
+            failed += 1
+        lines.append(json.dumps(record, ensure_ascii=False))
+    _write_text(output, "".join(line + "\n" for line in lines))
+    elapsed = time.time() - start
+    return (f"predict: {len(questions)} questions → {answered} answered, {failed} errors, {len(batches)} batches, "
+            f"{elapsed:.1f}s ({answered / elapsed:.2f} answers/s) → {output}")  # fmt: skip
+
+
+def _write_text(uri: str, text: str) -> None:
+    if is_s3(uri):
+        from convllava.storage import s3_client, split_s3
+
+        bucket, key = split_s3(uri)
+        s3_client().put_object(Bucket=bucket, Key=key, Body=text.encode())
+        return
+    Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    Path(uri).write_text(text)
