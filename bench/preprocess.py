@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--wait-quiet",
         type=float,
-        default=180.0,
+        default=300.0,
         metavar="S",
         help="before each timed phase wait up to S s for an idle machine (0: don't wait; default: %(default)s)",
     )

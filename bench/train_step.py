@@ -34,17 +34,23 @@ Data (built once into `work/bench-train/`, reused while its parameters match): t
      after the optimizer step). Its per-step loss is compared with the job's (same init, same data: they must
      agree up to float summation order).
 
-   Both skip the first `--warmup` steps (default 5) and the last step (the step the job checkpoints after), so
-   steady state covers steps warmup+1 .. steps-1, the same global batches on both sides. Goal: job >= 0.85x bare.
-   The two are measured `--repeats` times (default 2), interleaved (bare, job, bare, job, ...); Ray is shut down
-   after each job so no Ray process idles during a bare run. The 1-minute load average before/after each run and
-   the busy CPU cores of the whole machine during it (from /proc/stat; `others` = not this process tree) are
-   reported, because other work on a 2-core machine changes these numbers a lot. Before each run the script
-   waits up to `--wait-quiet` seconds for the machine to be idle.
+   - bare loop, 1 thread (reference, not the goal's baseline): the same loop with `torch.set_num_threads(1)`. On
+     this 2-core machine, shared with other work, two intra-op threads collapse whenever another process holds a
+     core (OpenMP threads wait on each other at every op: tens of times slower, not 2x), while one thread only
+     slows in proportion; this run tells load from real differences.
 
-   With `--profile`, one more job runs under instrumentation (not used for the headline numbers): inside each Ray
-   worker the real `StageRecipe` runs with timers wrapped around `ShardSet.rows`, `collate`, the engine's
-   forward/backward/step (boundary vs accumulation micro-steps), the statistics all-reduce and rank 0's MLflow
+   Both skip the first `--warmup` steps (default 5) and the last step (the step the job checkpoints after), so
+   steady state covers steps warmup+1 .. steps-1, the same global batches on both sides. Goal: job >= 0.85x bare
+   (2 threads). The three are measured `--repeats` times (default 2), interleaved (bare 2 threads, bare 1 thread,
+   job, ...); Ray is shut down after each job so no Ray process idles during a bare run. The 1-minute load
+   average before/after each run and the busy CPU cores of the whole machine during it (from /proc/stat;
+   `others` = not this process tree) are reported, because other work on a 2-core machine changes these numbers
+   a lot. Before each run the script waits up to `--wait-quiet` seconds for the machine to be idle.
+
+   Then (unless `--no-profile`) one more job runs under instrumentation (not used for the headline numbers):
+   inside each Ray worker the real `StageRecipe` runs with timers wrapped around `ShardSet.rows`, `collate`, the
+   engine's forward/backward/step (accumulation vs boundary micro-steps; ZeRO-2 reduces gradients inside every
+   backward, so a rank that waits for the other shows it there), the statistics all-reduce and rank 0's MLflow
    write, giving where the job's step time goes.
 
 2. Text-padding fraction per micro-batch (padded positions / all positions when each micro-batch is right-padded
@@ -56,7 +62,7 @@ Data (built once into `work/bench-train/`, reused while its parameters match): t
 Run (about 6–8 minutes on 2 CPU cores, plus about a minute the first time to build the data):
 
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python bench/train_step.py [--steps 40] \
-        [--out bench/results/train_step.json] [--repeats 2] [--profile]
+        [--out bench/results/train_step.json] [--repeats 2] [--no-profile]
 
 It prints a markdown table and writes the numbers as JSON.
 """
@@ -87,6 +93,7 @@ DATA_ROOT = REPO / "work" / "bench-train"
 DATA_PARAMS = {"version": 1, "seed": 0, "n_caption": 800, "n_instruct": 400, "n_eval": 2, "resolution": 256}
 CONFIG_PATH = REPO / "jobs" / "configs" / "tiny" / "stage1.yaml"
 BARE_THREADS = 2
+REFERENCE_THREADS = 1  # also measured: one thread does not collapse when other processes load the cores
 RAY_CPUS = 2
 GOAL_RATIO = 0.85
 PAD_EPOCHS = 5
@@ -340,9 +347,10 @@ def job(shards: Path, steps: int, warmup: int, profile_dir: Path | None = None) 
         uri = default_tracking_uri(work)
         if profile_dir is not None:
             jobs.train.train_loop_per_worker = _profiled_loop(str(profile_dir))
-        t = time.perf_counter()
+        t, t_epoch = time.perf_counter(), time.time()
         result = jobs.train.run_stage(c, str(work / "runs"), tracking_uri=uri, run_name="bench")
         run_stage_s = time.perf_counter() - t
+        t_end = time.time()
         cpu = meter.read()
         history = {}
         for key in ("train/step_time_s", "train/loss", "train/samples_per_s", "train/grad_norm"):
@@ -355,6 +363,11 @@ def job(shards: Path, steps: int, warmup: int, profile_dir: Path | None = None) 
     if [m.step for m in times] != list(range(1, steps + 1)):
         raise RuntimeError(f"job logged steps {[m.step for m in times]}, expected 1..{steps}")
     stamps = [m.timestamp / 1000 for m in times]
+    phases = {  # from the metric timestamps (ms): when rank 0 logged step 1 and the last step
+        "start_to_step1_logged_s": stamps[0] - t_epoch,
+        "step1_to_last_step_logged_s": stamps[-1] - stamps[0],
+        "last_step_logged_to_end_s": t_end - stamps[-1],
+    }
     walls = [float("nan")] + [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
     records = [{"step": m.step, "step_time_s": m.value, "wall_s": w, "loss": loss.value,
                 "samples_per_s_metric": sps.value, "grad_norm": g.value}
@@ -363,7 +376,8 @@ def job(shards: Path, steps: int, warmup: int, profile_dir: Path | None = None) 
     kept = steady(records, warmup, steps)
     summary = summarize([r["step_time_s"] for r in kept], [r["wall_s"] for r in kept], c.global_batch_size)
     summary["mean_of_samples_per_s_metric"] = statistics.mean(r["samples_per_s_metric"] for r in kept)
-    return {"ray_init_s": ray_init_s, "run_stage_s": run_stage_s, "steps": result.steps,
+    return {"ray_init_s": ray_init_s, "run_stage_s": run_stage_s, "run_stage_phases": phases, "started_at": t_epoch,
+            "steps": result.steps,
             "end_to_end_samples_per_s": c.global_batch_size * steps / run_stage_s, "cpu": cpu, "steady": summary,
             "per_step": records}  # fmt: skip
 
@@ -377,7 +391,10 @@ def _profiled_loop(out_dir: str):
         import time as _time
         from pathlib import Path as _Path
 
+        entered_at = _time.time()
+
         import ray.train
+        import torch
         import torch.distributed as torch_dist
 
         import jobs.recipe as recipe_mod
@@ -428,6 +445,7 @@ def _profiled_loop(out_dir: str):
 
         recipe_mod.MetricLogger.log = timed_log
 
+        imported_at = _time.time()
         ctx = ray.train.get_context()
         config = StageConfig.from_dict(loop_config["stage"])
         recipe = recipe_mod.StageRecipe(config, loop_config["run"], ctx.get_world_rank(), ctx.get_world_size())
@@ -452,7 +470,16 @@ def _profiled_loop(out_dir: str):
         recipe.save_checkpoint = timed("checkpoint", save)
         recipe.train()
         _Path(out_dir, f"rank{ctx.get_world_rank()}.json").write_text(
-            _json.dumps({"setup_s": setup_s, "steps": steps[:-1], "tail": steps[-1]})
+            _json.dumps(
+                {
+                    "setup_s": setup_s,
+                    "torch_threads": torch.get_num_threads(),
+                    "entered_at": entered_at,
+                    "imported_at": imported_at,
+                    "steps": steps[:-1],
+                    "tail": steps[-1],
+                }
+            )
         )
 
     return loop
@@ -471,8 +498,14 @@ def profile_job(shards: Path, steps: int, warmup: int) -> dict[str, Any]:
             timed_parts = sum(v for k, v in mean.items() if k not in ("step_wall", "mlflow_log"))
             mean["other_in_step"] = statistics.mean(r["step_time_s"] for r in steady(run["per_step"], warmup, steps))
             mean["other_in_step"] -= timed_parts
-            ranks[f"rank{rank}"] = {"setup_s": data["setup_s"], "mean_per_step_s": mean,
-                                    "checkpoint_s": data["tail"].get("checkpoint")}  # fmt: skip
+            ranks[f"rank{rank}"] = {
+                "run_stage_start_to_loop_entered_s": data["entered_at"] - run["started_at"],
+                "imports_in_loop_s": data["imported_at"] - data["entered_at"],
+                "setup_s": data["setup_s"],
+                "torch_threads": data["torch_threads"],
+                "mean_per_step_s": mean,
+                "checkpoint_s": data["tail"].get("checkpoint"),
+            }
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {"run": {k: v for k, v in run.items() if k != "per_step"}, "ranks": ranks}
@@ -482,33 +515,35 @@ def profile_job(shards: Path, steps: int, warmup: int) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [
-        f"| measure ({result['steady_steps']}) | bare loop ({BARE_THREADS} threads) | job (run_stage, 2 workers, "
-        "ZeRO-2) | job / bare |",
-        "|---|---|---|---|",
+        f"| {result['steady_steps']}, samples/s (steady) | bare, {BARE_THREADS} threads | bare, {REFERENCE_THREADS} "
+        "thread (ref.) | job (run_stage, 2 workers, ZeRO-2) | job / bare 2 thr | job / bare 1 thr |",
+        "|---|---|---|---|---|---|",
     ]
-    for i, (b, j) in enumerate(zip(result["bare"], result["job"], strict=True)):
-        ratio = j["steady"]["samples_per_s"] / b["steady"]["samples_per_s"]
-        wall_ratio = j["steady"]["wall_samples_per_s"] / b["steady"]["wall_samples_per_s"]
-        lines.append(f"| run {i + 1}: samples/s, step time (metric) | {b['steady']['samples_per_s']:.1f} | "
-                     f"{j['steady']['samples_per_s']:.1f} | {ratio:.2f}x |")  # fmt: skip
-        lines.append(f"| run {i + 1}: samples/s, wall per step (incl. MLflow write) | "
-                     f"{b['steady']['wall_samples_per_s']:.1f} | {j['steady']['wall_samples_per_s']:.1f} | "
-                     f"{wall_ratio:.2f}x |")  # fmt: skip
+    runs = zip(result["bare"], result["bare_1_thread"], result["job"], strict=True)
+    for i, (b, b1, j) in enumerate(runs):
+        for key, label in (("samples_per_s", "step time (job: metric)"),
+                           ("wall_samples_per_s", "wall per step (job: incl. MLflow write)")):  # fmt: skip
+            x, x1, y = b["steady"][key], b1["steady"][key], j["steady"][key]
+            ratios = f"{y / x:.2f}x | {y / x1:.2f}x"
+            lines.append(f"| run {i + 1}: {label} | {x:.1f} | {x1:.1f} | {y:.1f} | {ratios} |")
         lines.append(f"| run {i + 1}: median step, s | {b['steady']['median_step_s']:.3f} | "
-                     f"{j['steady']['median_step_s']:.3f} | |")  # fmt: skip
-        lines.append(f"| run {i + 1}: load1 before→after; other cores busy | "
-                     f"{b['cpu']['load1_before']:.1f}→{b['cpu']['load1_after']:.1f}; {_cores(b['cpu'])} | "
-                     f"{j['cpu']['load1_before']:.1f}→{j['cpu']['load1_after']:.1f}; {_cores(j['cpu'])} | |")  # fmt: skip
-    lines.append(f"| best run: samples/s (metric) | {s['bare_best_samples_per_s']:.1f} | "
-                 f"{s['job_best_samples_per_s']:.1f} | **{s['ratio_best']:.2f}x** (goal ≥ {GOAL_RATIO}x: "
-                 f"{'met' if s['goal_met'] else 'missed'}) |")  # fmt: skip
+                     f"{b1['steady']['median_step_s']:.3f} | {j['steady']['median_step_s']:.3f} | | |")  # fmt: skip
+        lines.append(f"| run {i + 1}: load1 before→after; busy cores of others | {_load(b['cpu'])} | "
+                     f"{_load(b1['cpu'])} | {_load(j['cpu'])} | | |")  # fmt: skip
+    lines.append(f"| best runs (step time) | {s['bare_best_samples_per_s']:.1f} | "
+                 f"{s['bare_1_thread_best_samples_per_s']:.1f} | {s['job_best_samples_per_s']:.1f} | "
+                 f"**{s['ratio_best']:.2f}x** (goal ≥ {GOAL_RATIO}x: {'met' if s['goal_met'] else 'missed'}) | "
+                 f"{s['ratio_best_vs_1_thread']:.2f}x |")  # fmt: skip
+    lines += ["", f"| job end to end ({result['steps']} steps) | ray.init | run_stage | start→step 1 logged | "
+              "steps 1→last | last step→return | samples / run_stage s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for i, j in enumerate(result["job"]):
-        lines.append(f"| run {i + 1}: job end to end: ray.init / run_stage ({result['steps']} steps) | | "
-                     f"{j['ray_init_s']:.1f} s / {j['run_stage_s']:.1f} s "
-                     f"({j['end_to_end_samples_per_s']:.1f} samples/s) | |")  # fmt: skip
-    lines.append(f"| loss, job vs bare (max abs diff over steps 1–{result['steps']}) | | "
-                 f"{s['max_loss_diff']:.2e} (step 1: {s['loss_diff_step1']:.1e}) | |")  # fmt: skip
-    lines += ["", "| text padding per micro-batch (epoch 0; epochs 0–4 pooled) | grouped by length | random | ",
+        ph = j["run_stage_phases"]
+        lines.append(f"| run {i + 1} | {j['ray_init_s']:.1f} s | {j['run_stage_s']:.1f} s | "
+                     f"{ph['start_to_step1_logged_s']:.1f} s | {ph['step1_to_last_step_logged_s']:.1f} s | "
+                     f"{ph['last_step_logged_to_end_s']:.1f} s | {j['end_to_end_samples_per_s']:.1f} |")  # fmt: skip
+    lines += ["", f"Same work: per-step loss, job vs bare ({BARE_THREADS} threads, run 1), max abs diff over steps "
+              f"1–{result['steps']}: {s['max_loss_diff']:.1e} (step 1: {s['loss_diff_step1']:.1e})."]  # fmt: skip
+    lines += ["", "| text padding per micro-batch (epoch 0; epochs 0–4 pooled) | grouped by length | random |",
               "|---|---|---|"]  # fmt: skip
     for name, pad in result["padding"].items():
         for stat in ("mean", "p90", "position_weighted"):
@@ -519,16 +554,25 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"| {name} ({pad['grouped']['epoch0']['micro_batches']} micro-batches): {stat} | "
                          f"{cells[0]} | {cells[1]} |")  # fmt: skip
     if result.get("profile"):
-        lines += ["", "| job step breakdown (instrumented run, mean s per step) | rank 0 | rank 1 |", "|---|---|---|"]
-        r0, r1 = result["profile"]["ranks"]["rank0"]["mean_per_step_s"], result["profile"]["ranks"]["rank1"][
-            "mean_per_step_s"]  # fmt: skip
-        for key in sorted(set(r0) | set(r1)):
-            lines.append(f"| {key} | {r0.get(key, 0.0):.4f} | {r1.get(key, 0.0):.4f} |")
+        prof = result["profile"]
+        ranks = [prof["ranks"][f"rank{r}"] for r in range(2)]
+        steady_run = prof["run"]["steady"]
+        lines += ["", f"| job step breakdown, mean s per step (instrumented run: {steady_run['samples_per_s']:.1f} "
+                  f"samples/s metric, {steady_run['wall_samples_per_s']:.1f} wall) | rank 0 | rank 1 |",
+                  "|---|---|---|"]  # fmt: skip
+        for key in sorted(set(ranks[0]["mean_per_step_s"]) | set(ranks[1]["mean_per_step_s"])):
+            cells = " | ".join(f"{r['mean_per_step_s'].get(key, 0.0):.4f}" for r in ranks)
+            lines.append(f"| {key} | {cells} |")
+        lines.append(f"| torch threads per worker | {' | '.join(str(r['torch_threads']) for r in ranks)} |")
+        for key in ("run_stage_start_to_loop_entered_s", "imports_in_loop_s", "setup_s", "checkpoint_s"):
+            cells = " | ".join("n/a" if r[key] is None else f"{r[key]:.2f}" for r in ranks)
+            lines.append(f"| {key} (once) | {cells} |")
     return "\n".join(lines)
 
 
-def _cores(cpu: dict[str, Any]) -> str:
-    return "n/a" if cpu.get("other_cores") is None else f"{cpu['other_cores']:.2f}"
+def _load(cpu: dict[str, Any]) -> str:
+    others = "n/a" if cpu.get("other_cores") is None else f"{cpu['other_cores']:.2f}"
+    return f"{cpu['load1_before']:.1f}→{cpu['load1_after']:.1f}; {others}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,13 +580,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of steady state (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=2, help="bare + job pairs (default: %(default)s)")
-    parser.add_argument("--profile", action="store_true", help="one more, instrumented job run (step breakdown)")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the extra, instrumented job run (step breakdown)")  # fmt: skip
     parser.add_argument("--wait-quiet", type=float, default=30.0, metavar="S",
                         help="before each run wait up to S s for an idle machine (default: %(default)s)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON output path (default: %(default)s)")
     args = parser.parse_args(argv)
-    if args.steps < args.warmup + 3:
-        parser.error("--steps must leave at least 2 steady steps after --warmup and before the last step")
+    if args.warmup < 1 or args.steps < args.warmup + 3:
+        parser.error(
+            "--warmup must be >= 1 and --steps must leave at least 2 steady steps after it (the last step is left out)"
+        )
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
 
@@ -552,17 +599,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {DATA_ROOT} ({'cached' if built_s is None else f'built in {built_s:.1f} s'})", flush=True)
     pad = {"stage-1 shards (captions)": padding(train_shards), "full mixture shards": padding(mix_shards)}
 
-    bare_runs, job_runs, quiet = [], [], []
+    bare_runs, bare1_runs, job_runs, quiet = [], [], [], []
     for r in range(args.repeats):
         quiet.append({"bare": wait_quiet(args.wait_quiet)})
         print(f"[{r + 1}/{args.repeats}] bare loop ...", flush=True)
         bare_runs.append(bare_loop(train_shards, args.steps, args.warmup, BARE_THREADS))
         print(f"  {bare_runs[-1]['steady']['samples_per_s']:.1f} samples/s", flush=True)
+        quiet[-1]["bare_1_thread"] = wait_quiet(args.wait_quiet)
+        print(f"[{r + 1}/{args.repeats}] bare loop, {REFERENCE_THREADS} thread ...", flush=True)
+        bare1_runs.append(bare_loop(train_shards, args.steps, args.warmup, REFERENCE_THREADS))
+        print(f"  {bare1_runs[-1]['steady']['samples_per_s']:.1f} samples/s", flush=True)
         quiet[-1]["job"] = wait_quiet(args.wait_quiet)
         print(f"[{r + 1}/{args.repeats}] job (run_stage) ...", flush=True)
         job_runs.append(job(train_shards, args.steps, args.warmup))
-        print(f"  {job_runs[-1]['steady']['samples_per_s']:.1f} samples/s; run_stage {job_runs[-1]['run_stage_s']:.1f} s",
-              flush=True)  # fmt: skip
+        last = job_runs[-1]
+        print(f"  {last['steady']['samples_per_s']:.1f} samples/s; run_stage {last['run_stage_s']:.1f} s", flush=True)
     profile = None
     if args.profile:
         print("profiled job ...", flush=True)
@@ -570,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
 
     bare_best = max(b["steady"]["samples_per_s"] for b in bare_runs)
     job_best = max(j["steady"]["samples_per_s"] for j in job_runs)
+    bare1_best = max(b["steady"]["samples_per_s"] for b in bare1_runs)
     diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(bare_runs[0]["per_step"], job_runs[0]["per_step"], strict=True)]
     result: dict[str, Any] = {
         "description": __doc__.splitlines()[0],
@@ -599,12 +651,16 @@ def main(argv: list[str] | None = None) -> int:
                 j["steady"]["wall_samples_per_s"] / b["steady"]["wall_samples_per_s"]
                 for b, j in zip(bare_runs, job_runs, strict=True)
             ],  # fmt: skip
+            "bare_1_thread_best_samples_per_s": bare1_best,
+            "ratio_best_vs_1_thread": job_best / bare1_best,
+            "ratio_best_vs_best_bare": job_best / max(bare_best, bare1_best),
             "goal_ratio": GOAL_RATIO,
             "goal_met": job_best / bare_best >= GOAL_RATIO,
             "max_loss_diff": max(diffs),
             "loss_diff_step1": diffs[0],
         },
         "bare": bare_runs,
+        "bare_1_thread": bare1_runs,
         "job": job_runs,
         "profile": profile,
         "padding": pad,

@@ -60,17 +60,23 @@ def _key(*parts: Any) -> str:
 
 
 @contextmanager
-def workdir_lock(workdir: Path):
-    """One pipeline per work dir at a time: a second `pipeline run` refuses instead of corrupting the first."""
+def workdir_lock(workdir: Path, wait_s: float = 0.0):
+    """One pipeline per work dir at a time. `pipeline run` refuses at once (wait_s=0) rather than corrupt a running
+    execution; `retrain` waits its turn. The lock is the kernel's (flock), so a killed driver never leaves it held."""
     workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / ".pipeline.lock"
     with open(path, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise PipelineLocked(f"{workdir} is in use by another pipeline run ({f.read().strip() or 'unknown pid'}); "
-                                 "wait for it to finish or use another --workdir") from None  # fmt: skip
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() >= deadline:
+                    f.seek(0)
+                    raise PipelineLocked(f"{workdir} is in use by another pipeline run ({f.read().strip() or 'unknown pid'}); "
+                                         "wait for it to finish or use another --workdir") from None  # fmt: skip
+                time.sleep(1.0)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()}")
@@ -125,6 +131,24 @@ class Pipeline:
                     "convllava.skipped": "false", **tags}  # fmt: skip
         return self.client.create_run(self.experiment_id, run_name=node, tags=all_tags).info.run_id
 
+    def reuse(self, parent: str, node: str, node_key: str, tags: dict[str, str], force: bool,
+              valid=lambda output: True) -> NodeOutcome | None:  # fmt: skip
+        """The node's recorded outcome when it need not run: finished earlier in this execution (a resumed one),
+        or in any earlier execution with the same key (then recorded here as skipped)."""
+        if force:
+            return None
+        own = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.`mlflow.parentRunId` = '{parent}' and tags.`{TAG_NODE}` = '{node}' and tags.`{TAG_KEY}` = '{node_key}' "
+            "and attributes.status = 'FINISHED'"), max_results=1)  # fmt: skip
+        if own and valid(own[0].data.tags.get(TAG_OUTPUT, "")):
+            run = own[0]
+            metric = _key_metric(node, run.data.metrics, self.config.primary_metric)
+            return NodeOutcome(node, "done", 0.0, run.data.tags.get(TAG_OUTPUT, ""), run.info.run_id, metric)
+        previous = self.finished_run(node_key)
+        if previous is not None and valid(previous.data.tags.get(TAG_OUTPUT, "")):
+            return self.record_skip(parent, node, node_key, previous, tags)
+        return None
+
     def record_skip(self, parent: str, node: str, node_key: str, previous, tags: dict[str, str]) -> NodeOutcome:
         run_id = self.child_run(parent, node, node_key, {**tags, "convllava.reused_run_id": previous.info.run_id})
         output = previous.data.tags.get(TAG_OUTPUT, "")
@@ -140,8 +164,9 @@ class Pipeline:
         parent = self.parent_run(fresh=from_node is not None)
         result = PipelineResult(ok=False, parent_run_id=parent)
         try:
-            self._ensure_demo_data()
+            self.ensure_demo_data()
             shards, fingerprints = self.node_preprocess(parent, result, force=force_from <= 0)
+            self.client.set_tag(parent, "convllava.raw_fingerprint", _key(fingerprints))
             init = self._champion_model() if self.config.init_from_champion else None
             for i, node in enumerate(("stage1", "stage2", "stage3"), start=1):
                 init = self.node_stage(parent, result, node, shards, fingerprints, init, force=force_from <= i)
@@ -151,7 +176,7 @@ class Pipeline:
             self.client.set_terminated(parent, "FINISHED" if result.ok else "FAILED")
         return result
 
-    def _ensure_demo_data(self) -> None:
+    def ensure_demo_data(self) -> None:
         spec = self.config.demo_data
         if not spec:
             return
@@ -174,9 +199,10 @@ class Pipeline:
         shards = {name: f"{self.storage.rstrip('/')}/shards/{name}" for name in mixtures}
         key = _key("preprocess", pconfig.to_dict(), fingerprints, shards)
         tags = {"convllava.input_fingerprint": _key(fingerprints), "convllava.config_hash": pconfig.output_hash()}
-        previous = None if force else self.finished_run(key)
-        if previous is not None and all(self._manifest_matches(shards[n], fingerprints[n]) for n in shards):
-            result.nodes.append(self.record_skip(parent, "preprocess", key, previous, tags))
+        done = self.reuse(parent, "preprocess", key, tags, force,
+                          valid=lambda _: all(self._manifest_matches(shards[n], fingerprints[n]) for n in shards))  # fmt: skip
+        if done is not None:
+            result.nodes.append(done)
             return shards, fingerprints
         run_id = self.child_run(parent, "preprocess", key, tags)
         start = time.time()
@@ -210,10 +236,10 @@ class Pipeline:
         key = _key(node, stage.to_dict(), fingerprints[spec.data])
         tags = {"convllava.stage": str(stage.stage), "convllava.config_hash": stage.config_hash(),
                 "convllava.input_fingerprint": fingerprints[spec.data], "convllava.parent_checkpoint": init_from or ""}  # fmt: skip
-        previous = None if force else self.finished_run(key)
-        if previous is not None and _still_there(previous.data.tags.get(TAG_OUTPUT, "")):
-            result.nodes.append(self.record_skip(parent, node, key, previous, tags))
-            return result.nodes[-1].output
+        done = self.reuse(parent, node, key, tags, force, valid=_still_there)
+        if done is not None:
+            result.nodes.append(done)
+            return done.output
         run_id = self.child_run(parent, node, key, tags)
         start = time.time()
         try:
@@ -238,10 +264,16 @@ class Pipeline:
         ev = self.config.eval
         key = _key("eval", ev, model_uri)
         tags = {"convllava.parent_checkpoint": model_uri, "convllava.config_hash": _key(ev)}
-        previous = None if force else self.finished_run(key)
-        if previous is not None:
-            result.nodes.append(self.record_skip(parent, "eval", key, previous, tags))
-            result.gate = json.loads(previous.data.tags.get("convllava.gate", "{}"))
+        done = self.reuse(parent, "eval", key, tags, force)
+        if done is not None:
+            result.nodes.append(done)
+            source = self.client.get_run(done.run_id).data.tags
+            source = (
+                self.client.get_run(source["convllava.reused_run_id"]).data.tags
+                if "convllava.reused_run_id" in source
+                else source
+            )
+            result.gate = json.loads(source.get("convllava.gate", "{}"))
             return
         run_id = self.child_run(parent, "eval", key, tags)
         start = time.time()
@@ -274,6 +306,16 @@ class Pipeline:
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         self.client.set_tag(run_id, TAG_OUTPUT, output)
         self.client.set_terminated(run_id, "FINISHED")
+
+
+def raw_fingerprint(config: PipelineConfig, data_root: Path) -> str:
+    """One hash over every data set's input fingerprint (records + image fingerprints), as the parent run records."""
+    from pipelines.preprocess import fingerprint_mixture
+
+    pconfig = config.preprocess_config()
+    return _key(
+        {name: fingerprint_mixture(config.mixture(name, data_root), pconfig) for name in sorted(config.datasets)}
+    )
 
 
 def _still_there(uri: str) -> bool:

@@ -15,7 +15,10 @@ log = logging.getLogger(__name__)
 
 
 def default_tracking_uri(workdir: str | Path) -> str:
-    return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    """`MLFLOW_TRACKING_URI` when set (a cluster's server), else SQLite in the work dir (the embedded default)."""
+    import os
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
 def artifact_root(tracking_uri: str, workdir: str | Path) -> str | None:

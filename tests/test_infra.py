@@ -160,6 +160,7 @@ def _collect_commands() -> list[tuple[str, list[str]]]:
 
 
 COMMANDS = _collect_commands()
+COMMAND_IDS = [f"{src}: {shlex.join(argv)}"[:110] for src, argv in COMMANDS]
 
 
 def _parse(args: list[str], source: str) -> list[argparse.Namespace]:
@@ -196,13 +197,13 @@ def test_the_commands_that_matter_were_found():
     } <= found
 
 
-@pytest.mark.parametrize("source, argv", COMMANDS, ids=[f"{s}:{' '.join(a[1:3])}" for s, a in COMMANDS])
+@pytest.mark.parametrize("source, argv", COMMANDS, ids=COMMAND_IDS)
 def test_command_is_accepted_by_the_cli(source, argv):
     assert argv[0] == "convllava"
     _parse(argv[1:], source)
 
 
-@pytest.mark.parametrize("source, argv", COMMANDS, ids=[f"{s}:{' '.join(a[1:3])}" for s, a in COMMANDS])
+@pytest.mark.parametrize("source, argv", COMMANDS, ids=COMMAND_IDS)
 def test_config_files_named_by_commands_exist(source, argv):
     """Paths are relative to the repository root: the image's working directory is a copy of it."""
     for ns in _parse(argv[1:], source):
@@ -339,10 +340,21 @@ def test_rayjob_entrypoints(where, spec):
     assert (ns.subcommand, getattr(ns, "action", None)) == (("pipeline", "run") if where == "rayjob.yaml" else
                                                             ("retrain", None))  # fmt: skip
     assert ns.tracking_uri == TRACKING_URI and ns.workdir == "/mnt/work"
-    # Config paths are relative to the repository copy in the image, which the entrypoint enters first.
-    workdir = re.search(r"^WORKDIR (\S+)$", DOCKERFILE.read_text(), re.M).group(1)
-    assert spec["entrypoint"].startswith(f"cd {workdir} && convllava ")
+    # KubeRay pastes the entrypoint unquoted into the submitter's shell line (`ray job submit ... -- ENTRYPOINT ;`):
+    # a `cd X && convllava ...` would submit `cd X` and run convllava in the submitter pod itself.
+    assert shlex.split(spec["entrypoint"]) == argv and not re.search(r"[;&|`$<>()]", spec["entrypoint"])
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+
+
+def test_ray_pods_run_in_the_repository_copy_of_the_image():
+    """The driver runs in the head container's working directory (ray start's cwd, which Ray jobs inherit): the
+    image's WORKDIR, into which the repository is copied, so relative --config paths resolve as in a checkout."""
+    lines = DOCKERFILE.read_text().splitlines()
+    (workdir,) = [line.split()[1] for line in lines if line.startswith("WORKDIR ")]
+    assert lines.index(f"WORKDIR {workdir}") < lines.index("COPY --chown=ray:users . .")
+    for _, spec in RAYJOB_SPECS:
+        for c in _containers(spec["rayClusterSpec"]):
+            assert c.get("workingDir", workdir) == workdir
 
 
 def _period_s(schedule: str) -> int:
@@ -502,8 +514,10 @@ def fake_kubernetes():
             state["requests"].append(("GET", self.path, self.headers["Authorization"], None))
             if "?" in self.path:
                 self._reply({"items": state["items"]})
-            else:
+            elif state["statuses"]:
                 self._reply({"metadata": {"name": self.path.rsplit("/", 1)[1]}, "status": state["statuses"].pop(0)})
+            else:  # nothing more scripted: the RayJob is gone, which ends the scheduler's wait
+                self._reply({"kind": "Status", "code": 404}, 404)
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -16,15 +16,45 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import torch
 from PIL import Image
 
+from convllava.checkpoint import load_model
 from convllava.image_processing import load_image, to_rgb
 from convllava.inference import GenerationOptions, _generate_ids
 from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
+from convllava.processor import ConvLlavaProcessor, TokenizedSample
 from convllava.templates import IMAGE_TOKEN
 
 LMMS_EVAL_MODEL_NAME = "convllava"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_for_eval(
+    pretrained: str | os.PathLike,
+    device: str | None = None,
+    dtype: str = "auto",
+    attn_implementation: str | None = None,
+) -> tuple[ConvLlavaForCausalLM, ConvLlavaProcessor]:
+    """A checkpoint (our format, local or `s3://`) in eval mode on `device`.
+
+    Args:
+        device: "cuda", "cuda:1", "cpu"; default: cuda when available.
+        dtype: "auto" (bfloat16 on cuda, float32 on cpu), "float32", "bfloat16" or "float16".
+
+    Raises:
+        ValueError: an unknown dtype.
+        CheckpointError: a directory that is not a convllava checkpoint.
+    """
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype == "auto":
+        torch_dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise ValueError(f"dtype: expected 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    model, processor = load_model(pretrained, dtype=torch_dtype, attn_implementation=attn_implementation)
+    return model.to(target), processor
 
 
 def as_image(source: str | os.PathLike | Image.Image) -> Image.Image:
@@ -69,23 +99,34 @@ def generate_interleaved(
         raise ValueError(f"{len(prompts)} prompts but {len(sample_ids)} sample ids")
     samples, pixels = [], []
     for (text, images), sample_id in zip(prompts, sample_ids, strict=True):
-        if images and IMAGE_TOKEN not in text:
-            text = f"{IMAGE_TOKEN}\n" * len(images) + text
-        sizes = []
-        for image in images:
-            x = processor.image_processor(image)  # (3, H, W)
-            pixels.append(x)
-            sizes.append(tuple(x.shape[-2:]))
-        messages = [{"role": "user", "content": text}]
-        if system is not None:
-            messages.insert(0, {"role": "system", "content": system})
-        samples.append(
-            processor.tokenize(messages, sizes, sample_id=sample_id, add_generation_prompt=True, check=False)
-        )
+        sample, sample_pixels = tokenize_prompt(processor, text, images, system, sample_id)
+        samples.append(sample)
+        pixels.extend(sample_pixels)
     batch = processor.collate(samples, padding_side="left")
     del batch["labels"]
     batch["pixel_values"] = processor.stack_images(pixels)
     return [processor.decode(ids) for ids in _generate_ids(model, processor, batch, options or GenerationOptions())]
+
+
+def tokenize_prompt(
+    processor: ConvLlavaProcessor,
+    text: str,
+    images: Sequence[Image.Image],
+    system: str | None = None,
+    sample_id: str = "?",
+) -> tuple[TokenizedSample, list[torch.Tensor]]:
+    """One generation prompt (ending with the assistant prefix) and its processed images, (3, H, W) each.
+
+    The images fill the text's `<image>` tags in order; text without tags gets one per image prepended.
+    """
+    if images and IMAGE_TOKEN not in text:
+        text = f"{IMAGE_TOKEN}\n" * len(images) + text
+    pixels = [processor.image_processor(image) for image in images]
+    messages = [{"role": "user", "content": text}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    sizes = [tuple(x.shape[-2:]) for x in pixels]
+    return processor.tokenize(messages, sizes, sample_id=sample_id, add_generation_prompt=True, check=False), pixels
 
 
 def lmms_eval_manifest():

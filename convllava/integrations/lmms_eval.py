@@ -33,10 +33,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from convllava.checkpoint import load_model
 from convllava.inference import GenerationOptions
-from convllava.integrations import LMMS_EVAL_MODEL_NAME, as_image, generate_interleaved
-from convllava.templates import IMAGE_TOKEN
+from convllava.integrations import (
+    LMMS_EVAL_MODEL_NAME,
+    as_image,
+    generate_interleaved,
+    load_for_eval,
+    tokenize_prompt,
+)
 
 try:
     from lmms_eval.api.instance import Instance
@@ -50,30 +54,21 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 logger = logging.getLogger(__name__)
 
 TASKS_DIR = Path(__file__).with_name("lmms_eval_tasks")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Generation keys lmms-eval tasks set that have no meaning for this model; ignored without a warning.
-_IGNORED_GEN_KWARGS = {"image_aspect_ratio"}
-
-
-def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype: expected 'auto' or one of {sorted(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+# Generation keys some lmms-eval tasks set that mean nothing for this model: ignored without a warning.
+_SILENTLY_IGNORED = {"image_aspect_ratio"}
 
 
 def generation_options(
     gen_kwargs: dict[str, Any] | None, default_max_new_tokens: int
-) -> tuple[GenerationOptions, tuple]:
-    """lmms-eval `generation_kwargs` → (GenerationOptions, stop strings).
+) -> tuple[GenerationOptions, tuple[str, ...], tuple[str, ...]]:
+    """lmms-eval `generation_kwargs` → (GenerationOptions, stop strings, the keys this model does not use).
 
     lmms-eval's convention: `temperature: 0` means greedy, whatever `do_sample` says.
     """
     kwargs = dict(gen_kwargs or {})
     until = kwargs.pop("until", None)
     if until is None:
-        stops: tuple = ()
+        stops: tuple[str, ...] = ()
     elif isinstance(until, str):
         stops = (until,)
     elif isinstance(until, (list, tuple)) and all(isinstance(s, str) for s in until):
@@ -89,10 +84,7 @@ def generation_options(
         top_p=float(kwargs.pop("top_p", None) or 1.0),
         num_beams=int(kwargs.pop("num_beams", 1) or 1),
     )
-    unknown = sorted(set(kwargs) - _IGNORED_GEN_KWARGS)
-    if unknown:
-        logger.warning("convllava: ignoring generation_kwargs %s (not supported by this model)", unknown)
-    return options, stops
+    return options, stops, tuple(sorted(set(kwargs) - _SILENTLY_IGNORED))
 
 
 def _flatten(visuals) -> list:
@@ -123,6 +115,9 @@ class ConvLlavaLmms(lmms):
         attn_implementation: "sdpa", "eager", "flash_attention_2"; default: the checkpoint's.
         system: system prompt; default: the conversation template's.
         max_batch_size: accepted (lmms-eval passes it) and unused.
+
+    lmms-eval's evaluator frees the model when a run ends (`lmms.clean`): build a new adapter for each
+    `simple_evaluate` call.
 
     Raises:
         ValueError: an unknown argument (named), or a launch with several processes.
@@ -157,18 +152,13 @@ class ConvLlavaLmms(lmms):
             self.batch_size = int(batch_size)
         else:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-        self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, processor = load_model(
-            pretrained, dtype=_resolve_dtype(dtype, self._device.type), attn_implementation=attn_implementation
-        )
-        self.model = model.to(self._device)
-        self.processor = processor
+        self.model, self.processor = load_for_eval(pretrained, device, dtype, attn_implementation)
         self.max_new_tokens = int(max_new_tokens)
         self.system = system
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        return self.model.device
 
     # ------------------------------------------------------------------ request plumbing
     def _doc(self, task: str, split: str, doc_id: int) -> dict:
@@ -189,32 +179,30 @@ class ConvLlavaLmms(lmms):
     # ------------------------------------------------------------------ lmms interface
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Answers in request order; requests with equal generation settings are batched."""
-        prepared = []
-        for request in requests:
-            context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
-            where = f"task {task} doc {doc_id}"
-            options, stops = generation_options(gen_kwargs, self.max_new_tokens)
-            images = self._images(doc_to_visual, self._doc(task, split, doc_id), where)
-            prepared.append((options, stops, context, images, where))
-
-        answers: list[str | None] = [None] * len(requests)
-        groups: dict[tuple, list[int]] = {}
-        for i, (options, stops, *_) in enumerate(prepared):
+        groups: dict[tuple, list[int]] = {}  # (GenerationOptions, stops) → request indices
+        ignored: set[str] = set()
+        for i, request in enumerate(requests):
+            options, stops, unused = generation_options(request.args[1], self.max_new_tokens)
             groups.setdefault((options, stops), []).append(i)
+            ignored.update(unused)
+        if ignored:
+            logger.warning("convllava: ignoring generation_kwargs %s (not supported by this model)", sorted(ignored))
+
+        answers: list[str] = [""] * len(requests)
         for (options, stops), indices in groups.items():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
+                prompts, where = [], []
+                for i in chunk:  # images are loaded per batch, not for the whole task at once
+                    context, _, doc_to_visual, doc_id, task, split = requests[i].args
+                    where.append(f"task {task} doc {doc_id}")
+                    prompts.append((context, self._images(doc_to_visual, self._doc(task, split, doc_id), where[-1])))
                 replies = generate_interleaved(
-                    self.model,
-                    self.processor,
-                    [(prepared[i][2], prepared[i][3]) for i in chunk],
-                    options,
-                    system=self.system,
-                    sample_ids=[prepared[i][4] for i in chunk],
+                    self.model, self.processor, prompts, options, system=self.system, sample_ids=where
                 )
                 for i, reply in zip(chunk, replies, strict=True):
                     answers[i] = cut_at_stops(reply, stops)
-        return answers  # type: ignore[return-value]
+        return answers
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """(log p(continuation | context, images), whether greedy decoding would produce the continuation)."""
@@ -231,15 +219,7 @@ class ConvLlavaLmms(lmms):
 
     def _score(self, context: str, continuation: str, images: list[Image.Image], where: str) -> tuple[float, bool]:
         processor = self.processor
-        if images and IMAGE_TOKEN not in context:
-            context = f"{IMAGE_TOKEN}\n" * len(images) + context
-        pixels = [processor.image_processor(image) for image in images]
-        messages = [{"role": "user", "content": context}]
-        if self.system is not None:
-            messages.insert(0, {"role": "system", "content": self.system})
-        prompt = processor.tokenize(
-            messages, [tuple(x.shape[-2:]) for x in pixels], sample_id=where, add_generation_prompt=True, check=False
-        )
+        prompt, pixels = tokenize_prompt(processor, context, images, self.system, sample_id=where)
         target = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not target:
             raise ValueError(f"{where}: the continuation {continuation!r} tokenizes to nothing")

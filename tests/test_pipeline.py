@@ -1,0 +1,233 @@
+"""The pipeline DAG for real (local Ray, DeepSpeed, SQLite MLflow): run structure, skip on re-run, champion gate,
+retrain, a killed driver, job submission to a local head."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import registry
+from jobs.pipeline import PipelineLocked, pipeline_status, run_pipeline, workdir_lock
+from jobs.retrain import run_retrain
+from jobs.tracking import client, default_tracking_uri
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+NODES = ["preprocess", "stage1", "stage2", "stage3", "eval"]
+
+
+def small_config(path: Path, name: str, steps: int = 2, checkpoint_every: int = 0) -> Path:
+    config = yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())
+    config.update(name=name, registered_model=f"{name}-model")
+    config["demo_data"] = {"seed": 0, "captions": 48, "instruct": 48, "eval": 6}
+    for stage in config["stages"].values():
+        stage["overrides"] = {"max_steps": steps, "checkpoint_every": checkpoint_every}
+    config["eval"] = {"suite": "demo", "max_new_tokens": 4}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def runs_of(tracking: str, experiment: str):
+    c = client(tracking)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=500)
+    parents = [r for r in runs if "convllava.node" not in r.data.tags]
+    children = {}
+    for r in runs:
+        if "convllava.node" in r.data.tags:
+            children.setdefault(r.data.tags["mlflow.parentRunId"], {})[r.data.tags["convllava.node"]] = r
+    return parents, children
+
+
+@pytest.fixture(scope="module")
+def executed(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    config = small_config(root / "pipeline.yaml", "dag-test")
+    result = run_pipeline(str(config), workdir=str(root / "wd"))
+    return root, config, result
+
+
+def test_run_structure_in_mlflow(executed):
+    root, config, result = executed
+    tracking = default_tracking_uri(root / "wd")
+    assert result.ok and [n.node for n in result.nodes] == NODES and all(n.status == "ran" for n in result.nodes)
+    parents, children = runs_of(tracking, "dag-test")
+    assert len(parents) == 1 and parents[0].data.tags["convllava.pipeline"] == "dag-test"
+    kids = children[parents[0].info.run_id]
+    assert sorted(kids) == sorted(NODES) and all(r.info.status == "FINISHED" for r in kids.values())
+    for node, run in kids.items():
+        assert run.data.tags["convllava.node"] == node and run.data.tags["convllava.node_key"]
+        assert run.data.tags["convllava.config_hash"]
+    c = client(tracking)
+    for stage, parent_ckpt in (("stage1", ""), ("stage2", "stage1"), ("stage3", "stage2")):
+        run = kids[stage]
+        assert run.data.tags["convllava.input_fingerprint"] and run.data.params["lr"]
+        expected = kids[parent_ckpt].data.tags["convllava.output_uri"] if parent_ckpt else ""
+        assert run.data.tags["convllava.parent_checkpoint"] == expected  # each stage starts from the recorded URI
+        ref = json.loads(c.download_artifacts(run.info.run_id, "checkpoint.json", str(root)) and
+                         Path(root, "checkpoint.json").read_text())  # fmt: skip
+        assert ref["uri"] == run.data.tags["convllava.output_uri"] and len(ref["sha256"]) == 64 and ref["size"] > 0
+        history = c.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in c.list_artifacts(kids["preprocess"].info.run_id, "manifests")}
+    assert artifacts == {"manifests/captions.json", "manifests/instruct.json"}
+    assert {a.path for a in c.list_artifacts(kids["eval"].info.run_id, "eval")} >= {
+        "eval/report.md",
+        "eval/metrics.json",
+    }
+    assert "eval/demo/overall" in kids["eval"].data.metrics
+    version = c.get_model_version_by_alias("dag-test-model", "candidate")
+    assert int(version.version) == 1 and int(c.get_model_version_by_alias("dag-test-model", "champion").version) == 1
+    assert version.source == kids["stage3"].data.tags["convllava.output_uri"]
+    assert "mlflow ui --backend-store-uri sqlite:///" in result.summary
+
+
+def test_rerun_skips_finished_nodes_and_status(executed):
+    root, config, _ = executed
+    again = run_pipeline(str(config), workdir=str(root / "wd"))
+    assert [n.status for n in again.nodes] == ["skipped"] * 5
+    tracking = default_tracking_uri(root / "wd")
+    parents, children = runs_of(tracking, "dag-test")
+    assert len(parents) == 2 and sorted(children[parents[-1].info.run_id]) == sorted(NODES)
+    assert int(client(tracking).get_model_version_by_alias("dag-test-model", "candidate").version) == 1
+    status = pipeline_status(str(config), workdir=str(root / "wd"))
+    for node in NODES:
+        assert f"\n{node}" in status and "skipped" in status
+    assert "train/loss" in status and "eval/demo/overall" in status
+
+
+def test_champion_gate_keeps_a_better_champion(executed):
+    root, _, _ = executed
+    tracking = default_tracking_uri(root / "wd")
+    champion_version, champion_value = registry.current_champion(tracking, "dag-test-model")
+    c = client(tracking)
+    run = c.create_run(c.get_experiment_by_name("dag-test").experiment_id).info.run_id
+    worse = registry.register_and_gate(
+        tracking, "dag-test-model", "/tmp/worse", run, "demo/overall", champion_value - 1.0
+    )
+    assert worse["decision"] == "kept the current champion" and worse["champion_value"] == champion_value
+    assert int(c.get_model_version_by_alias("dag-test-model", "champion").version) == int(champion_version)
+    assert int(c.get_model_version_by_alias("dag-test-model", "candidate").version) == worse["version"]
+    better = registry.register_and_gate(
+        tracking, "dag-test-model", "/tmp/better", run, "demo/overall", champion_value + 1
+    )
+    assert better["decision"] == "promoted"
+    assert int(c.get_model_version_by_alias("dag-test-model", "champion").version) == better["version"]
+    tags = c.get_model_version("dag-test-model", str(worse["version"])).tags
+    assert float(tags["convllava.gate.candidate_value"]) == champion_value - 1.0
+
+
+def test_retrain_is_a_no_op_until_the_data_changes(executed):
+    root, config, _ = executed
+    wd = root / "wd"
+    outcome = run_retrain(str(config), workdir=str(wd))
+    assert outcome.ok and not outcome.ran and "no-op: the raw data is unchanged" in outcome.message
+    instruct = wd / "data" / "instruct.jsonl"
+    lines = instruct.read_text().splitlines()
+    new = [json.loads(line) for line in lines[:3]]
+    for i, rec in enumerate(new):
+        rec["id"] = f"new-{i}"
+    instruct.write_text("\n".join(lines + [json.dumps(r) for r in new]) + "\n")
+    outcome = run_retrain(str(config), workdir=str(wd))
+    assert outcome.ok and outcome.ran
+    statuses = {line.split()[0]: line.split()[1] for line in outcome.message.splitlines() if line.split()[:1] in (
+        [n] for n in NODES)}  # fmt: skip
+    assert statuses == {"preprocess": "ran", "stage1": "skipped", "stage2": "skipped", "stage3": "ran", "eval": "ran"}
+    manifest = json.loads((wd / "shards" / "instruct" / "manifest.json").read_text())
+    assert manifest["run"]["processed"] == 3 and manifest["run"]["reused"] == manifest["read"] - 3
+    assert run_retrain(str(config), workdir=str(wd)).ran is False
+
+
+def test_a_second_run_on_the_same_workdir_refuses(tmp_path):
+    with workdir_lock(tmp_path):
+        with pytest.raises(PipelineLocked, match="in use by another pipeline run"):
+            with workdir_lock(tmp_path):
+                pass
+
+
+def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path):
+    config = small_config(tmp_path / "pipeline.yaml", "kill-test", steps=4, checkpoint_every=2)
+    wd = tmp_path / "wd"
+    cli = [
+        str(Path(sys.executable).parent / "convllava"),
+        "pipeline",
+        "run",
+        "--config",
+        str(config),
+        "--workdir",
+        str(wd),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(cli, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 900
+    while time.time() < deadline and first.poll() is None:
+        if list((wd / "runs").glob("stage2-*/checkpoint_000002/COMPLETE.rank1.json")):
+            break
+        time.sleep(0.5)
+    assert first.poll() is None, "the pipeline ended before stage 2 checkpointed"
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started (its local Ray)
+    first.wait()
+    stage1_dirs = sorted(p.name for p in (wd / "runs").glob("stage1-*"))
+    second = subprocess.run(cli, env=env, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert sorted(p.name for p in (wd / "runs").glob("stage1-*")) == stage1_dirs  # stage 1 was not trained again
+    tracking = default_tracking_uri(wd)
+    parents, children = runs_of(tracking, "kill-test")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the interrupted execution was continued
+    kids = children[parents[0].info.run_id]
+    assert all(kids[n].info.status == "FINISHED" for n in NODES)
+    assert all(kids[n].data.tags["convllava.skipped"] == "false" for n in NODES)  # done once, in this execution
+    final = json.loads(sorted((wd / "runs").glob("stage2-*/checkpoint_*/trainer_state.json"))[-1].read_text())
+    history = client(tracking).get_metric_history(kids["stage2"].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, final["total_steps"] + 1))  # nothing logged twice
+    assert final["step"] == final["total_steps"] >= 3
+    assert f"resumed at step 2/{final['total_steps']}" in second.stdout + second.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_to_a_local_head(tmp_path):
+    import tempfile
+
+    import psutil
+
+    from jobs.submit import job_logs, job_status, submit
+
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths live below it
+    start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                            f"--temp-dir={temp_dir}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1",
+                            "--include-dashboard=true", "--disable-usage-stats"],
+                           env=env, capture_output=True, text=True)  # fmt: skip
+    assert start.returncode == 0, start.stderr
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        with pytest.raises(ValueError, match="not a valid convllava command"):
+            submit(address, ["info", "--preset"], working_dir=str(ROOT))
+        result = submit(address, ["info", "--preset", "tiny"], working_dir=str(ROOT), wait=True)
+        job_id, status = result.split()
+        assert status == "SUCCEEDED"
+        assert "vision_trunk" in job_logs(address, job_id) and "SUCCEEDED" in job_status(address, job_id)
+    finally:
+        os.environ.pop("RAY_AUTH_MODE", None)
+        # `ray stop` would stop every Ray on the machine (the test session's too): stop only this head's processes.
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(temp_dir in part for part in proc.info["cmdline"] or []):
+                proc.kill()
