@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
 # No hub is ever contacted: tokenizers and models come from local paths or s3:// only.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -218,10 +220,18 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
+def _cmd_quickstart(args: argparse.Namespace) -> int:
     from convllava.demo import run_demo
 
     return run_demo(args.workdir, steps=args.steps, seed=args.seed)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from jobs.pipeline import run_pipeline
+
+    result = run_pipeline(str(DEMO_CONFIG), workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address)
+    print(result.summary)
+    return 0 if result.ok else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -351,11 +361,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True)
     p.set_defaults(func=_cmd_jobs)
 
-    p = sub.add_parser("demo", help="the main job on the embedded local default")
+    p = sub.add_parser("demo", help="the main job: the whole pipeline on the embedded local default (demo.yaml)")
     p.add_argument("--workdir", default="work/demo")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
+    p.add_argument("--address", help="Ray cluster address (default: an embedded local instance)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("quickstart", help="one minute: fine-tune the tiny model on real photos and ask about them")
+    p.add_argument("--workdir", default="work/quickstart")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_demo)
+    p.set_defaults(func=_cmd_quickstart)
     return parser
 
 

@@ -346,11 +346,25 @@ def _key_metric(node: str, metrics: dict[str, float], primary: str = "") -> tupl
     return ("written", written) if node == "preprocess" and written else None
 
 
+def _accuracy_table(metrics: dict[str, float]) -> str:
+    """Per question type: accuracy next to chance (the demo suite's `BENCH/TYPE/accuracy` and `/chance`)."""
+    rows = [f"{'eval metric':28s} {'value':>8s} {'chance':>8s}"]
+    for name, value in sorted(metrics.items()):
+        if name.endswith("/chance"):
+            continue
+        chance = metrics.get(name.replace("/accuracy", "/chance"))
+        rows.append(f"{name:28s} {value:8.3f} {'' if chance is None else f'{chance:8.3f}'}")
+    return "\n".join(rows)
+
+
 def _summary(result: PipelineResult, tracking_uri: str) -> str:
     lines = [f"{'node':11s} {'status':8s} {'time':>8s}  key metric", "-" * 60]
     for n in result.nodes:
         metric = f"{n.metric[0]} = {n.metric[1]:.4f}" if n.metric else ""
         lines.append(f"{n.node:11s} {n.status:8s} {n.seconds:7.1f}s  {metric}")
+    evaluated = next((n for n in result.nodes if n.node == "eval"), None)
+    if evaluated is not None and (Path(evaluated.output) / "metrics.json").is_file():
+        lines += ["", _accuracy_table(json.loads((Path(evaluated.output) / "metrics.json").read_text()))]
     if result.gate:
         g = result.gate
         lines += ["", f"registered {g['model']} version {g['version']} as candidate; champion: {g['decision']}"]

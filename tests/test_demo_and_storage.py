@@ -11,7 +11,7 @@ from convllava.tokenizer import load_tokenizer
 
 @pytest.mark.integration
 def test_demo_learns_to_name_every_real_photo(tmp_path, capsys):
-    assert run_demo(tmp_path, steps=120) == 0
+    assert run_demo(tmp_path, steps=120) == 0  # `convllava quickstart`
     out = capsys.readouterr().out
     assert "8/8 photos named correctly" in out
     losses = [float(line.split("loss ")[1].split()[0]) for line in out.splitlines() if line.startswith("step ")]

@@ -1,0 +1,47 @@
+"""Concurrency: a second `pipeline run` on a busy work dir refuses and touches nothing; the lock never outlives
+a killed holder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLI = str(Path(sys.executable).parent / "convllava")
+HOLD = "from pathlib import Path; import time, sys; from jobs.pipeline import workdir_lock\n" \
+       "with workdir_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(600)\n"  # fmt: skip
+
+
+def _holder(workdir: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_pipeline_run_refuses_and_touches_nothing(tmp_path):
+    workdir = tmp_path / "wd"
+    holder = _holder(workdir)
+    try:
+        before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
+        second = subprocess.run([CLI, "pipeline", "run", "--config", str(ROOT / "jobs/configs/demo.yaml"),
+                                 "--workdir", str(workdir)], capture_output=True, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        assert second.returncode != 0
+        assert f"{workdir} is in use by another pipeline run (pid {holder.pid})" in second.stderr
+        assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_lock_is_released_when_its_holder_is_killed(tmp_path):
+    from jobs.pipeline import workdir_lock
+
+    holder = _holder(tmp_path)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with workdir_lock(tmp_path):  # a killed driver never leaves the work dir locked (flock dies with it)
+        assert (tmp_path / ".pipeline.lock").read_text() == f"pid {os.getpid()}"
