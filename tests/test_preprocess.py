@@ -45,7 +45,12 @@ def save(root: Path, name: str, image: Image.Image, **kw) -> str:
 
 
 def write_jsonl(path: Path, records: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    """Records as JSON lines; a str or bytes record is written as it is (hostile raw lines)."""
+
+    def raw(r) -> bytes:
+        return r if isinstance(r, bytes) else (r if isinstance(r, str) else json.dumps(r)).encode()
+
+    path.write_bytes(b"".join(raw(r) + b"\n" for r in records))
     return path
 
 
@@ -93,6 +98,7 @@ def hostile_set(root: Path, outside: Path) -> tuple[list, dict[str, str]]:
         rec("multi", ["img/good0.jpg", "img/good1.jpg"]),
         rec("good0", "img/good1.jpg"),  # duplicate id
         "{this is not json",
+        b'{"id": "latin1", "conversations": [{"from": "human", "value": "caf\xe9"}]}',  # invalid UTF-8
         '{"id": "huge", "conversations": [], "pad": "' + "x" * 1_100_000 + '"}',
     ]
     expected = {
@@ -175,6 +181,8 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_counts_reconcile(ray
         assert match and all(q["category"] == category for q in match), (rid, match)
     huge = [q for q in quarantine if "byte limit" in q["reason"]]
     assert len(huge) == 1 and huge[0]["category"] == "malformed_record" and huge[0]["line"] == len(good) + len(bad)
+    utf8 = [q for q in quarantine if "invalid UTF-8" in q["reason"]]
+    assert len(utf8) == 1 and utf8[0]["line"] == len(good) + len(bad) - 1 and "caf" in utf8[0]["record"]
     assert "img/nope.jpg not found" in by_id["missing"]["reason"]
     assert "duplicate" not in by_id["missing"]["reason"] and "line 1" in by_id["good0"]["reason"]
     assert all(q["line"] >= 1 and q["record"] and q["reason"] for q in quarantine)
