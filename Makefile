@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	# --no-cache-dir because pip reuses a cached wheel whatever DS_BUILD_* says.
 	$(BIN)/python -c "import deepspeed" 2>/dev/null || \
 		DS_BUILD_OPS=0 DS_BUILD_SHM_COMM=1 $(BIN)/pip install --quiet --no-cache-dir --no-build-isolation deepspeed==0.19.8
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,eval]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -59,13 +59,34 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file or key."""
 
 
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch `.bin` weights file, as data: weights_only=True refuses every pickled object but tensors and plain
+    containers, so a crafted file cannot run code. mmap only for the zip format (torch rejects it for legacy files).
+
+    Raises:
+        CheckpointError: naming the file, when it holds anything else.
+    """
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        detail = next((line for line in str(e).splitlines() if "unsupported" in line.lower()), str(e).splitlines()[0])
+        raise CheckpointError(
+            f"{path}: refused to load: it holds pickled Python objects, not only tensors ({detail.strip()}); "
+            "loading them could run code. Use a checkpoint in safetensors format, or one you can vouch for converted "
+            "to it"
+        ) from e
+
+
 def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory: safetensors preferred, `.bin` loaded with weights_only=True."""
     from safetensors.torch import load_file
 
     for index_name, loader in (
         ("model.safetensors.index.json", lambda p: load_file(str(p))),
-        ("pytorch_model.bin.index.json", lambda p: torch.load(p, map_location="cpu", weights_only=True, mmap=True)),
+        ("pytorch_model.bin.index.json", _load_bin),
     ):
         index = directory / index_name
         if index.is_file():
@@ -79,8 +100,7 @@ def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / "model.safetensors").is_file():
         return load_file(str(directory / "model.safetensors"))
     if (directory / "pytorch_model.bin").is_file():
-        # weights_only: a checkpoint is data; never unpickle arbitrary objects from it.
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+        return _load_bin(directory / "pytorch_model.bin")  # a checkpoint is data; never unpickle objects from it
     raise CheckpointError(f"{directory}: no model.safetensors, pytorch_model.bin or shard index found")
 
 
@@ -246,6 +266,13 @@ def load_model(
         raise CheckpointError(
             f"{path}/config.json has model_type={model_type!r}; for a released LLaVA-layout checkpoint use "
             "`convllava convert` (or ConvLlavaForCausalLM.from_llava_checkpoint)"
+        )
+    if not any((directory / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        found = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+        raise CheckpointError(
+            f"{path}: no model.safetensors; convllava checkpoints load from safetensors only"
+            + (f" (pickle-based {', '.join(found)} is never loaded here)" if found else "")
+            + "; re-save the model with save_pretrained(safe_serialization=True)"
         )
     model = ConvLlavaForCausalLM.from_pretrained(str(directory), use_safetensors=True, **kwargs)
     return model.eval(), ConvLlavaProcessor.from_pretrained(directory)

@@ -59,6 +59,7 @@ class StageRecipe:
     def __init__(self, config: StageConfig, run: dict[str, Any], rank: int, world_size: int) -> None:
         self.config, self.run, self.rank, self.world_size = config, run, rank, world_size
         self.step, self.logger = 0, None
+        self.unsent_metrics: list[list] = []  # [key, value, timestamp, step] rows MLflow has not stored yet
 
     # ------------------------------------------------------------------ setup
     def setup(self, checkpoint_dir: Path | None) -> None:
@@ -97,10 +98,12 @@ class StageRecipe:
             self._restore(checkpoint_dir)
         if self.rank == 0 and self.run.get("tracking_uri") and self.run.get("run_id"):
             self.logger = MetricLogger(self.run["tracking_uri"], self.run["run_id"])
+            self.logger.requeue(self.unsent_metrics)  # metrics the checkpoint's run could not send before it stopped
             if self.step == 0:
-                from jobs.tracking import client
+                from jobs.tracking import client, retry_call
 
-                client(self.run["tracking_uri"]).log_text(self.run["run_id"], self.table, "trainable_parameters.txt")
+                retry_call("log trainable_parameters.txt", lambda: client(self.run["tracking_uri"]).log_text(
+                    self.run["run_id"], self.table, "trainable_parameters.txt"), attempts=1)  # fmt: skip
 
     def _check_data_matches_model(self, model: ConvLlavaForCausalLM) -> None:
         made_with = self.shards.manifest["config"]
@@ -142,7 +145,12 @@ class StageRecipe:
                                   labels=batch["labels"].to(self.engine.device),
                                   pixel_values=None if batch["pixel_values"] is None
                                   else batch["pixel_values"].to(self.engine.device))  # fmt: skip
-                self.engine.backward(out.loss)
+                loss = out.loss
+                if not loss.requires_grad:
+                    # A text-only micro-batch never reaches stage 1's trainable parts (tower + projector): give
+                    # them zero gradients so every rank still runs the same gradient reduction.
+                    loss = loss + sum(0.0 * p.sum() for p in self.engine.module.parameters() if p.requires_grad)
+                self.engine.backward(loss)
                 self.engine.step()
                 stats = batch["stats"]
                 totals += torch.tensor([out.loss.item(), 1, stats["num_tokens"], stats["num_visual_tokens"],
@@ -163,6 +171,8 @@ class StageRecipe:
             }
             if self.logger and (self.step % c.log_every == 0 or self.step == self.total_steps):
                 self.logger.log(self.step, metrics)
+            if self.logger and self.step == self.total_steps:
+                self.logger.close()  # bounded wait for buffered metrics; what stays unsent goes into the checkpoint
             if self.step == self.total_steps or (c.checkpoint_every and self.step % c.checkpoint_every == 0):
                 self.save_checkpoint(metrics)
         return metrics
@@ -187,14 +197,18 @@ class StageRecipe:
             trainer_state = {"step": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                              "world_size": self.world_size, "data_fingerprint": self.shards.fingerprint,
                              "config_hash": self.config.config_hash(), "run_id": self.run.get("run_id"),
-                             "metrics": metrics}  # fmt: skip
+                             "metrics": metrics,  # and what MLflow has not stored yet: a restart or the driver sends it
+                             "unlogged_metrics": self.logger.unsent() if self.logger else []}  # fmt: skip
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         write_completion_marker(tmp, self.rank)
         dist.barrier()
         checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
-        ray.train.report({**metrics, "step": self.step}, checkpoint=checkpoint,
-                         checkpoint_dir_name=f"checkpoint_{self.step:06d}")  # fmt: skip
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            ray.train.report({**metrics, "step": self.step}, checkpoint=checkpoint,
+                             checkpoint_dir_name=f"checkpoint_{self.step:06d}",
+                             checkpoint_upload_fn=upload_checkpoint)  # fmt: skip
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def _restore(self, directory: Path) -> None:
         verify_checkpoint(directory, self.world_size)
@@ -208,6 +222,7 @@ class StageRecipe:
             )
         self.strategy.load(self.engine, directory / "deepspeed")
         self.step = state["step"]
+        self.unsent_metrics = state.get("unlogged_metrics", [])
         rng = json.loads((directory / "rng" / f"rank{self.rank}.json").read_text())
         torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(rng["torch"]), dtype=np.uint8).copy()))
         np.random.set_state(_from_jsonable(rng["numpy"]))
@@ -238,6 +253,32 @@ def write_completion_marker(directory: Path, rank: int) -> None:
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("COMPLETE")):
         files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     (directory / f"COMPLETE.rank{rank}.json").write_text(json.dumps({"rank": rank, "files": files}, indent=1))
+
+
+def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
+    """Ray Train's own upload of this rank's part of a checkpoint, then a check that every file arrived whole.
+
+    pyarrow's `copy_files` (what Ray uploads with) ignores the error of a file whose S3 upload failed after all
+    retries ("Error ignored when destroying file"): the file is silently missing, and Ray would record the checkpoint
+    as complete. Raising here fails the report instead, so the checkpoint is never recorded.
+
+    Raises:
+        CheckpointIncomplete: naming the files missing or short in storage.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+    root = persisted.path.rstrip("/")
+    stored = {info.path[len(root) + 1 :]: info.size
+              for info in persisted.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+              if info.type == pafs.FileType.File}  # fmt: skip
+    local = Path(checkpoint.path)
+    written = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
+    lost = sorted(rel for rel, size in written.items() if stored.get(rel) != size)
+    if lost:
+        raise CheckpointIncomplete(f"{checkpoint_dir_name}: uploading to {persisted.path} lost {lost}; not recorded")
+    return persisted
 
 
 def verify_checkpoint(directory: Path, world_size: int) -> dict[str, Any]:

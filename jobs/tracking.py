@@ -7,7 +7,9 @@ is in maintenance mode, and without an explicit location artifacts would land in
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,39 +73,161 @@ def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
 
 
 class MetricLogger:
-    """Rank 0's metric sink. Steps already in the run (logged before a restart) are not logged twice;
-    failed writes are retried, kept in a buffer and sent with the next successful write, so an unreachable
-    tracking server never stops training."""
+    """Rank 0's metric sink. Training never waits for the tracking server: `log` queues a step's metrics and a
+    background thread sends them. A failed send keeps them queued and is retried with backoff (1 s doubling to
+    `max_backoff_s`), so an outage only delays metrics; `close` waits (up to `flush_timeout_s`) for the queue to
+    drain and returns the steps that never reached the server, which the caller records and reports. Steps already
+    in the run (logged before a restart) are not logged twice.
 
-    def __init__(self, tracking_uri: str, run_id: str, key: str = "train/loss", retries: int = 3) -> None:
-        self.tracking_uri, self.run_id, self.retries = tracking_uri, run_id, retries
-        self.pending: list = []
+    Keep MLflow's own HTTP retries short in this process (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`/`_TIMEOUT`; run_stage
+    sets them for the workers): by default one request retries for about four minutes before it fails."""
+
+    def __init__(self, tracking_uri: str, run_id: str, key: str = "train/loss", max_backoff_s: float = 10.0,
+                 flush_timeout_s: float = 60.0) -> None:  # fmt: skip
+        self.tracking_uri, self.run_id, self.key = tracking_uri, run_id, key
+        self.max_backoff_s, self.flush_timeout_s = max_backoff_s, flush_timeout_s
+        self.pending: list = []  # Metric objects not yet stored, oldest first
+        self.logged_steps: set[int] = set()
         self.last_step = -1
+        self._lock, self._sending = threading.Lock(), threading.Lock()
+        self._wake = threading.Event()
+        self._closing = self._stopped = False
         try:
             history = client(tracking_uri).get_metric_history(run_id, key)
-            self.last_step = max((m.step for m in history), default=-1)
+            self.logged_steps = {m.step for m in history}
+            self.last_step = max(self.logged_steps, default=-1)
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             log.warning("MLflow unreachable at start (%s); metrics will be buffered", e)
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-metric-sender", daemon=True)
+        self._thread.start()
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        """Queue one step's metrics; returns at once."""
         from mlflow.entities import Metric
 
         if step <= self.last_step:
             return  # logged before a restart: the resumed run reproduces this step, do not duplicate it
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        with self._lock:
+            self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
         self.last_step = step
-        self.flush()
+        self._wake.set()
+
+    def unsent(self) -> list[list]:
+        """The queued metrics as `[key, value, timestamp, step]` rows (JSON), for a checkpoint to carry."""
+        with self._lock:
+            return [[m.key, m.value, m.timestamp, m.step] for m in self.pending]
+
+    def requeue(self, rows: list[list]) -> None:
+        """Queue metrics a checkpoint carried as unsent (see `unsent`), except steps the run already has."""
+        from mlflow.entities import Metric
+
+        with self._lock:
+            self.pending[:0] = [Metric(k, v, t, s) for k, v, t, s in rows if s not in self.logged_steps]
+        self._wake.set()
+
+    def unsent_steps(self) -> list[int]:
+        with self._lock:
+            return sorted({m.step for m in self.pending})
 
     def flush(self) -> bool:
-        for attempt in range(self.retries):
+        """Send everything queued; False (the metrics stay queued) when the server cannot be reached."""
+        with self._sending:  # one sender at a time: a batch is removed from the queue by the one who sent it
             try:
                 c = client(self.tracking_uri)
-                while self.pending:  # drop each batch once it is stored, so a retry never re-sends it
-                    c.log_batch(self.run_id, metrics=self.pending[:500])
-                    self.pending = self.pending[500:]
-                return True
-            except Exception as e:  # noqa: BLE001
-                log.warning("MLflow log_batch failed (attempt %d/%d): %s", attempt + 1, self.retries, e)
-                time.sleep(0.5 * 2**attempt)
-        return False
+                while True:
+                    with self._lock:
+                        batch = self.pending[:500]
+                    if not batch:
+                        return True
+                    c.log_batch(self.run_id, metrics=batch)
+                    with self._lock:  # drop each batch once it is stored, so a retry never re-sends it
+                        del self.pending[: len(batch)]
+                        self.logged_steps.update(m.step for m in batch)
+            except Exception as e:  # noqa: BLE001 - tracking must never stop training
+                log.warning("MLflow log_batch failed (%d metrics queued, steps %s): %s", len(self.pending),
+                            _ranges(self.unsent_steps()), e)  # fmt: skip
+                return False
+
+    def _send_loop(self) -> None:
+        delay = None  # None: wait until `log` queues something
+        while not self._stopped:
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stopped:
+                return
+            if self.flush():
+                if self._closing:
+                    return
+                delay = None
+            else:
+                delay = min(self.max_backoff_s, 2 * delay if delay else 1.0)
+                delay = min(delay, 1.0) if self._closing else delay
+
+    def close(self, timeout_s: float | None = None) -> list[int]:
+        """Wait up to `timeout_s` (default `flush_timeout_s`) for the queue to drain, then stop the sender.
+
+        Returns:
+            The steps whose metrics never reached the server (empty when all did); they stay in `pending`.
+        """
+        self._closing = True
+        self._wake.set()
+        self._thread.join(self.flush_timeout_s if timeout_s is None else timeout_s)
+        self._stopped = True
+        self._wake.set()
+        # A request still in flight after this is harmless: the caller re-sends what is reported unsent, and MLflow
+        # stores an identical metric (key, value, timestamp, step) once.
+        self._thread.join(5.0)
+        missing = self.unsent_steps()
+        if missing:
+            log.error("MLflow run %s is missing metrics of steps %s: the tracking server at %s was unreachable",
+                      self.run_id, _ranges(missing), self.tracking_uri)  # fmt: skip
+        return missing
+
+
+def _ranges(steps: list[int]) -> str:
+    """[1, 2, 3, 7] → '1-3,7': a readable list of (many) step numbers."""
+    out: list[str] = []
+    for s in steps:
+        if out and int(out[-1].split("-")[-1]) == s - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{s}"
+        else:
+            out.append(str(s))
+    return ",".join(out)
+
+
+def retry_call(what: str, fn: Callable[[], Any], attempts: int = 3, wait_s: float = 2.0) -> bool:
+    """A driver-side MLflow call that must not fail a job whose training is done: tried `attempts` times with
+    backoff (each try is itself retried by MLflow's HTTP client), then a warning naming what was not recorded.
+
+    Returns:
+        True when the call succeeded.
+    """
+    for attempt in range(attempts):
+        try:
+            fn()
+            return True
+        except Exception as e:  # noqa: BLE001 - the training result is worth more than its record
+            if attempt + 1 == attempts:
+                log.warning("MLflow: could not %s after %d attempts (%s); the job goes on without it", what,
+                            attempts, e)  # fmt: skip
+                return False
+            time.sleep(wait_s * 2**attempt)
+    return False
+
+
+def log_metric_rows(tracking_uri: str, run_id: str, rows: list[list]) -> list[int]:
+    """Send `[key, value, timestamp, step]` rows that rank 0 could not (see `MetricLogger.unsent`).
+
+    Returns:
+        The steps still missing from the run (empty when everything was sent).
+    """
+    from mlflow.entities import Metric
+
+    metrics = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in rows]
+    for i in range(0, len(metrics), 500):
+        batch = metrics[i : i + 500]
+        if not retry_call(f"log the {len(metrics)} buffered metrics of run {run_id}",
+                          lambda b=batch: client(tracking_uri).log_batch(run_id, metrics=b)):  # fmt: skip
+            return sorted({m.step for m in metrics[i:]})
+    return []

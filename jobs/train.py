@@ -7,8 +7,9 @@ verified, consolidated checkpoint's URI — the only thing the next stage needs.
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,18 @@ from convllava.storage import is_s3
 from jobs.stage_config import StageConfig
 from jobs.strategy import DeepSpeedStrategy
 
-WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "CONVLLAVA_CACHE",
-              "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM")  # fmt: skip
+log = logging.getLogger(__name__)
+
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+              "CONVLLAVA_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
+              "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")  # fmt: skip
+# Credentials reach the workers through the object store, never through the runtime env: Ray writes every runtime
+# env it creates, env_vars included, into runtime_env_agent.log on each node and keeps it in its Train run state.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
+              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # fmt: skip
+# Rank 0 logs from a background thread, but its setup calls and its final flush wait on MLflow: by default one
+# request to a down server retries for about four minutes. Workers get short requests unless the user set them.
+WORKER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 @dataclass
@@ -29,12 +39,15 @@ class StageResult:
     steps: int
     metrics: dict[str, float]
     run_id: str | None
+    unlogged_steps: list[int] = field(default_factory=list)  # steps whose metrics MLflow never stored
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    import ray
     import ray.train
 
+    os.environ.update(ray.get(loop_config["secrets"]))  # before anything reads credentials (see SECRET_ENV)
     from jobs.recipe import StageRecipe
 
     ctx = ray.train.get_context()
@@ -59,7 +72,16 @@ def storage_for(uri: str) -> tuple[str, Any]:
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    # Ray Train pickles this filesystem into its controller and workers. The train loop gets SECRET_ENV, the controller
+    # nothing: keys that live only in this process's environment must travel inside the filesystem, or the
+    # controller's checkpoint records go out unsigned. (Without keys here, each process uses the default AWS chain.)
+    # pyarrow's pickle keeps endpoint, region and keys but drops `retry_strategy`, so every process retries with
+    # pyarrow's default: the AWS standard strategy, 3 attempts per request with backoff.
+    keys = {}
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        keys = {"access_key": os.environ["AWS_ACCESS_KEY_ID"], "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+                "session_token": os.environ.get("AWS_SESSION_TOKEN")}  # fmt: skip
+    fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **keys)
     return uri[len("s3://") :].rstrip("/"), fs  # with storage_filesystem set, the path has no scheme
 
 
@@ -79,13 +101,20 @@ def run_stage(
             under the same storage resumes from its latest checkpoint.
         tracking_uri / run_id: MLflow store and the run rank 0 logs into (created when only the URI is given).
     """
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.tracking import log_params, start_run
+    from jobs.recipe import TRAINER_STATE, verify_checkpoint
+    from jobs.tracking import log_metric_rows, log_params, retry_call, start_run
     from pipelines.ray_runtime import ensure_ray
 
     config.check_runnable()
+    # Workers run in another directory: local paths must be absolute before they travel.
+    local = {k: str(Path(v).resolve()) for k, v in (("data", config.data), ("init_from", config.init_from))
+             if v and not is_s3(v) and not Path(v).is_absolute()}  # fmt: skip
+    if local:
+        config = config.replace(**local)
     ensure_ray(address)
     owns_run = bool(tracking_uri and run_id is None)
     if owns_run:
@@ -99,10 +128,12 @@ def run_stage(
 
     storage_path, filesystem = storage_for(storage)
     strategy = DeepSpeedStrategy(config, config.workers)
-    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env = {**WORKER_MLFLOW_HTTP, **{k: os.environ[k] for k in WORKER_ENV if k in os.environ}}
+    secrets = ray.put({k: os.environ[k] for k in SECRET_ENV if k in os.environ})
+    run = {"tracking_uri": tracking_uri, "run_id": run_id}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"stage": config.to_dict(), "run": {"tracking_uri": tracking_uri, "run_id": run_id}},
+        train_loop_config={"stage": config.to_dict(), "run": run, "secrets": secrets},
         scaling_config=strategy.scaling_config(),
         run_config=RunConfig(
             name=run_name or config.name,
@@ -115,21 +146,35 @@ def run_stage(
     )
     try:
         result = trainer.fit()
-    except BaseException:
-        if owns_run:
-            client(tracking_uri).set_terminated(run_id, "FAILED")
-        raise
+    except BaseException as e:
+        if owns_run:  # never let a tracking outage hide the training error
+            retry_call(f"mark run {run_id} FAILED", lambda: client(tracking_uri).set_terminated(run_id, "FAILED"))
+        if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they are
+            raise
+        # Ray's errors name neither the stage nor the storage: say both, and what a rerun does.
+        raise RuntimeError(
+            f"stage {config.name} failed (run storage {storage.rstrip('/')}/{run_name or config.name}: it records "
+            f"only checkpoints every worker finished uploading; a rerun with the same run name resumes from the "
+            f"latest): {e}"
+        ) from e
     if owns_run:
-        client(tracking_uri).set_terminated(run_id, "FAILED" if result.error else "FINISHED")
+        status = "FAILED" if result.error else "FINISHED"
+        retry_call(f"mark run {run_id} {status}", lambda: client(tracking_uri).set_terminated(run_id, status))
     if result.error:
         raise RuntimeError(f"stage {config.name} failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError(f"stage {config.name} finished without a checkpoint")
-    from jobs.recipe import verify_checkpoint
-
     with result.checkpoint.as_directory() as directory:
         state = verify_checkpoint(Path(directory), config.workers)  # never record an incomplete checkpoint
     checkpoint_uri = f"s3://{result.checkpoint.path}" if filesystem is not None else result.checkpoint.path
     if state["step"] != state["total_steps"]:
         raise RuntimeError(f"stage {config.name}: last checkpoint is at step {state['step']} of {state['total_steps']}")
-    return StageResult(config.name, checkpoint_uri, f"{checkpoint_uri}/model", state["step"], state["metrics"], run_id)
+    # Metrics rank 0 could not send before it finished (server down at the end): the driver tries once more.
+    rows = state.get("unlogged_metrics", []) if tracking_uri and run_id else []
+    unlogged_steps = log_metric_rows(tracking_uri, run_id, rows) if rows else []
+    if unlogged_steps:
+        log.warning("stage %s: MLflow run %s is missing the metrics of steps %s (tracking server %s unreachable); "
+                    "the values are in the final checkpoint's %s", config.name, run_id, unlogged_steps, tracking_uri,
+                    TRAINER_STATE)  # fmt: skip
+    return StageResult(config.name, checkpoint_uri, f"{checkpoint_uri}/model", state["step"], state["metrics"], run_id,
+                       unlogged_steps)  # fmt: skip

@@ -141,12 +141,15 @@ def test_retrain_is_a_no_op_until_the_data_changes(executed):
     # The schedule fires twice on the same tick: both retrains start at once; exactly one runs the pipeline.
     cli = [str(Path(sys.executable).parent / "convllava"), "retrain", "--config", str(config), "--workdir", str(wd)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(cli, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     outputs = [p.communicate() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
     ran = [out for out, _ in outputs if "retrain: ran the pipeline" in out]
     assert len(ran) == 1 and sum("retrain: no-op" in out for out, _ in outputs) == 1
-    statuses = {line.split()[0]: line.split()[1] for line in ran[0].splitlines() if line.split()[:1] in (
+    table = ran[0].split("\n\n")[0]  # the node table comes first; the eval accuracy table follows
+    statuses = {line.split()[0]: line.split()[1] for line in table.splitlines() if line.split()[:1] in (
         [n] for n in NODES)}  # fmt: skip
     assert statuses == {"preprocess": "ran", "stage1": "skipped", "stage2": "skipped", "stage3": "ran", "eval": "ran"}
     manifest = json.loads((wd / "shards" / "instruct" / "manifest.json").read_text())

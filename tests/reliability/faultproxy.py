@@ -11,7 +11,11 @@ are chosen per request, before anything is forwarded, so a failed request never 
 A fault answers with an S3-style XML error (`status=500` / `503`) or drops the connection without a response
 (`status=None`). `methods` restricts a fault to some HTTP methods (e.g. `("PUT", "POST")`: uploads only) and `path`
 to requests whose path (with the query) contains that text (e.g. one object key).
-Counters: `requests` (seen, by method in `seen`), `faults` (injected, by kind in `injected`), `forwarded`.
+
+`max_faults_per_request` makes faults transient: the same request (method + path with query, which is how a client's
+retries of one upload or read look) is failed at most that many times by `fail_next`/`fail_every`; clients that retry
+more often than that always get through. Counters: `requests` (seen, by method in `seen`), `faults` (injected, by
+kind in `injected`), `forwarded`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+from xml.sax.saxutils import escape
 
 Methods = Iterable[str] | None
 MAX_BODY = 256 << 20  # requests larger than this are refused (tests upload small checkpoints)
@@ -61,12 +66,16 @@ class Rule:
 class FaultProxy:
     """A threaded HTTP proxy on 127.0.0.1 (a free port) in front of `upstream`, with controllable faults."""
 
-    def __init__(self, upstream: str, timeout: float = 60.0, log_size: int = 10_000) -> None:
+    def __init__(
+        self, upstream: str, max_faults_per_request: int | None = None, timeout: float = 60.0, log_size: int = 10_000
+    ) -> None:
         parts = urlsplit(upstream)
         if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
             raise ValueError(f"FaultProxy only forwards to loopback, not {upstream!r}")
         self.upstream = (parts.hostname, parts.port or 80)
         self.timeout = timeout
+        self.max_faults_per_request = max_faults_per_request
+        self.failed: Counter[tuple[str, str]] = Counter()  # faults injected per (method, path)
         self.lock = threading.Lock()
         self.rules: list[Rule] = []
         self.down_rule: Rule | None = None
@@ -143,11 +152,11 @@ class FaultProxy:
             if self.down_rule is not None and self.down_rule.matches(method, path):
                 fault = self.down_rule
             else:
-                fired = [
-                    r for r in self.rules if r.matches(method, path) and r.fires()
-                ]  # every rule counts the request
-                fault = fired[0] if fired else None
+                fired = [r for r in self.rules if r.matches(method, path) and r.fires()]  # all rules count it
+                limit = self.max_faults_per_request
+                fault = fired[0] if fired and (limit is None or self.failed[method, path] < limit) else None
             if fault is not None:
+                self.failed[method, path] += 1
                 self.injected[f"{method} {fault.status or 'drop'}"] += 1
             return fault
 
@@ -225,8 +234,9 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
 
         def _error(self, status: int) -> None:
             code, message = ERRORS.get(status, ("ServiceUnavailable", "The service is unavailable."))
+            resource = escape(self.path)
             xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-                   f"<Resource>{self.path}</Resource><RequestId>faultproxy</RequestId></Error>").encode()  # fmt: skip
+                   f"<Resource>{resource}</Resource><RequestId>faultproxy</RequestId></Error>").encode()  # fmt: skip
             self._reply(status, xml, {"Content-Type": "application/xml"})
 
         def _reply(self, status: int, data: bytes, headers: dict[str, str]) -> None:
