@@ -222,7 +222,10 @@ def test_submit_to_a_local_head(tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     temp_dir = tempfile.mkdtemp(prefix="rayhead", dir="/tmp")  # short: Ray's socket paths live below it
     start = subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                            f"--temp-dir={temp_dir}",
+                            f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={_free_port()}",
+                            f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+                            f"--runtime-env-agent-port={_free_port()}",
+                            f"--ray-client-server-port={_free_port()}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=1",
                             "--include-dashboard=true", "--disable-usage-stats"],
                            env=env, capture_output=True, text=True)  # fmt: skip
