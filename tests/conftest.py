@@ -100,3 +100,21 @@ def ray_local():
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def build_demo_shards(root, captions: int, instruct: int, evaluation: int):
+    """Demo data (seeded) preprocessed at resolution 256 into ROOT/shards; returns that path."""
+    from pipelines.config import Mixture, PreprocessConfig
+    from pipelines.demo_data import generate_demo_data
+    from pipelines.preprocess import run_preprocess
+
+    generate_demo_data(root / "data", seed=0, n_caption=captions, n_instruct=instruct, n_eval=evaluation)
+    run_preprocess(Mixture.from_yaml(root / "data" / "mixture.yaml"), PreprocessConfig(resolution=256),
+                   str(root / "shards"), echo=lambda *_: None)  # fmt: skip
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def shards(ray_local, tmp_path_factory):
+    """Demo shards shared by the training tests (built once per session)."""
+    return build_demo_shards(tmp_path_factory.mktemp("train-data"), 120, 120, 10)

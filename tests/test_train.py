@@ -28,19 +28,6 @@ def tiny(stage: int, data: Path, **changes) -> StageConfig:
     return StageConfig.from_yaml(CONFIG_DIR / "tiny" / f"stage{stage}.yaml").replace(data=str(data), **changes)
 
 
-@pytest.fixture(scope="module")
-def shards(ray_local, tmp_path_factory) -> Path:
-    from pipelines.config import Mixture, PreprocessConfig
-    from pipelines.demo_data import generate_demo_data
-    from pipelines.preprocess import run_preprocess
-
-    root = tmp_path_factory.mktemp("train-data")
-    generate_demo_data(root / "data", seed=0, n_caption=120, n_instruct=120, n_eval=10)
-    run_preprocess(Mixture.from_yaml(root / "data" / "mixture.yaml"), PreprocessConfig(resolution=256),
-                   str(root / "shards"), echo=lambda *_: None)  # fmt: skip
-    return root / "shards"
-
-
 def test_shipped_stage_configs_are_the_papers_protocol(tiny_model):
     from convllava.trainable import param_group
 

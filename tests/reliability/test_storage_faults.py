@@ -29,15 +29,9 @@ def tiny(data: Path, **changes) -> StageConfig:
 
 @pytest.fixture(scope="module")
 def shards(ray_local, tmp_path_factory) -> Path:
-    from pipelines.config import Mixture, PreprocessConfig
-    from pipelines.demo_data import generate_demo_data
-    from pipelines.preprocess import run_preprocess
+    from tests.conftest import build_demo_shards
 
-    root = tmp_path_factory.mktemp("fault-data")
-    generate_demo_data(root / "data", seed=0, n_caption=48, n_instruct=16, n_eval=2)
-    run_preprocess(Mixture.from_yaml(root / "data" / "mixture.yaml"), PreprocessConfig(resolution=256),
-                   str(root / "shards"), echo=lambda *_: None)  # fmt: skip
-    return root / "shards"
+    return build_demo_shards(tmp_path_factory.mktemp("fault-data"), 48, 16, 2)
 
 
 @pytest.fixture()

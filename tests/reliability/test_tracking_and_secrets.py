@@ -102,19 +102,6 @@ def mlflow_server(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def shards(ray_local, tmp_path_factory) -> Path:
-    from pipelines.config import Mixture, PreprocessConfig
-    from pipelines.demo_data import generate_demo_data
-    from pipelines.preprocess import run_preprocess
-
-    root = tmp_path_factory.mktemp("train-data")
-    generate_demo_data(root / "data", seed=0, n_caption=120, n_instruct=120, n_eval=10)
-    run_preprocess(Mixture.from_yaml(root / "data" / "mixture.yaml"), PreprocessConfig(resolution=256),
-                   str(root / "shards"), echo=lambda *_: None)  # fmt: skip
-    return root / "shards"
-
-
 def _wait_for(path: Path, thread: threading.Thread) -> None:
     while not path.exists() and thread.is_alive():
         time.sleep(0.2)
