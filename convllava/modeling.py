@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from convllava.buckets import STRIDE
 from convllava.config import ConvLlavaConfig
 from convllava.vision import ConvNeXtTower
 
@@ -129,6 +130,13 @@ class ConvLlavaForCausalLM(ConvLlavaPreTrainedModel, GenerationMixin):
                     f"input_ids hold {n_placeholders} image placeholder tokens (id {self.config.image_token_id}) "
                     "but no pixel_values were given"
                 )
+            if self.training and torch.is_grad_enabled():
+                # Data-parallel training needs every rank to run the same modules on every micro-batch: ZeRO-3
+                # gathers the tower's and projector's parameters with collectives, and gradient reduction expects
+                # a gradient for every trainable parameter. A text-only batch therefore runs one blank
+                # STRIDE×STRIDE image (one visual token) through tower and projector and adds it times zero.
+                blank = torch.zeros(1, 3, STRIDE, STRIDE, dtype=self.dtype, device=inputs_embeds.device)
+                inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(blank).sum().to(inputs_embeds.dtype)
             return inputs_embeds
         features = self.get_image_features(pixel_values)  # (N_total, D)
         if n_placeholders != features.shape[0]:

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from jobs.benchmarks import LOADERS, Benchmark
+from pipelines.config import load_yaml_mapping
 
 SUITE_DIR = Path(__file__).parent / "configs" / "suites"
 
@@ -37,7 +36,7 @@ def load_suite(suite: str, data_root: str | None = None) -> tuple[str, list[Benc
     if not path.is_file():
         known = sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
         raise ValueError(f"unknown suite {suite!r}: no {path}; built-in suites: {known}")
-    raw = yaml.safe_load(path.read_text())
+    raw = load_yaml_mapping(path, ValueError)
     unknown = sorted(set(raw) - {"name", "root", "benchmarks"})
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}")

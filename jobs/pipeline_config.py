@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from jobs.stage_config import CONFIG_DIR, StageConfig, parse_overrides
-from pipelines.config import Mixture, PreprocessConfig, Source
+from pipelines.config import Mixture, PreprocessConfig, Source, load_yaml_mapping
 
 NODES = ("preprocess", "stage1", "stage2", "stage3", "eval")
 
@@ -70,12 +68,7 @@ class PipelineConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
-        try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise PipelineConfigError(f"{path}: file not found") from None
-        if not isinstance(raw, dict):
-            raise PipelineConfigError(f"{path}: expected a mapping")
+        raw = load_yaml_mapping(path, PipelineConfigError)
         known = {f.name for f in dataclasses.fields(cls)} - {"source_path"}
         unknown = sorted(set(raw) - known)
         if unknown:

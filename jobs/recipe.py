@@ -77,6 +77,7 @@ class StageRecipe:
         self.processor = processor
         self.shards = ShardSet(c.data)
         self._check_data_matches_model(model)
+        model.train()  # `load_model` returns an inference-mode model; training needs dropout and drop-path back
         set_trainable(model, c.trainable)
         if c.gradient_checkpointing:
             model.activation_checkpointing_enable()
@@ -145,12 +146,9 @@ class StageRecipe:
                                   labels=batch["labels"].to(self.engine.device),
                                   pixel_values=None if batch["pixel_values"] is None
                                   else batch["pixel_values"].to(self.engine.device))  # fmt: skip
-                loss = out.loss
-                if not loss.requires_grad:
-                    # A text-only micro-batch never reaches stage 1's trainable parts (tower + projector): give
-                    # them zero gradients so every rank still runs the same gradient reduction.
-                    loss = loss + sum(0.0 * p.sum() for p in self.engine.module.parameters() if p.requires_grad)
-                self.engine.backward(loss)
+                # A text-only micro-batch still runs tower and projector (on a blank image, weighted zero; see
+                # ConvLlavaForCausalLM.embed_inputs), so every rank joins the same collectives.
+                self.engine.backward(out.loss)
                 self.engine.step()
                 stats = batch["stats"]
                 totals += torch.tensor([out.loss.item(), 1, stats["num_tokens"], stats["num_visual_tokens"],

@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 import yaml
 
+from pipelines.config import load_yaml_mapping
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
@@ -149,14 +151,7 @@ class StageConfig:
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> StageConfig:
         """Load a stage YAML and apply `key=value` overrides (values parsed as YAML: `lr=1e-3`, `trainable=[llm]`)."""
-        try:
-            data = yaml.safe_load(Path(path).read_text())  # config is data: safe_load, never eval
-        except FileNotFoundError:
-            raise StageConfigError(f"{path}: file not found") from None
-        except yaml.YAMLError as e:
-            raise StageConfigError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise StageConfigError(f"{path}: expected a mapping at the top level")
+        data = load_yaml_mapping(path, StageConfigError)
         data.update(parse_overrides(overrides or []))
         return cls.from_dict(data, where=str(path))
 

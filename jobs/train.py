@@ -7,8 +7,10 @@ verified, consolidated checkpoint's URI — the only thing the next stage needs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,16 +18,10 @@ from typing import Any
 from convllava.storage import is_s3
 from jobs.stage_config import StageConfig
 from jobs.strategy import DeepSpeedStrategy
+from pipelines.ray_runtime import adopt_secrets, ensure_ray, share_secrets, worker_runtime_env
 
 log = logging.getLogger(__name__)
 
-WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
-              "CONVLLAVA_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
-              "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")  # fmt: skip
-# Credentials reach the workers through the object store, never through the runtime env: Ray writes every runtime
-# env it creates, env_vars included, into runtime_env_agent.log on each node and keeps it in its Train run state.
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
-              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # fmt: skip
 # Rank 0 logs from a background thread, but its setup calls and its final flush wait on MLflow: by default one
 # request to a down server retries for about four minutes. Workers get short requests unless the user set them.
 WORKER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -47,7 +43,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    os.environ.update(ray.get(loop_config["secrets"]))  # before anything reads credentials (see SECRET_ENV)
+    adopt_secrets(loop_config["secrets"])  # before anything reads credentials
     from jobs.recipe import StageRecipe
 
     ctx = ray.train.get_context()
@@ -72,7 +68,7 @@ def storage_for(uri: str) -> tuple[str, Any]:
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # Ray Train pickles this filesystem into its controller and workers. The train loop gets SECRET_ENV, the controller
+    # Ray Train pickles this filesystem into its controller and workers. The train loop gets the shared secrets, the controller
     # nothing: keys that live only in this process's environment must travel inside the filesystem, or the
     # controller's checkpoint records go out unsigned. (Without keys here, each process uses the default AWS chain.)
     # pyarrow's pickle keeps endpoint, region and keys but drops `retry_strategy`, so every process retries with
@@ -83,6 +79,77 @@ def storage_for(uri: str) -> tuple[str, Any]:
                 "session_token": os.environ.get("AWS_SESSION_TOKEN")}  # fmt: skip
     fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"), **keys)
     return uri[len("s3://") :].rstrip("/"), fs  # with storage_filesystem set, the path has no scheme
+
+
+class CheckpointStorageError(OSError):
+    """The checkpoint storage cannot take this stage's checkpoints; raised before any training."""
+
+
+def checkpoint_bytes(config: StageConfig) -> int | None:
+    """About how many bytes one checkpoint of this stage takes: the consolidated model, DeepSpeed's model states
+    (fp32) and Adam's fp32 master weights and two moments for the trainable part. None when the model's config
+    cannot be read here (the workers then report why)."""
+    import torch
+
+    from convllava.config import ConvLlavaConfig
+    from convllava.modeling import ConvLlavaForCausalLM
+    from convllava.trainable import set_trainable
+
+    try:
+        if not config.init_from:
+            model_config = ConvLlavaConfig.from_preset(config.preset)
+        elif is_s3(config.init_from):
+            from convllava.storage import s3_client, split_s3
+
+            bucket, key = split_s3(config.init_from.rstrip("/") + "/config.json")
+            raw = s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            model_config = ConvLlavaConfig.from_dict(json.loads(raw))
+        else:
+            model_config = ConvLlavaConfig.from_pretrained(config.init_from)
+    except Exception as e:  # noqa: BLE001 - only an estimate; the workers load the model and report failures
+        log.warning("no checkpoint size estimate: reading the model config of %s failed: %s", config.init_from, e)
+        return None
+    with torch.device("meta"):  # shapes only: a 7B model allocates nothing
+        model = ConvLlavaForCausalLM(model_config)
+    set_trainable(model, config.trainable)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return int(1.1 * (8 * total + 12 * trainable))
+
+
+def check_storage(storage: str, storage_path: str, filesystem, config: StageConfig) -> None:
+    """Before any work: the storage takes a write (and a delete), and a local one has room for `keep_last` + 1
+    checkpoints (Ray Train writes the next one before it deletes the oldest).
+
+    Raises:
+        CheckpointStorageError: naming the storage and what is wrong.
+    """
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    probe = f"{storage_path}/.convllava-write-probe-{uuid.uuid4().hex}"
+    try:
+        with fs.open_output_stream(probe) as f:
+            f.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise CheckpointStorageError(f"checkpoint storage {storage} is not writable ({type(e).__name__}: {e}); "
+                                     "nothing was trained") from e  # fmt: skip
+    if filesystem is not None:
+        return  # object storage has no capacity to check
+    need = checkpoint_bytes(config)
+    if need is None:
+        return
+    need *= (config.keep_last or 1) + 1
+    free = shutil.disk_usage(storage_path).free
+    if free < need:
+        raise CheckpointStorageError(
+            f"checkpoint storage {storage} has {free / 2**20:.1f} MiB free but {config.name} needs about "
+            f"{need / 2**20:.1f} MiB for {(config.keep_last or 1) + 1} checkpoints (keep_last={config.keep_last}, "
+            "plus the one being written); free space or choose another --storage; nothing was trained"
+        )
 
 
 def run_stage(
@@ -101,13 +168,11 @@ def run_stage(
             under the same storage resumes from its latest checkpoint.
         tracking_uri / run_id: MLflow store and the run rank 0 logs into (created when only the URI is given).
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.recipe import TRAINER_STATE, verify_checkpoint
     from jobs.tracking import log_metric_rows, log_params, retry_call, start_run
-    from pipelines.ray_runtime import ensure_ray
 
     config.check_runnable()
     # Workers run in another directory: local paths must be absolute before they travel.
@@ -115,6 +180,12 @@ def run_stage(
              if v and not is_s3(v) and not Path(v).is_absolute()}  # fmt: skip
     if local:
         config = config.replace(**local)
+    try:
+        storage_path, filesystem = storage_for(storage)
+    except OSError as e:
+        raise CheckpointStorageError(f"checkpoint storage {storage} cannot be created ({type(e).__name__}: {e}); "
+                                     "nothing was trained") from e  # fmt: skip
+    check_storage(storage, storage_path, filesystem, config)
     ensure_ray(address)
     owns_run = bool(tracking_uri and run_id is None)
     if owns_run:
@@ -126,10 +197,8 @@ def run_stage(
     if tracking_uri and run_id:
         client(tracking_uri).log_text(run_id, config.to_yaml(), "stage_config.yaml")
 
-    storage_path, filesystem = storage_for(storage)
     strategy = DeepSpeedStrategy(config, config.workers)
-    env = {**WORKER_MLFLOW_HTTP, **{k: os.environ[k] for k in WORKER_ENV if k in os.environ}}
-    secrets = ray.put({k: os.environ[k] for k in SECRET_ENV if k in os.environ})
+    secrets = share_secrets()
     run = {"tracking_uri": tracking_uri, "run_id": run_id}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -141,7 +210,7 @@ def run_stage(
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_last),
-            worker_runtime_env={"env_vars": env},
+            worker_runtime_env=worker_runtime_env(WORKER_MLFLOW_HTTP),
         ),
     )
     try:

@@ -111,7 +111,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> PreprocessConfig:
-        data = _load_yaml_mapping(path)
+        data = load_yaml_mapping(path)
         data = data.get("preprocess", data)
         return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}}, where=str(path))
 
@@ -156,7 +156,7 @@ class Mixture:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Mixture:
-        data = _load_yaml_mapping(path)
+        data = load_yaml_mapping(path)
         unknown = sorted(set(data) - {"sources", "preprocess"})
         if unknown:
             raise ConfigError(f"{path}: unknown mixture key(s) {unknown}; expected 'sources' (and 'preprocess')")
@@ -193,13 +193,17 @@ def _resolve(base: Path, value: str) -> str:
     return value if is_s3(value) or Path(value).is_absolute() else str((base / value).resolve())
 
 
-def _load_yaml_mapping(path: str | Path) -> dict[str, Any]:
+def load_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (every config file of the project); failures raise `error` naming
+    the file."""
     try:
         data = yaml.safe_load(Path(path).read_text())  # safe_load: config is data, never code
     except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
+        raise error(f"{path}: file not found") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        raise error(f"{path}: not valid YAML ({e})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

@@ -10,7 +10,6 @@ cluster) and generates greedily unless told otherwise. Every input line ends as 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,8 @@ from typing import Any
 from PIL import Image
 
 from convllava.storage import is_s3
+from pipelines.ray_runtime import adopt_secrets, ensure_ray, share_secrets, worker_runtime_env
 from pipelines.sources import read_bytes, resolve_image
-
-WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "CONVLLAVA_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # fmt: skip
 
 
 @dataclass
@@ -76,8 +73,10 @@ def make_batches(questions: list[Question], batch_size: int) -> list[list[Questi
 class Predictor:
     """Ray Data actor: one model replica; answers a batch of same-bucket questions at a time."""
 
-    def __init__(self, model: str, max_new_tokens: int, threads: int) -> None:
+    def __init__(self, model: str, max_new_tokens: int, threads: int, secrets: dict[str, Any] | None = None) -> None:
         import torch
+
+        adopt_secrets(secrets)  # credentials for an s3:// model or image; see pipelines.ray_runtime
 
         from convllava.checkpoint import load_model
         from convllava.inference import GenerationOptions
@@ -141,7 +140,6 @@ def run_predict(
     from ray.data import ActorPoolStrategy
 
     from convllava.storage import resolve_local
-    from pipelines.ray_runtime import ensure_ray
 
     start = time.time()
     processor_config = json.loads((resolve_local(model) / "processor_config.json").read_text())["image"]
@@ -165,14 +163,19 @@ def run_predict(
         replicas = min(replicas, len(batches))
         items = [{"batch": json.dumps([{"index": q.index, "question": q.question, "image_uri": q.image_uri}
                                        for q in b])} for b in batches]  # fmt: skip
-        env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+        runtime_env = worker_runtime_env()
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
             Predictor,
-            fn_constructor_kwargs={"model": model, "max_new_tokens": max_new_tokens, "threads": 1},
+            fn_constructor_kwargs={
+                "model": model,
+                "max_new_tokens": max_new_tokens,
+                "threads": 1,
+                "secrets": share_secrets(),
+            },  # fmt: skip
             compute=ActorPoolStrategy(size=replicas),
             num_cpus=0 if gpu else 1,
             num_gpus=1 if gpu else 0,
-            runtime_env={"env_vars": env},
+            **({"runtime_env": runtime_env} if runtime_env else {}),
         )
         for row in ds.take_all():
             for r in json.loads(row["results"]):

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -20,13 +20,12 @@ from typing import Any
 from pipelines.config import Mixture, PreprocessConfig
 from pipelines.report import bucket_histogram_png, code_version, length_histogram, summary_table
 from pipelines.sources import Record, assign_content_hashes, image_fingerprints, read_records, select
-from pipelines.store import OutputStore
+from pipelines.store import OutputError, OutputStore
 from pipelines.worker import UnitProcessor
 
+log = logging.getLogger(__name__)
+
 INDEX, QUARANTINE, MANIFEST = "index.jsonl", "quarantine.jsonl", "manifest.json"
-WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "CONVLLAVA_CACHE",
-              "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # fmt: skip
 
 
 class QuarantineLimitExceeded(RuntimeError):
@@ -62,25 +61,53 @@ def run_preprocess(
 
     previous = _load_index(store)
     current = {r.key: r for r in records}
-    reused = {k: e for k, e in previous.items() if k in current and current[k].content_hash == e["content_hash"]}
-    todo = sorted((r for r in records if r.key not in reused), key=lambda r: r.key)
+    # Unchanged samples are reused, unless their shard went missing since (then they are redone).
+    present = {p: store.exists(p) for p in {e["shard"] for e in previous.values() if e.get("shard")}}
+    reused = {
+        k: e
+        for k, e in previous.items()
+        if k in current and current[k].content_hash == e["content_hash"] and present.get(e.get("shard"), True)
+    }
     removed = [e for k, e in previous.items() if k not in reused]
-    echo(f"preprocess: {len(records)} samples read, {len(reused)} unchanged, {len(todo)} to process, "
-         f"{len(removed)} removed or changed since the last run")  # fmt: skip
+    resumed = _recover_from_shards(store, current, previous, reused)
+    todo = sorted((r for r in records if r.key not in reused and r.key not in resumed), key=lambda r: r.key)
+    echo(f"preprocess: {len(records)} samples read, {len(reused)} unchanged, {len(todo)} to process"
+         + (f" ({len(resumed)} more finished by an interrupted run)" if resumed else "")
+         + f", {len(removed)} removed or changed since the last run")  # fmt: skip
 
-    new_entries = _process(todo, config, output, address) if todo else []
-    _drop_stale_rows(store, removed, reused)
-
-    entries = sorted([*reused.values(), *new_entries], key=lambda e: e["key"])
-    if len(entries) != len(records):
-        raise RuntimeError(f"internal error: {len(records)} samples read but {len(entries)} accounted for")
-    store.write_text(INDEX, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
-    quarantined = sorted((e for e in entries if e["status"] == "quarantined"), key=lambda e: (e["source"], e["line"]))
-    store.write_text(QUARANTINE, "".join(json.dumps(_quarantine_row(e), sort_keys=True) + "\n" for e in quarantined))
-
-    manifest = _manifest(entries, per_source, config, config_hash, len(todo), len(reused), len(removed), start)
-    store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    store.write_bytes("buckets.png", bucket_histogram_png(entries))
+    new_entries, failures = _process(todo, config, output, address) if todo else ([], [])
+    new_entries += resumed.values()
+    if failures:
+        _stop(
+            store,
+            len(new_entries),
+            failures,
+            len(todo) + len(resumed),
+            "The previous index and manifest are unchanged.",
+        )
+    try:
+        _drop_stale_rows(store, removed, reused)
+        entries = sorted([*reused.values(), *new_entries], key=lambda e: e["key"])
+        if len(entries) != len(records):
+            raise RuntimeError(f"internal error: {len(records)} samples read but {len(entries)} accounted for")
+        store.write_text(INDEX, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+        quarantined = sorted((e for e in entries if e["status"] == "quarantined"),
+                             key=lambda e: (e["source"], e["line"]))  # fmt: skip
+        store.write_text(QUARANTINE,
+                         "".join(json.dumps(_quarantine_row(e), sort_keys=True) + "\n" for e in quarantined))  # fmt: skip
+        manifest = _manifest(entries, per_source, config, config_hash, len(todo), len(reused), len(removed), start,
+                             len(resumed))  # fmt: skip
+        store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        store.write_bytes("buckets.png", bucket_histogram_png(entries))
+    except OSError as e:
+        if isinstance(e, OutputError):
+            raise
+        _stop(store, len(new_entries), [f"writing the index and manifest failed: {type(e).__name__}: {e}"],
+              len(new_entries), "The output is not usable until a rerun finishes it.")  # fmt: skip
+    try:
+        _delete_unreferenced_shards(store, entries)
+    except OSError as e:
+        log.warning("could not delete unreferenced shard files under %s: %s", output, e)
     result = PreprocessResult(manifest, summary_table(manifest))
     echo(result.summary)
     if not result.ok:
@@ -116,25 +143,40 @@ def fingerprint_mixture(mixture: Mixture, config: PreprocessConfig) -> str:
     return input_fingerprint({r.key: r.content_hash for r in records})
 
 
-def _process(todo: list[Record], config: PreprocessConfig, output: str, address: str | None) -> list[dict]:
+def _process(
+    todo: list[Record], config: PreprocessConfig, output: str, address: str | None
+) -> tuple[list[dict], list[str]]:
+    """Entries of the samples done, and one message per unit whose shards could not be written."""
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.ray_runtime import ensure_ray
+    from pipelines.ray_runtime import ensure_ray, share_secrets, worker_runtime_env
 
     ensure_ray(address)
-    units = [todo[i : i + config.unit_size] for i in range(0, len(todo), config.unit_size)]
+    workers = config.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    units = _units(todo, config.unit_size)
     items = [{"unit": json.dumps([_unit_record(r) for r in unit])} for unit in units]
-    workers = min(len(units), config.workers or max(1, int(ray.available_resources().get("CPU", 1))))
-    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    workers = min(workers, len(units))
+    runtime_env = worker_runtime_env()
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
         UnitProcessor,
-        fn_constructor_kwargs={"config": config.to_dict(), "output": output},
-        compute=ActorPoolStrategy(min_size=1, max_size=workers),
+        fn_constructor_kwargs={"config": config.to_dict(), "output": output, "secrets": share_secrets()},
+        compute=ActorPoolStrategy(size=workers),  # a fixed pool: all actors load the tokenizer at once, up front
         num_cpus=1,
-        runtime_env={"env_vars": env},
+        **({"runtime_env": runtime_env} if runtime_env else {}),
     )
-    return [entry for row in ds.take_all() for entry in json.loads(row["entries"])]
+    rows = ds.take_all()
+    return [entry for row in rows for entry in json.loads(row["entries"])], [r["failed"] for r in rows if r["failed"]]
+
+
+def _units(todo: list[Record], unit_size: int) -> list[list[Record]]:
+    """Units of at most `unit_size` samples, as even as possible (no short last unit for one actor to finish alone).
+
+    A pure function of the samples and `unit_size`, never of the cluster: the same input gives the same shard files.
+    """
+    count = -(-len(todo) // unit_size)
+    bounds = [round(i * len(todo) / count) for i in range(count + 1)] if count else [0]
+    return [todo[bounds[i] : bounds[i + 1]] for i in range(count)]
 
 
 def _unit_record(r: Record) -> dict[str, Any]:
@@ -143,6 +185,46 @@ def _unit_record(r: Record) -> dict[str, Any]:
         "conversations": (r.data or {}).get("conversations"), "image": r.image, "image_uri": r.image_uri,
         "content_hash": r.content_hash,
     }  # fmt: skip
+
+
+def _recover_from_shards(store: OutputStore, current: dict[str, Record], previous: dict[str, dict],
+                         reused: dict[str, dict]) -> dict[str, dict]:  # fmt: skip
+    """Samples an interrupted run finished: shard files the index does not know, whose every row is a sample still
+    to do with the same content. A full disk may leave no room for any record of progress; the shards are it."""
+    import pyarrow.parquet as pq
+
+    from pipelines.worker import ENTRY_COLUMNS, written_entry
+
+    known = {e.get("shard") for e in previous.values()}
+    found: dict[str, dict] = {}
+    for path in store.list_files("shards"):
+        if path in known or not path.endswith(".parquet"):
+            continue
+        try:
+            rows = pq.read_table(f"{store.root}/{path}", columns=list(ENTRY_COLUMNS), filesystem=store.fs).to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for a truncated file
+            log.warning("ignoring unreadable shard %s from an interrupted run: %s", path, e)
+            continue
+        usable = all(r["key"] in current and r["key"] not in reused and r["key"] not in found
+                     and current[r["key"]].content_hash == r["content_hash"] for r in rows)  # fmt: skip
+        if usable:
+            found.update({r["key"]: {**written_entry(r), "shard": path} for r in rows})
+    return found
+
+
+def _delete_unreferenced_shards(store: OutputStore, entries: list[dict]) -> None:
+    """Shard files no entry points at (left by an interrupted run, or replaced): they only take space."""
+    referenced = {e.get("shard") for e in entries}
+    for path in store.list_files("shards"):
+        if path not in referenced:
+            store.delete(path)
+
+
+def _stop(store: OutputStore, done: int, failures: list[str], total: int, after: str) -> None:
+    more = f" (and {len(failures) - 1} more failed units)" if len(failures) > 1 else ""
+    raise OutputError(f"output {store.uri}: preprocessing stopped, {total - done} of {total} samples not done: "
+                      f"{failures[0]}{more}; the {done} samples finished are kept in their shard files and a rerun "
+                      f"processes only the rest. {after}")  # fmt: skip
 
 
 def _load_index(store: OutputStore) -> dict[str, dict]:
@@ -180,7 +262,7 @@ def _quarantine_row(e: dict) -> dict:
     return {k: e.get(k) for k in ("id", "source", "line", "category", "reason", "record")}
 
 
-def _manifest(entries, per_source, config, config_hash, processed, reused, removed, start) -> dict[str, Any]:
+def _manifest(entries, per_source, config, config_hash, processed, reused, removed, start, resumed=0) -> dict[str, Any]:
     written = [e for e in entries if e["status"] == "written"]
     quarantined = [e for e in entries if e["status"] == "quarantined"]
     for name, counts in per_source.items():
@@ -209,6 +291,12 @@ def _manifest(entries, per_source, config, config_hash, processed, reused, remov
         "shards": [
             {"path": p, "bucket": p.split("bucket=")[1].split("/")[0], "rows": n} for p, n in sorted(shards.items())
         ],
-        "run": {"processed": processed, "reused": reused, "removed": removed, "seconds": round(time.time() - start, 2)},
+        "run": {
+            "processed": processed,
+            "reused": reused,
+            "removed": removed,
+            "resumed": resumed,
+            "seconds": round(time.time() - start, 2),
+        },  # fmt: skip
         "mean_length": math.fsum(e["length"] for e in written) / len(written) if written else 0.0,
     }

@@ -1,8 +1,19 @@
-"""Starting or joining Ray the same way everywhere: embedded local instance by default, a cluster by address."""
+"""Starting or joining Ray the same way everywhere (embedded local instance by default, a cluster by address), and
+handing the driver's settings and credentials to Ray workers the same way everywhere."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
+
+# Settings workers need from the driver's environment; they travel in the runtime env (visible in Ray's state).
+WORKER_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE",
+              "CONVLLAVA_CACHE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
+              "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")  # fmt: skip
+# Credentials reach the workers through the object store, never through the runtime env: Ray writes every runtime
+# env it creates, env_vars included, into runtime_env_agent.log on each node and keeps it in its job/Train state.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_TOKEN",
+              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")  # fmt: skip
 
 
 def ensure_ray(address: str | None = None) -> None:
@@ -19,3 +30,28 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def worker_runtime_env(defaults: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The runtime env for workers: the driver's WORKER_ENV values over `defaults`; None when there is nothing
+    to pass (an empty runtime env still costs Ray a separate worker pool on some paths)."""
+    env = {**(defaults or {}), **{k: os.environ[k] for k in WORKER_ENV if k in os.environ}}
+    return {"env_vars": env} if env else None
+
+
+def share_secrets() -> dict[str, Any]:
+    """The driver's credentials, put in the object store; pass the result to workers and `adopt_secrets` it there.
+
+    The reference sits inside a dict so that Ray hands it to the worker unresolved (the value never becomes part
+    of a task or actor spec)."""
+    import ray
+
+    return {"ref": ray.put({k: os.environ[k] for k in SECRET_ENV if k in os.environ})}
+
+
+def adopt_secrets(shared: dict[str, Any] | None) -> None:
+    """On a worker: set the credentials that `share_secrets` put in the object store, before anything reads them."""
+    if shared:
+        import ray
+
+        os.environ.update(ray.get(shared["ref"]))

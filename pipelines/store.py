@@ -6,6 +6,7 @@ S3-compatible stores) and its credentials from the standard AWS chain.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -53,8 +54,14 @@ class OutputStore:
         if not is_s3(self.uri):
             os.makedirs(parent, exist_ok=True)
         tmp = f"{self._full(path)}.tmp-{uuid.uuid4().hex[:8]}" if not is_s3(self.uri) else self._full(path)
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(data)
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(data)
+        except BaseException:
+            if tmp != self._full(path):  # a full disk keeps no half-written temp file
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            raise
         if tmp != self._full(path):
             os.replace(tmp, self._full(path))  # atomic on local disks: readers never see half a file
 
@@ -85,6 +92,12 @@ class OutputStore:
             self.fs.delete_file(self._full(path))
         except FileNotFoundError:
             pass
+
+    def list_files(self, prefix: str) -> list[str]:
+        """Paths (relative to the root) of every file under `prefix`, sorted; [] when there is none."""
+        selector = pafs.FileSelector(self._full(prefix), recursive=True, allow_not_found=True)
+        root = self.root + "/"
+        return sorted(i.path[len(root) :] for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File)
 
     def local_path(self, path: str) -> str | None:
         return None if is_s3(self.uri) else self._full(path)

@@ -22,6 +22,7 @@ from convllava.processor import ConvLlavaProcessor, PreflightError, ProcessorCon
 from convllava.templates import ConversationError
 from convllava.tokenizer import load_tokenizer
 from pipelines.config import PreprocessConfig
+from pipelines.ray_runtime import adopt_secrets
 from pipelines.sources import read_bytes
 from pipelines.store import OutputStore
 
@@ -74,7 +75,8 @@ def build_processor(config: PreprocessConfig) -> ConvLlavaProcessor:
 class UnitProcessor:
     """Ray Data actor: holds the tokenizer/processor and the output store across units."""
 
-    def __init__(self, config: dict[str, Any], output: str) -> None:
+    def __init__(self, config: dict[str, Any], output: str, secrets: dict[str, Any] | None = None) -> None:
+        adopt_secrets(secrets)  # credentials for an s3:// output or image root; see pipelines.ray_runtime
         self.config = PreprocessConfig(**config)
         self.processor = build_processor(self.config)
         self.store = OutputStore(output)
@@ -90,16 +92,17 @@ class UnitProcessor:
                 entry.update(status="quarantined", category=q.category, reason=q.reason, record=rec["raw"])
             else:
                 rows.append(sample)
-                entry.update(status="written", bucket=sample["bucket"], length=sample["length"],
-                             num_image_tokens=sample["num_image_tokens"], padded_fraction=sample["padded_fraction"],
-                             orig_aspect=sample["orig_width"] / sample["orig_height"] if sample["orig_height"] else None,
-                             pixels=sample["height"] * sample["width"])  # fmt: skip
+                entry.update(written_entry(sample))
             entries.append(entry)
-        shard_of = self.write_shards(rows)
+        try:
+            shard_of = self.write_shards(rows)
+        except OSError as e:  # a full disk, lost permissions, a storage outage: this unit is not done
+            return {"entries": "[]", "failed": f"writing the shards of {len(records)} samples ({records[0]['key']} …) "
+                                              f"to {self.store.uri} failed: {type(e).__name__}: {e}"}  # fmt: skip
         for entry in entries:
             if entry["status"] == "written":
                 entry["shard"] = shard_of[entry["key"]]
-        return {"entries": json.dumps(entries)}
+        return {"entries": json.dumps(entries), "failed": ""}
 
     def process(self, rec: dict[str, Any]) -> dict[str, Any]:
         if rec.get("error"):
@@ -186,6 +189,21 @@ class UnitProcessor:
             self.store.write_table(path, pa.Table.from_pylist(group, schema=SHARD_SCHEMA))
             shard_of.update({r["key"]: path for r in group})
         return shard_of
+
+
+ENTRY_COLUMNS = ("key", "id", "source", "line", "content_hash", "bucket", "length", "num_image_tokens",
+                 "padded_fraction", "orig_width", "orig_height", "height", "width")  # fmt: skip
+
+
+def written_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """The index entry of a written sample, from its shard row (only ENTRY_COLUMNS are read)."""
+    return {
+        **{k: row[k] for k in ("key", "id", "source", "line", "content_hash", "bucket", "length", "num_image_tokens")},
+        "status": "written",
+        "padded_fraction": row["padded_fraction"],
+        "orig_aspect": row["orig_width"] / row["orig_height"] if row["orig_height"] else None,
+        "pixels": row["height"] * row["width"],
+    }
 
 
 def shard_path(bucket: str, content_hashes: list[str]) -> str:

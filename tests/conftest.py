@@ -115,6 +115,12 @@ def build_demo_shards(root, captions: int, instruct: int, evaluation: int):
 
 
 @pytest.fixture(scope="session")
+def demo_shards_builder():
+    """`build_demo_shards`, for test modules that need demo shards of their own size (conftest is not importable)."""
+    return build_demo_shards
+
+
+@pytest.fixture(scope="session")
 def shards(ray_local, tmp_path_factory):
     """Demo shards shared by the training tests (built once per session)."""
     return build_demo_shards(tmp_path_factory.mktemp("train-data"), 120, 120, 10)

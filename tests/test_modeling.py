@@ -131,3 +131,30 @@ def test_any_causal_lm_works_including_tied_embeddings(tmp_path, tiny_processor)
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
     assert generate(loaded, processor, ["What?"], [_images()[0]], GenerationOptions(max_new_tokens=3))
+
+
+def test_text_only_training_batch_runs_tower_and_projector_with_zero_weight(tiny_model):
+    """Every data-parallel rank must run the same modules (ZeRO-3 gathers parameters per module): a text-only batch
+    in training mode runs a blank image through tower and projector, which changes neither loss nor gradients."""
+    from convllava.trainable import set_trainable
+
+    set_trainable(tiny_model, ["vision.stage5", "projector", "llm"])
+    ids = torch.randint(5, 100, (2, 12))
+    eval_loss = tiny_model(input_ids=ids, labels=ids).loss
+    seen = []
+    hook = tiny_model.vision_tower.register_forward_hook(lambda _m, args, _o: seen.append(tuple(args[0].shape)))
+    tiny_model.train()
+    loss = tiny_model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    hook.remove()
+    assert seen == [(1, 3, 64, 64)]  # one blank stride-sized image
+    assert torch.equal(loss.detach(), eval_loss.detach())
+    grads = {n: p.grad for n, p in tiny_model.named_parameters() if p.requires_grad}
+    tower = {n: g for n, g in grads.items() if n.startswith(("vision_tower.", "projector."))}
+    assert tower and all(g is not None and not g.any() for g in tower.values())  # present, and exactly zero
+    assert any(g is not None and g.any() for n, g in grads.items() if n.startswith("language_model."))
+    with torch.no_grad():
+        seen.clear()
+        tiny_model.vision_tower.register_forward_hook(lambda _m, args, _o: seen.append(1))
+        tiny_model(input_ids=ids)
+    assert seen == []  # no blank image without gradients (inference)

@@ -148,10 +148,17 @@ def test_retrain_is_a_no_op_until_the_data_changes(executed):
     assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
     ran = [out for out, _ in outputs if "retrain: ran the pipeline" in out]
     assert len(ran) == 1 and sum("retrain: no-op" in out for out, _ in outputs) == 1
-    table = ran[0].split("\n\n")[0]  # the node table comes first; the eval accuracy table follows
+    # The node table follows the "ran the pipeline" line (worker output may come before it); the eval table follows.
+    table = ran[0].split("retrain: ran the pipeline", 1)[1].split("\n\n")[0]
     statuses = {line.split()[0]: line.split()[1] for line in table.splitlines() if line.split()[:1] in (
         [n] for n in NODES)}  # fmt: skip
-    assert statuses == {"preprocess": "ran", "stage1": "skipped", "stage2": "skipped", "stage3": "ran", "eval": "ran"}
+    assert statuses == {
+        "preprocess": "ran",
+        "stage1": "skipped",
+        "stage2": "skipped",
+        "stage3": "ran",
+        "eval": "ran",
+    }, ran[0]
     manifest = json.loads((wd / "shards" / "instruct" / "manifest.json").read_text())
     assert manifest["run"]["processed"] == 3 and manifest["run"]["reused"] == manifest["read"] - 3
     assert run_retrain(str(config), workdir=str(wd)).ran is False

@@ -28,10 +28,8 @@ def tiny(data: Path, **changes) -> StageConfig:
 
 
 @pytest.fixture(scope="module")
-def shards(ray_local, tmp_path_factory) -> Path:
-    from tests.conftest import build_demo_shards
-
-    return build_demo_shards(tmp_path_factory.mktemp("fault-data"), 48, 16, 2)
+def shards(ray_local, tmp_path_factory, demo_shards_builder) -> Path:
+    return demo_shards_builder(tmp_path_factory.mktemp("fault-data"), 48, 16, 2)
 
 
 @pytest.fixture()
@@ -137,22 +135,25 @@ def test_an_upload_that_fails_for_good_is_never_recorded(shards, proxy, moto, s3
 
 
 @pytest.mark.integration
-def test_a_store_that_stays_down_fails_the_run_cleanly(shards, proxy, s3_bucket):
-    from jobs.train import run_stage
+def test_a_store_that_stays_down_fails_the_run_cleanly(shards, proxy, s3_bucket, tmp_path):
+    from jobs.tracking import client, default_tracking_uri
+    from jobs.train import CheckpointStorageError, run_stage
 
     proxy.set_down(status=None)  # every connection is dropped without a response
     config = tiny(shards, max_steps=2, checkpoint_every=1, max_failures=1)
+    tracking = default_tracking_uri(tmp_path)
 
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="stage stage1 failed") as failure:
-        run_stage(config, f"s3://{s3_bucket}/runs", run_name="down")
+    with pytest.raises(CheckpointStorageError, match="nothing was trained") as failure:
+        run_stage(config, f"s3://{s3_bucket}/runs", tracking_uri=tracking, run_name="down")
     elapsed = time.monotonic() - start
 
     message = str(failure.value)
-    print(f"\nrun_stage raised after {elapsed:.1f}s: {message[:400]} [...] {message[-600:]}")
-    print(f"faults injected: {dict(proxy.injected)}")
-    assert f"s3://{s3_bucket}/runs" in message and "NETWORK_CONNECTION" in message  # where, and the cause
+    print(f"\nrun_stage raised after {elapsed:.1f}s: {message}\nfaults injected: {dict(proxy.injected)}")
+    assert f"checkpoint storage s3://{s3_bucket}/runs is not writable" in message  # where ...
+    assert "NETWORK_CONNECTION" in message  # ... and the cause
     assert proxy.faults > 0 and proxy.forwarded == 0
+    assert client(tracking).get_experiment_by_name("convllava") is None  # checked before any run was opened
 
 
 def test_preprocessing_to_a_down_store_fails_before_processing(proxy, s3_bucket, tmp_path):
