@@ -117,9 +117,9 @@ def checkpoint_bytes(config: StageConfig) -> int | None:
     return int(1.1 * (8 * total + 12 * trainable))
 
 
-def check_storage(storage: str, storage_path: str, filesystem, config: StageConfig) -> None:
+def check_storage(storage: str, storage_path: str, filesystem, config: StageConfig, run_name: str) -> None:
     """Before any work: the storage takes a write (and a delete), and a local one has room for `keep_last` + 1
-    checkpoints (Ray Train writes the next one before it deletes the oldest).
+    checkpoints (Ray Train writes the next one before it deletes the oldest), less those a resumed run already has.
 
     Raises:
         CheckpointStorageError: naming the storage and what is wrong.
@@ -142,13 +142,16 @@ def check_storage(storage: str, storage_path: str, filesystem, config: StageConf
     need = checkpoint_bytes(config)
     if need is None:
         return
-    need *= (config.keep_last or 1) + 1
+    keep = config.keep_last or 1
+    existing = min(keep, len(list(Path(storage_path, run_name).glob("checkpoint_*"))))
+    count = keep + 1 - existing
     free = shutil.disk_usage(storage_path).free
-    if free < need:
+    if free < need * count:
         raise CheckpointStorageError(
             f"checkpoint storage {storage} has {free / 2**20:.1f} MiB free but {config.name} needs about "
-            f"{need / 2**20:.1f} MiB for {(config.keep_last or 1) + 1} checkpoints (keep_last={config.keep_last}, "
-            "plus the one being written); free space or choose another --storage; nothing was trained"
+            f"{need * count / 2**20:.1f} MiB for {count} more checkpoints of {need / 2**20:.1f} MiB "
+            f"(keep_last={config.keep_last}, plus the one being written, less {existing} already there); "
+            "free space or choose another --storage; nothing was trained"
         )
 
 
@@ -185,7 +188,7 @@ def run_stage(
     except OSError as e:
         raise CheckpointStorageError(f"checkpoint storage {storage} cannot be created ({type(e).__name__}: {e}); "
                                      "nothing was trained") from e  # fmt: skip
-    check_storage(storage, storage_path, filesystem, config)
+    check_storage(storage, storage_path, filesystem, config, run_name or config.name)
     ensure_ray(address)
     owns_run = bool(tracking_uri and run_id is None)
     if owns_run:

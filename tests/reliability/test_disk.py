@@ -109,7 +109,7 @@ def test_preprocessing_into_a_read_only_disk_fails_before_any_work(ray_local, ra
 
 def test_checkpoint_storage_without_room_or_write_access_fails_before_training(shards, tmp_path):
     from jobs.tracking import client, default_tracking_uri
-    from jobs.train import CheckpointStorageError, checkpoint_bytes, run_stage
+    from jobs.train import CheckpointStorageError, check_storage, checkpoint_bytes, run_stage
 
     tracking = default_tracking_uri(tmp_path)
     config = tiny(shards, max_steps=2, keep_last=2)
@@ -123,8 +123,16 @@ def test_checkpoint_storage_without_room_or_write_access_fails_before_training(s
         message = str(failure.value)
         print(f"\nsmall disk: {message}")
         assert f"checkpoint storage {storage} has 8.0 MiB free but stage1 needs about" in message
-        assert "3 checkpoints (keep_last=2" in message and "nothing was trained" in message
+        assert "for 3 more checkpoints of" in message and "(keep_last=2, plus the one being written, less 0 " \
+            "already there)" in message and "nothing was trained" in message  # fmt: skip
         assert not any(storage.iterdir())  # no run directory, no partial checkpoint
+
+    with disk(tmp_path / "resume", "16m") as storage:  # room for one more checkpoint, not for three
+        with pytest.raises(CheckpointStorageError, match="for 3 more checkpoints"):
+            check_storage(str(storage), str(storage), None, config, "stage1")
+        for step in (2, 4):  # a run being resumed already holds keep_last checkpoints: it needs room for one more
+            (storage / "stage1" / f"checkpoint_{step:06d}").mkdir(parents=True)
+        check_storage(str(storage), str(storage), None, config, "stage1")
 
     with disk(tmp_path / "ro", "64m", read_only=True) as storage:
         with pytest.raises(CheckpointStorageError, match=f"checkpoint storage {storage}/runs cannot be created"
