@@ -40,7 +40,6 @@ class StageResult:
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
-    import ray
     import ray.train
 
     adopt_secrets(loop_config["secrets"])  # before anything reads credentials
@@ -68,9 +67,9 @@ def storage_for(uri: str) -> tuple[str, Any]:
     import pyarrow.fs as pafs
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    # Ray Train pickles this filesystem into its controller and workers. The train loop gets the shared secrets, the controller
-    # nothing: keys that live only in this process's environment must travel inside the filesystem, or the
-    # controller's checkpoint records go out unsigned. (Without keys here, each process uses the default AWS chain.)
+    # Ray Train pickles this filesystem into its controller and workers. The train loop gets the shared secrets,
+    # the controller nothing: keys that live only in this process's environment must travel inside the filesystem,
+    # or the controller's checkpoint records go out unsigned. (Without keys here, each process uses the default AWS chain.)
     # pyarrow's pickle keeps endpoint, region and keys but drops `retry_strategy`, so every process retries with
     # pyarrow's default: the AWS standard strategy, 3 attempts per request with backoff.
     keys = {}

@@ -163,7 +163,6 @@ def run_predict(
         replicas = min(replicas, len(batches))
         items = [{"batch": json.dumps([{"index": q.index, "question": q.question, "image_uri": q.image_uri}
                                        for q in b])} for b in batches]  # fmt: skip
-        runtime_env = worker_runtime_env()
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
             Predictor,
             fn_constructor_kwargs={
@@ -175,7 +174,7 @@ def run_predict(
             compute=ActorPoolStrategy(size=replicas),
             num_cpus=0 if gpu else 1,
             num_gpus=1 if gpu else 0,
-            **({"runtime_env": runtime_env} if runtime_env else {}),
+            runtime_env=worker_runtime_env(),
         )
         for row in ds.take_all():
             for r in json.loads(row["results"]):

@@ -61,15 +61,17 @@ def run_preprocess(
 
     previous = _load_index(store)
     current = {r.key: r for r in records}
+    on_disk = set(store.list_files("shards"))
     # Unchanged samples are reused, unless their shard went missing since (then they are redone).
-    present = {p: store.exists(p) for p in {e["shard"] for e in previous.values() if e.get("shard")}}
     reused = {
         k: e
         for k, e in previous.items()
-        if k in current and current[k].content_hash == e["content_hash"] and present.get(e.get("shard"), True)
+        if k in current
+        and current[k].content_hash == e["content_hash"]
+        and (not e.get("shard") or e["shard"] in on_disk)
     }
     removed = [e for k, e in previous.items() if k not in reused]
-    resumed = _recover_from_shards(store, current, previous, reused)
+    resumed = _recover_from_shards(store, on_disk, current, previous, reused)
     todo = sorted((r for r in records if r.key not in reused and r.key not in resumed), key=lambda r: r.key)
     echo(f"preprocess: {len(records)} samples read, {len(reused)} unchanged, {len(todo)} to process"
          + (f" ({len(resumed)} more finished by an interrupted run)" if resumed else "")
@@ -78,13 +80,8 @@ def run_preprocess(
     new_entries, failures = _process(todo, config, output, address) if todo else ([], [])
     new_entries += resumed.values()
     if failures:
-        _stop(
-            store,
-            len(new_entries),
-            failures,
-            len(todo) + len(resumed),
-            "The previous index and manifest are unchanged.",
-        )
+        _stop(store, len(new_entries), failures, len(todo) + len(resumed),
+              "The previous index and manifest are unchanged.")  # fmt: skip
     try:
         _drop_stale_rows(store, removed, reused)
         entries = sorted([*reused.values(), *new_entries], key=lambda e: e["key"])
@@ -157,13 +154,12 @@ def _process(
     units = _units(todo, config.unit_size)
     items = [{"unit": json.dumps([_unit_record(r) for r in unit])} for unit in units]
     workers = min(workers, len(units))
-    runtime_env = worker_runtime_env()
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
         UnitProcessor,
         fn_constructor_kwargs={"config": config.to_dict(), "output": output, "secrets": share_secrets()},
         compute=ActorPoolStrategy(size=workers),  # a fixed pool: all actors load the tokenizer at once, up front
         num_cpus=1,
-        **({"runtime_env": runtime_env} if runtime_env else {}),
+        runtime_env=worker_runtime_env(),
     )
     rows = ds.take_all()
     return [entry for row in rows for entry in json.loads(row["entries"])], [r["failed"] for r in rows if r["failed"]]
@@ -187,8 +183,8 @@ def _unit_record(r: Record) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _recover_from_shards(store: OutputStore, current: dict[str, Record], previous: dict[str, dict],
-                         reused: dict[str, dict]) -> dict[str, dict]:  # fmt: skip
+def _recover_from_shards(store: OutputStore, on_disk: set[str], current: dict[str, Record],
+                         previous: dict[str, dict], reused: dict[str, dict]) -> dict[str, dict]:  # fmt: skip
     """Samples an interrupted run finished: shard files the index does not know, whose every row is a sample still
     to do with the same content. A full disk may leave no room for any record of progress; the shards are it."""
     import pyarrow.parquet as pq
@@ -197,8 +193,8 @@ def _recover_from_shards(store: OutputStore, current: dict[str, Record], previou
 
     known = {e.get("shard") for e in previous.values()}
     found: dict[str, dict] = {}
-    for path in store.list_files("shards"):
-        if path in known or not path.endswith(".parquet"):
+    for path in sorted(on_disk - known):
+        if not path.endswith(".parquet"):
             continue
         try:
             rows = pq.read_table(f"{store.root}/{path}", columns=list(ENTRY_COLUMNS), filesystem=store.fs).to_pylist()
@@ -297,6 +293,6 @@ def _manifest(entries, per_source, config, config_hash, processed, reused, remov
             "removed": removed,
             "resumed": resumed,
             "seconds": round(time.time() - start, 2),
-        },  # fmt: skip
+        },
         "mean_length": math.fsum(e["length"] for e in written) / len(written) if written else 0.0,
     }
