@@ -68,6 +68,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _common import system_cpu, wait_quiet  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -214,15 +215,6 @@ def dataset_stats(root: Path, items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- measuring
-def _system_cpu() -> tuple[float, float] | None:
-    """(busy, total) jiffies of the whole machine from /proc/stat; None where unavailable."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
-    except (OSError, ValueError):
-        return None
-    return sum(fields) - fields[3] - fields[4], sum(fields)
-
-
 class CpuMeter:
     """Busy CPU cores over an interval: the whole machine (/proc/stat), ours, and everybody else's.
 
@@ -240,7 +232,7 @@ class CpuMeter:
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
         self._sample(initial=True)
-        self.system, self.t0 = _system_cpu(), time.perf_counter()
+        self.system, self.t0 = system_cpu(), time.perf_counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -264,30 +256,12 @@ class CpuMeter:
         self._stop.set()
         self._thread.join()
         self._sample()
-        system, wall = _system_cpu(), time.perf_counter() - self.t0
+        system, wall = system_cpu(), time.perf_counter() - self.t0
         ours = sum(self._last[pid] - self._first[pid] for pid in self._last) / wall
         if self.system is None or system is None or system[1] == self.system[1]:
             return {"machine": None, "ours": ours, "others": None}
         machine = (system[0] - self.system[0]) / (system[1] - self.system[1]) * (os.cpu_count() or 1)
         return {"machine": machine, "ours": ours, "others": max(0.0, machine - ours)}
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.2, windows: int = 3) -> dict[str, Any]:
-    """Wait (at most `max_wait` s) until the machine has been idle — under `threshold` busy cores — for `windows`
-    consecutive seconds, so that nobody else's work is timed with ours. Reports whether it got there."""
-    start, quiet = time.perf_counter(), 0
-    busy = None
-    while time.perf_counter() - start < max_wait:
-        a = _system_cpu()
-        time.sleep(1.0)
-        b = _system_cpu()
-        if a is None or b is None:
-            return {"quiet": None, "waited_s": 0.0}
-        busy = (b[0] - a[0]) / max(1, b[1] - a[1]) * (os.cpu_count() or 1)
-        quiet = quiet + 1 if busy < threshold else 0
-        if quiet >= windows:
-            return {"quiet": True, "waited_s": time.perf_counter() - start}
-    return {"quiet": False if max_wait > 0 else None, "waited_s": time.perf_counter() - start, "last_busy": busy}
 
 
 def warm_page_cache(root: Path, items: list[dict[str, Any]]) -> None:
@@ -540,11 +514,11 @@ def main(argv: list[str] | None = None) -> int:
     config = PreprocessConfig(resolution=RESOLUTION, workers=WORKERS)
     warm_page_cache(root, items)
 
-    quiet = {"plain_loop": wait_quiet(args.wait_quiet)}
+    quiet = {"plain_loop": wait_quiet(args.wait_quiet, threshold=0.2)}
     print(f"plain loop ({_quiet_note(quiet['plain_loop'])}) ...", flush=True)
     plain = plain_loop(root, items, config)
     print(f"  {plain['images_per_s']:.2f} images/s", flush=True)
-    quiet["pipeline"] = wait_quiet(args.wait_quiet)
+    quiet["pipeline"] = wait_quiet(args.wait_quiet, threshold=0.2)
     print(f"ray.init + pipeline ({_quiet_note(quiet['pipeline'])}) ...", flush=True)
     ray_init_s, ray_settle_s = start_ray()
     print(f"ray.init: {ray_init_s:.1f} s (+ {ray_settle_s:.1f} s until Ray was idle); pipeline ...", flush=True)

@@ -92,6 +92,7 @@ from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+from _common import system_cpu, wait_quiet  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "train_step.json"
@@ -107,15 +108,6 @@ PAD_EPOCHS = 5
 
 
 # ---------------------------------------------------------------------------------------------- machine load
-def _system_cpu() -> tuple[float, float] | None:
-    """(busy, total) jiffies of the whole machine from /proc/stat; None where unavailable."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
-    except (OSError, ValueError):
-        return None
-    return sum(fields) - fields[3] - fields[4], sum(fields)
-
-
 def _own_cpu(split: bool = False):
     """CPU seconds of this process and its descendants (a local Ray instance and its workers are our children);
     with `split`, (all of them, the Ray Train worker processes alone)."""
@@ -139,10 +131,10 @@ class CpuMeter:
 
     def __init__(self) -> None:
         self.load = os.getloadavg()[0]
-        self.system, self.own, self.t0 = _system_cpu(), _own_cpu(), time.perf_counter()
+        self.system, self.own, self.t0 = system_cpu(), _own_cpu(), time.perf_counter()
 
     def read(self) -> dict[str, float | None]:
-        system, own, wall = _system_cpu(), _own_cpu(), time.perf_counter() - self.t0
+        system, own, wall = system_cpu(), _own_cpu(), time.perf_counter() - self.t0
         cores = os.cpu_count() or 1
         ours = (own - self.own) / wall
         out: dict[str, float | None] = {"load1_before": self.load, "load1_after": os.getloadavg()[0]}
@@ -164,7 +156,7 @@ class CpuSampler:
         self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
 
     def _sample(self) -> None:
-        system = _system_cpu() or (float("nan"), float("nan"))
+        system = system_cpu() or (float("nan"), float("nan"))
         self.samples.append((time.time(), *_own_cpu(split=True), *system))
 
     def _run(self, period: float) -> None:
@@ -195,23 +187,6 @@ class CpuSampler:
                 "ray_train_worker_cores": workers_s / wall,
                 "samples_per_cpu_s": samples / own_s if own_s > 0 else float("nan"),
                 "samples_per_ray_train_worker_cpu_s": samples / workers_s if workers_s > 0 else None}  # fmt: skip
-
-
-def wait_quiet(max_wait: float, threshold: float = 0.3, windows: int = 3) -> dict[str, Any]:
-    """Wait at most `max_wait` s until the machine has had under `threshold` busy cores for `windows` seconds."""
-    start, quiet, busy = time.perf_counter(), 0, None
-    while time.perf_counter() - start < max_wait:
-        a = _system_cpu()
-        time.sleep(1.0)
-        b = _system_cpu()
-        if a is None or b is None:
-            return {"quiet": None, "waited_s": 0.0}
-        busy = (b[0] - a[0]) / max(1, b[1] - a[1]) * (os.cpu_count() or 1)
-        quiet = quiet + 1 if busy < threshold else 0
-        if quiet >= windows:
-            return {"quiet": True, "waited_s": round(time.perf_counter() - start, 1)}
-    return {"quiet": False if max_wait > 0 else None, "waited_s": round(time.perf_counter() - start, 1),
-            "last_busy_cores": busy}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -728,17 +703,17 @@ def main(argv: list[str] | None = None) -> int:
 
     bare_runs, bare1_runs, job_runs, quiet = [], [], [], []
     for r in range(args.repeats):
-        quiet.append({"bare": wait_quiet(args.wait_quiet)})
+        quiet.append({"bare": wait_quiet(args.wait_quiet, threshold=0.3)})
         print(f"[{r + 1}/{args.repeats}] bare loop ...", flush=True)
         bare_runs.append(bare_loop(train_shards, args.steps, args.warmup, BARE_THREADS, args.bare_budget))
         print(f"  {bare_runs[-1]['steady']['samples_per_s']:.1f} samples/s over steps {args.warmup + 1}–"
               f"{min(bare_runs[-1]['steps_done'], args.steps - 1)}", flush=True)  # fmt: skip
-        quiet[-1]["bare_1_thread"] = wait_quiet(args.wait_quiet)
+        quiet[-1]["bare_1_thread"] = wait_quiet(args.wait_quiet, threshold=0.3)
         print(f"[{r + 1}/{args.repeats}] bare loop, {REFERENCE_THREADS} thread ...", flush=True)
         bare1_runs.append(bare_loop(train_shards, args.steps, args.warmup, REFERENCE_THREADS, args.bare_budget))
         print(f"  {bare1_runs[-1]['steady']['samples_per_s']:.1f} samples/s over steps {args.warmup + 1}–"
               f"{min(bare1_runs[-1]['steps_done'], args.steps - 1)}", flush=True)  # fmt: skip
-        quiet[-1]["job"] = wait_quiet(args.wait_quiet)
+        quiet[-1]["job"] = wait_quiet(args.wait_quiet, threshold=0.3)
         print(f"[{r + 1}/{args.repeats}] job (run_stage) ...", flush=True)
         job_runs.append(job(train_shards, args.steps, args.warmup))
         last = job_runs[-1]
