@@ -25,10 +25,15 @@ from convllava.vision import ConvNeXtTower
 def build_projector(projector_type: str, vision_dim: int, text_dim: int) -> nn.Module:
     """LLaVA's projectors. `mlp2x_gelu` keeps LLaVA's module indices (0 and 2) so released weights map 1:1."""
     if projector_type == "mlp2x_gelu":
-        return nn.Sequential(nn.Linear(vision_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
-    if projector_type == "linear":
-        return nn.Linear(vision_dim, text_dim)
-    raise ValueError(f"unknown projector_type {projector_type!r}")
+        projector = nn.Sequential(nn.Linear(vision_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
+    elif projector_type == "linear":
+        projector = nn.Linear(vision_dim, text_dim)
+    else:
+        raise ValueError(f"unknown projector_type {projector_type!r}")
+    for module in projector.modules():
+        if isinstance(module, nn.Linear):
+            module._convllava_projector = True  # ConvLlavaPreTrainedModel._init_weights: fan-in init
+    return projector
 
 
 class ConvLlavaPreTrainedModel(PreTrainedModel):
@@ -48,6 +53,16 @@ class ConvLlavaPreTrainedModel(PreTrainedModel):
         # timm's layer scale is a bare parameter the generic initializer does not know.
         if isinstance(module, ConvNeXtBlock) and module.gamma is not None:
             init.constant_(module.gamma, self.config.vision_ls_init_value)
+        # The projector keeps the tower's feature scale (fan-in init, std 1/sqrt(in_features)) instead of the LM's
+        # `initializer_range`: with std 0.02 on a narrow projector the visual tokens enter the LM at a few percent
+        # of a text embedding's norm, drowned by the first layer's residual update, and a model trained from
+        # scratch learns to ignore the image (the tiny preset answered every demo question with one constant).
+        # For the paper's widths (1536 → 4096) the two rules nearly agree (0.026 vs 0.02); released checkpoints
+        # overwrite the projector either way.
+        if isinstance(module, nn.Linear) and getattr(module, "_convllava_projector", False):
+            init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
+            if module.bias is not None:
+                init.zeros_(module.bias)
 
 
 class ConvLlavaForCausalLM(ConvLlavaPreTrainedModel, GenerationMixin):

@@ -79,6 +79,8 @@ def _score_demo(b: Benchmark, items: list[Item], answers: dict[str, str]) -> dic
     flat = {f"{t}/accuracy": v["accuracy"] for t, v in result["per_type"].items()}
     flat.update({f"{t}/chance": v["chance"] for t, v in result["per_type"].items() if v.get("chance") is not None})
     flat["overall"] = result["overall"] or 0.0
+    if result["overall_chance"] is not None:
+        flat["overall/chance"] = result["overall_chance"]
     return flat
 
 

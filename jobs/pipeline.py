@@ -352,7 +352,7 @@ def _accuracy_table(metrics: dict[str, float]) -> str:
     for name, value in sorted(metrics.items()):
         if name.endswith("/chance"):
             continue
-        chance = metrics.get(name.replace("/accuracy", "/chance"))
+        chance = metrics.get(name.removesuffix("/accuracy") + "/chance")  # TYPE/accuracy → TYPE/chance, overall
         rows.append(f"{name:28s} {value:8.3f} {'' if chance is None else f'{chance:8.3f}'}")
     return "\n".join(rows)
 

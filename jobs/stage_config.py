@@ -159,6 +159,8 @@ class StageConfig:
 def _coerce(name: str, annotation: str, value: Any, where: str) -> Any:
     """Numbers as the field's type: YAML 1.1 reads `2e-5` (no dot) as a string, users write it anyway."""
     kind = annotation.replace(" | None", "")
+    if kind == "dict[str, float]" and isinstance(value, dict):  # lr_groups: each rate is a number too
+        return {str(k): _coerce(f"{name}.{k}", "float", v, where) for k, v in value.items()}
     if value is None or kind not in ("int", "float") or isinstance(value, bool):
         return value
     try:

@@ -374,8 +374,9 @@ def test_demo_accuracy_per_type_with_chance():
     assert result["per_type"]["pope"] == {"accuracy": 0.5, "n": 2, "chance": 0.5}
     assert result["per_type"]["grounding"]["chance"] is None  # not in the chance mapping
     assert result["overall"] == pytest.approx(4.5 / 6)
+    assert result["overall_chance"] is None  # grounding's chance is unknown, so the mean's is too
     assert result["n"] == 7
-    assert demo_accuracy([], {}) == {"per_type": {}, "overall": None, "n": 0}
+    assert demo_accuracy([], {}) == {"per_type": {}, "overall": None, "overall_chance": None, "n": 0}
     with pytest.raises(ValueError, match="'x-1'"):
         demo_accuracy([{"id": "x-1", "type": "caption", "answer": ""}], {})
 
@@ -396,5 +397,7 @@ def test_demo_accuracy_reads_the_generated_eval_files(tmp_path):
     assert all(v["accuracy"] == 1.0 for v in result["per_type"].values())
     assert result["per_type"]["pope"]["chance"] == 0.5 and result["per_type"]["grounding"]["n"] == 6
     assert result["overall"] == 1.0 and result["n"] == 24
+    expected_chance = sum(chance[t] for t in result["per_type"]) / 6  # each type weighs the same, as in overall
+    assert result["overall_chance"] == pytest.approx(expected_chance) and 0.2 < expected_chance < 0.25
     wrong = demo_accuracy(records, {r["id"]: "[0.9, 0.9, 1.0, 1.0]" for r in records}, chance)
     assert wrong["overall"] < 0.5

@@ -158,3 +158,36 @@ def test_text_only_training_batch_runs_tower_and_projector_with_zero_weight(tiny
         tiny_model.vision_tower.register_forward_hook(lambda _m, args, _o: seen.append(1))
         tiny_model(input_ids=ids)
     assert seen == []  # no blank image without gradients (inference)
+
+
+def test_projector_init_keeps_visual_tokens_at_the_towers_scale(tiny_config, tiny_processor):
+    """Fan-in init (std 1/sqrt(in_features), zero bias) for the projector, whatever the LM's initializer_range:
+    visual tokens enter the LM at least as large as text embeddings, and carry the image's differences."""
+    torch.manual_seed(0)
+    model = ConvLlavaForCausalLM(tiny_config).eval()
+    for layer in (model.projector[0], model.projector[2]):
+        assert layer.weight.std().item() == pytest.approx(layer.in_features**-0.5, rel=0.05)
+        assert torch.count_nonzero(layer.bias) == 0
+    lm_linear = model.language_model.model.layers[0].mlp.down_proj.weight
+    assert lm_linear.std().item() == pytest.approx(tiny_config.text_config.initializer_range, rel=0.05)
+    batch = tiny_processor([CONV, CONV], [Image.new("RGB", (256, 256), c) for c in ((220, 30, 30), (30, 70, 220))])
+    with torch.no_grad():
+        visual = model.get_image_features(torch.stack(batch["pixel_values"]) if isinstance(
+            batch["pixel_values"], list) else batch["pixel_values"])  # fmt: skip
+        text = model.get_input_embeddings().weight
+    assert visual.norm(dim=-1).mean() > 2 * text.norm(dim=-1).mean()
+    red, blue = visual.chunk(2)
+    assert (red - blue).norm(dim=-1).mean() > text.norm(dim=-1).mean()  # two colours: far apart, not one blur
+
+
+def test_loading_a_checkpoint_keeps_its_projector_weights(tmp_path, tiny_config, tiny_processor):
+    """The init rule only applies to new models: trained projector weights survive save → load unchanged."""
+    model = ConvLlavaForCausalLM(tiny_config).eval()
+    with torch.no_grad():
+        model.projector[0].weight.fill_(0.125)
+        model.projector[2].bias.fill_(-0.5)
+    save_checkpoint(model, tiny_processor, tmp_path / "ckpt")
+    loaded, _ = load_model(tmp_path / "ckpt")
+    assert torch.equal(loaded.projector[0].weight, torch.full_like(loaded.projector[0].weight, 0.125))
+    assert torch.equal(loaded.projector[2].bias, torch.full_like(loaded.projector[2].bias, -0.5))
+    assert torch.equal(loaded.projector[2].weight, model.projector[2].weight)

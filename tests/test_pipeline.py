@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from jobs import registry
-from jobs.pipeline import PipelineLocked, pipeline_status, run_pipeline, workdir_lock
+from jobs.pipeline import PipelineLocked, _accuracy_table, pipeline_status, run_pipeline, workdir_lock
 from jobs.retrain import run_retrain
 from jobs.tracking import client, default_tracking_uri
 
@@ -252,3 +252,11 @@ def test_submit_to_a_local_head(tmp_path):
         for proc in psutil.process_iter(["cmdline"]):
             if any(temp_dir in part for part in proc.info["cmdline"] or []):
                 proc.kill()
+
+
+def test_accuracy_table_puts_each_accuracy_next_to_its_own_chance():
+    metrics = {"demo/color/accuracy": 0.5, "demo/color/chance": 1 / 6, "demo/overall": 0.4,
+               "demo/overall/chance": 0.21, "demo/pope/accuracy": 0.75}  # fmt: skip
+    rows = {line.split()[0]: line.split()[1:] for line in _accuracy_table(metrics).splitlines()[1:]}
+    assert rows == {"demo/color/accuracy": ["0.500", "0.167"], "demo/overall": ["0.400", "0.210"],
+                    "demo/pope/accuracy": ["0.750"]}  # fmt: skip

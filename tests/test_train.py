@@ -60,13 +60,32 @@ def test_config_errors_name_the_field(tmp_path):
         good.replace(lr="fast")
     with pytest.raises(StageConfigError, match="init_from: give a checkpoint"):
         StageConfig.from_yaml(CONFIG_DIR / "tiny" / "stage2.yaml").check_runnable()
-    assert StageConfig.from_yaml(CONFIG_DIR / "tiny" / "stage1.yaml", ["lr=5e-4", "trainable=[projector]"]).lr == 5e-4
+    overrides = ["lr=5e-4", "trainable=[projector]", "lr_groups={}"]  # lr_groups may only name trainable groups
+    assert StageConfig.from_yaml(CONFIG_DIR / "tiny" / "stage1.yaml", overrides).lr == 5e-4
 
 
 def test_warmup_cosine_schedule():
     fn = lr_lambda(100, 0.03, "cosine")
     assert [round(fn(s), 4) for s in (0, 1, 2, 3)] == [0.3333, 0.6667, 1.0, 1.0]
     assert fn(51) == pytest.approx(0.5, abs=0.02) and fn(99) < 0.01
+
+
+def test_lr_groups_are_numbers_however_yaml_reads_them(tmp_path):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; a rate must reach the optimizer as a float or fail by name."""
+    text = (CONFIG_DIR / "tiny" / "stage2.yaml").read_text()
+    path = tmp_path / "stage2.yaml"
+    path.write_text(text + "\nlr_groups: {vision.stage5: 1e-4, projector: 3e-4}\n")
+    config = StageConfig.from_yaml(path)
+    assert config.lr_groups == {"vision.stage5": 1e-4, "projector": 3e-4}
+    assert all(type(v) is float for v in config.lr_groups.values())
+    assert StageConfig.from_yaml(path, ["lr_groups={llm: 2e-5}"]).lr_groups == {"llm": 2e-5}
+    with pytest.raises(StageConfigError, match=r"lr_groups\.projector: expected a number, got 'fast'"):
+        StageConfig.from_yaml(path, ["lr_groups={projector: fast}"])
+    for stage in (1, 2):  # the tiny recipe: the tower learns slower than the projector and the LM
+        tiny_config = StageConfig.from_yaml(CONFIG_DIR / "tiny" / f"stage{stage}.yaml")
+        vision = {g for g in tiny_config.trainable if g.startswith("vision")}
+        assert vision and set(tiny_config.lr_groups) == vision
+        assert all(type(v) is float and v <= tiny_config.lr / 10 for v in tiny_config.lr_groups.values())
 
 
 def _weights(model_dir: str | Path) -> dict[str, torch.Tensor]:

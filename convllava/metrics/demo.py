@@ -45,7 +45,8 @@ def demo_accuracy(
 
     Returns:
         {"per_type": {type: {"accuracy", "n", "chance"}} for each type with records, "overall": the mean of the
-        per-type accuracies (each type weighs the same; None without records), "n": all records}.
+        per-type accuracies (each type weighs the same; None without records), "overall_chance": the mean of the
+        per-type chances (None when a type's chance is unknown), "n": all records}.
         color/shape/count/pope/detail score exact match after `normalize_short_answer` on both sides;
         grounding scores IoU ≥ 0.5 of the parsed box (frame="original") with `bbox_pixels`.
 
@@ -70,8 +71,11 @@ def demo_accuracy(
         if marks[kind]
     }
     accuracies = [v["accuracy"] for v in per_type.values()]
+    chances = [v["chance"] for v in per_type.values()]
     return {
         "per_type": per_type,
         "overall": sum(accuracies) / len(accuracies) if accuracies else None,
+        # what uniform guessing scores on `overall`: the mean of the per-type chances (None if one is unknown)
+        "overall_chance": sum(chances) / len(chances) if chances and None not in chances else None,
         "n": sum(v["n"] for v in per_type.values()),
     }
