@@ -172,8 +172,7 @@ def test_projector_init_keeps_visual_tokens_at_the_towers_scale(tiny_config, tin
     assert lm_linear.std().item() == pytest.approx(tiny_config.text_config.initializer_range, rel=0.05)
     batch = tiny_processor([CONV, CONV], [Image.new("RGB", (256, 256), c) for c in ((220, 30, 30), (30, 70, 220))])
     with torch.no_grad():
-        visual = model.get_image_features(torch.stack(batch["pixel_values"]) if isinstance(
-            batch["pixel_values"], list) else batch["pixel_values"])  # fmt: skip
+        visual = model.get_image_features(batch["pixel_values"])  # a tensor or a list: both are accepted
         text = model.get_input_embeddings().weight
     assert visual.norm(dim=-1).mean() > 2 * text.norm(dim=-1).mean()
     red, blue = visual.chunk(2)
