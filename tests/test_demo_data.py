@@ -78,7 +78,7 @@ def test_counts_match_the_summary_and_metadata(demo):
     assert turns.count("text") == 1 and turns.count("photo") == 8 and turns.count("detail") >= 3
     assert json.loads((root / "metadata.json").read_text()) == summary.to_json()
     chance = summary.chance
-    assert (chance["color"], chance["shape"], chance["count"], chance["pope"]) == (1 / 6, 1 / 3, 1 / 4, 0.5)
+    assert (chance["color"], chance["shape"], chance["count"], chance["pope"]) == (1 / 6, 1 / 3, 1 / 3, 0.5)
     assert chance["detail"] == pytest.approx(1 / 90)
     assert 0 < chance["grounding"] < 0.05
 
@@ -111,7 +111,7 @@ def test_open_answers_follow_the_objects_and_conventions(demo):
         objects = [name.split() for name in record["objects"]]
         assert record["question"].endswith("Answer with a single word.")
         if record["type"] == "count":
-            assert record["answer"] == str(len(objects)) and 1 <= len(objects) <= 4
+            assert record["answer"] == str(len(objects)) and 1 <= len(objects) <= 3
         elif record["type"] == "color":
             shape = re.match(r"What color is the (\w+)\?", record["question"]).group(1)
             assert [c for c, k in objects if k == shape] == [record["answer"]]
@@ -137,6 +137,7 @@ def test_grounding_boxes_are_normalised_unique_and_on_the_named_colour(demo):
         assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
         w, h = record["width"], record["height"]
         px1, py1, px2, py2 = record["bbox_pixels"]
+        assert px2 - px1 == py2 - py1 and int(0.28 * min(w, h)) <= px2 - px1 <= 0.42 * min(w, h), record  # SHAPE_SIZE
         assert np.allclose([x1, y1, x2, y2], [px1 / w, py1 / h, px2 / w, py2 / h], atol=1e-3)
         name = re.match(r".*describes: the (\w+ \w+)\.$", record["question"]).group(1)
         assert record["objects"].count(name) == 1

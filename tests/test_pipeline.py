@@ -254,6 +254,22 @@ def test_submit_to_a_local_head(tmp_path):
                 proc.kill()
 
 
+def test_demo_recipe_resolves_and_trains_the_random_lm_from_stage_1():
+    """The demo's overrides (which small_config replaces) build valid stages: the tiny LM starts random, so stage 1
+    trains it; in every stage the tower learns at most a tenth of the LM's rate; captions, then instructions."""
+    from jobs.pipeline_config import PipelineConfig
+
+    config = PipelineConfig.from_yaml(ROOT / "jobs/configs/demo.yaml")
+    stages = {node: config.stage_config(node, f"shards/{node}", None) for node in ("stage1", "stage2", "stage3")}
+    assert [config.stages[n].data for n in stages] == ["captions", "captions", "instruct"]
+    assert {"llm", "projector", "vision.stage5"} <= set(stages["stage1"].trainable)
+    assert [s.epochs for s in stages.values()] == [1, 3, 5] and all(s.max_steps is None for s in stages.values())
+    for node, stage in stages.items():
+        vision = {g for g in stage.trainable if g.startswith("vision")}
+        assert set(stage.lr_groups) == vision, node
+        assert all(rate <= stage.lr / 10 for rate in stage.lr_groups.values()), node
+
+
 def test_accuracy_table_puts_each_accuracy_next_to_its_own_chance():
     metrics = {"demo/color/accuracy": 0.5, "demo/color/chance": 1 / 6, "demo/overall": 0.4,
                "demo/overall/chance": 0.21, "demo/pope/accuracy": 0.75}  # fmt: skip
