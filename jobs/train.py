@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ class StageResult:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
+
+    # DeepSpeed's ZeRO calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor, which this torch
+    # deprecates: one FutureWarning per call, hundreds of lines per stage in the driver's output and nothing to act on.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
     adopt_secrets(loop_config["secrets"])  # before anything reads credentials
     from jobs.recipe import StageRecipe
