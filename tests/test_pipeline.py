@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 NODES = ["preprocess", "stage1", "stage2", "stage3", "eval"]
 
 
-def small_config(path: Path, name: str, steps: int = 2, checkpoint_every: int = 0) -> Path:
+def small_config(path: Path, name: str, steps: int = 2, checkpoint_every: int = 0, epochs: int = 1) -> Path:
     config = yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())
     config.update(name=name, registered_model=f"{name}-model")
     config["demo_data"] = {"seed": 0, "captions": 48, "instruct": 48, "eval": 6}
     for stage in config["stages"].values():
-        stage["overrides"] = {"max_steps": steps, "checkpoint_every": checkpoint_every}
+        stage["overrides"] = {"max_steps": steps, "checkpoint_every": checkpoint_every, "epochs": epochs}
     config["eval"] = {"suite": "demo", "max_new_tokens": 4}
     path.write_text(yaml.safe_dump(config))
     return path
@@ -172,7 +172,8 @@ def test_a_second_run_on_the_same_workdir_refuses(tmp_path):
 
 
 def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path):
-    config = small_config(tmp_path / "pipeline.yaml", "kill-test", steps=4, checkpoint_every=2)
+    # 56 caption records make 2 or 3 steps an epoch, by how the buckets fill: 2 epochs reach max_steps
+    config = small_config(tmp_path / "pipeline.yaml", "kill-test", steps=4, checkpoint_every=2, epochs=2)
     wd = tmp_path / "wd"
     cli = [
         str(Path(sys.executable).parent / "convllava"),
@@ -206,7 +207,7 @@ def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path):
     final = json.loads(sorted((wd / "runs").glob("stage2-*/checkpoint_*/trainer_state.json"))[-1].read_text())
     history = client(tracking).get_metric_history(kids["stage2"].info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, final["total_steps"] + 1))  # nothing logged twice
-    assert final["step"] == final["total_steps"] >= 3
+    assert final["step"] == final["total_steps"] == 4
     resumed = re.search(r"\[stage2\] resumed at step (\d+)/(\d+)", second.stdout + second.stderr)
     assert resumed and 2 <= int(resumed[1]) <= final["total_steps"] == int(resumed[2])  # from a checkpoint, not step 0
 
