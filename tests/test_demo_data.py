@@ -12,7 +12,8 @@ import yaml
 from convllava.image_processing import load_image
 from convllava.sample_images import sample_photos
 from pipelines.config import Mixture
-from pipelines.demo_data import COLORS, Scene, Shape, _caption, _qa, generate_demo_data
+from pipelines.demo_data import _caption, _qa, generate_demo_data
+from pipelines.demo_scenes import COLORS, Scene, Shape
 from pipelines.sources import read_records
 
 SMALL = {"n_caption": 40, "n_instruct": 40, "n_eval": 20}
