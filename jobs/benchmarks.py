@@ -93,6 +93,12 @@ def _load_vqa(b: Benchmark) -> list[Item]:
         qid = str(r.get("question_id", r.get("questionId")))
         image = r.get("image") or f"{b.options.get('image_dir', 'images')}/{r['image_id']}.jpg"
         refs = [a["answer"] if isinstance(a, dict) else a for a in r["answers"]]  # VQAv2: [{"answer": ...}]
+        if b.kind == "vqa" and len(refs) < 2:
+            raise ValueError(
+                f"{b.root / (b.annotations or 'questions.json')}: question {qid} has {len(refs)} answer(s); VQA soft "
+                "accuracy (EvalAI's formula, as lmms-eval computes it) compares each prediction with the other "
+                "annotators' answers (10 in VQAv2/TextVQA), so with one answer every prediction scores 0"
+            )
         out.append(Item(qid, f"{r['question']}\n{SHORT_PROMPT}", b.path(image), refs))
     return out
 

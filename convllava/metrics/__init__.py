@@ -1,8 +1,12 @@
-"""Benchmark metrics, each implemented from its benchmark's own definition; pure Python, no torch.
+"""Benchmark metrics, each computing what the script behind the benchmark's published scores computes (quirks
+included; each module names its reference); pure Python, no torch, no lmms-eval.
 
-- text: VQA / TextVQA soft accuracy with the official answer normalisation; DocVQA ANLS.
-- yes_no: POPE (answer parsing, accuracy / precision / recall / F1 / yes-ratio); MME (acc, acc+, scores).
-- choice: MMBench / SEED option extraction, accuracy, CircularEval with rotated options.
+- text: VQA / TextVQA soft accuracy with the EvalAI answer processor (lmms-eval's textvqa); DocVQA ANLS (the
+  challenge script, as lmms-eval's anls).
+- yes_no: POPE (LLaVA's eval_pope.py reading; accuracy / precision / recall / F1 / yes-ratio); MME (lmms-eval's
+  reading; acc, acc+, scores).
+- choice: MMBench / SEED option extraction (lmms-eval's static MMBench reading), accuracy, CircularEval with rotated
+  options.
 - grounding: RefCOCO/+/g Precision@0.5 with LLaVA-1.5's box convention (padded-square or original frame).
 - demo: per-type accuracy on the demo data's held-out sets, next to their chance levels.
 """

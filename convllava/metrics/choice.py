@@ -1,62 +1,149 @@
-"""Multiple-choice benchmarks (MMBench, SEED-Bench): option extraction, accuracy, MMBench's CircularEval."""
+"""Multiple-choice benchmarks (MMBench, SEED-Bench): option extraction, accuracy, MMBench's CircularEval.
+
+Replies are read as lmms-eval's offline ("static") MMBench evaluation reads them (`lmms_eval.tasks.mmbench`):
+first `MMBench_Evaluator.can_infer`, VLMEvalKit's deterministic matching that also runs before the GPT judge behind
+published MMBench / SEED scores; where it finds nothing, `extract_mcq_answer`
+(`lmms_eval.tasks._task_utils.mcq_extract`), which lmms-eval uses instead of the judge. tests/test_metrics.py checks
+`extract_choice` against both on hand-written and generated replies.
+"""
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Mapping, Sequence
-from itertools import pairwise
 from typing import NamedTuple
 
 from convllava.metrics.text import _check_lengths
 
-# "The answer is B", "Answer: (B)", "option C", "correct choice is D." — keyword case-insensitive, letter upper-case.
-_STATED = re.compile(r"(?i:answer|option|choice)\s*(?:is|:)?\s*[:\-]?\s*[(\[]?([A-Z])(?![A-Za-z0-9])")
-# The reply starts with the letter: "B", "(B)", "[B]", "B.", "B)", "B:", "B) cat" — but not "A cat" (an article).
-_LEADING = re.compile(r"[(\[]?([A-Z])(?:[)\].:](?=\s|$)|$)")
-_TOKEN_MARKS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})  # the marks MMBench's can_infer_option blanks out
+# can_infer_option looks for these letters whatever the options are (its num_choice=5): a reply "E" to a question
+# with options A-D is read as E, a wrong answer, not as "no answer" (MMBench's judge prompt uses E for "none").
+_INFER_LETTERS = "ABCDE"
+# The (prefix, suffix) around a letter that can_infer_option tries, in its order, when no bare letter decides.
+_WRAPPED = (
+    *(("", s) for s in (".", ",", ":", ")", ").")),
+    ("(", ")"),
+    ("(", ")."),
+    *((":", s) for s in ("", ",", ".", ")", ").")),
+)
+# extract_mcq_answer's answer phrases, in its order (it scans for the letter after each phrase found).
+_ANSWER_PHRASES = (
+    "the answer is",
+    "answer is",
+    "the correct answer is",
+    "correct answer is",
+    "the best answer is",
+    "best answer is",
+    "the correct option is",
+    "correct option is",
+    "the best option is",
+    "best option is",
+    "the choice is",
+    "choice is",
+    "the correct choice is",
+    "correct choice is",
+    "i choose",
+    "i select",
+    "i pick",
+    "my answer is",
+    "my choice is",
+    "옵션",
+    "정답은",
+    "답은",
+    "답:",
+    "答案是",
+    "答案为",
+    "选",
+    "答えは",
+)
+# extract_mcq_answer's ranking of the forms a letter is found in; the highest wins, then the latest position.
+_FORM_PRIORITY = {"start": 10, "end": 9, "phrase": 7, "(X)": 6, "X.": 5, "X:": 4, "X)": 3, "X ": 2, "anywhere": 0}
 
 
 def extract_choice(text: str, options: Mapping[str, str]) -> str | None:
-    """The option letter a free-text reply chooses, or None when it names none or several.
+    """The letter a free-text reply chooses, or None when it names none (a wrong answer in scoring).
 
-    Tried in order: a stated answer ("The answer is B", "Answer: B"); a reply that starts with the letter ("B",
-    "(B)", "B.", "B) cat"); exactly one option letter among the reply's words, as MMBench's `can_infer_option`
-    does; else the option whose text the reply is, or uniquely contains as whole words (case-insensitive), as
-    MMBench's `can_infer_text` does. An "A" before a lower-case word ("A cat") may be the article: there an
-    option text found in the reply wins over the letter.
+    Follows lmms-eval's static MMBench evaluation, in order (the reply stripped first, as its `process_results`):
+
+    1. can_infer_option: among the reply's whitespace-separated words, exactly one bare letter A-E ("B", "I pick D
+       here") — unless "A" is a word of a reply longer than 3 words (it may be the article); else exactly one
+       letter in one of the forms "X." "X," "X:" "X)" "X)." "(X)" "(X)." ":X" ":X," ":X." ":X)" ":X).", tried in
+       that order. The letter may be E even with 4 options. "A cat" reads A.
+    2. can_infer_text: the only option whose lowercased text is a substring of the lowercased reply ("cat" also
+       matches "concatenate"; an empty option text matches everything).
+    3. extract_mcq_answer (where published scores ask a GPT judge): the option letters found as "(X)", "X.", "X:",
+       "X)", "X " (after stripping the reply and its leading and trailing ,.!?;:'" marks, one mark at a time), after
+       an answer phrase ("the answer is ...") or opening or closing the reply before a non-letter; the best-ranked
+       form wins ("A or B" reads A), then the later position; with none of these, the last option letter anywhere.
 
     Args:
         text: the model's reply.
         options: letter → option text, e.g. {"A": "dog", "B": "cat"}; letters are single upper-case characters.
+            Letters beyond E are looked for in step 1 as well (MMBench has at most 4 options).
     """
     text = text.strip()
-    for match in (_STATED.search(text), _LEADING.match(text)):
-        if match and match.group(1) in options:
-            return match.group(1)
-    words = text.translate(_TOKEN_MARKS).split()
-    found = {w for w in words if w in options}
-    by_text = _match_text(text, options)
-    if len(found) == 1:
-        letter = found.pop()
-        # "A cat": "A" before a lower-case word may be the article; an option text in the reply then decides.
-        article = letter == "A" and any(w == "A" and n[:1].islower() for w, n in pairwise(words))
-        return by_text if article and by_text else letter
-    return by_text
+    letters = "".join(dict.fromkeys(_INFER_LETTERS + "".join(options)))
+    return _infer_option(text, letters) or _infer_text(text, options) or _extract_mcq(text, sorted(options))
 
 
-def _match_text(text: str, options: Mapping[str, str]) -> str | None:
-    """The option whose text the reply is, else the only one whose text it contains as whole words."""
-    lowered = text.lower().rstrip(".!").strip()
-    exact = [k for k, v in options.items() if str(v).strip().lower() == lowered]
-    if len(exact) == 1:
-        return exact[0]
-    contained = [
-        k
-        for k, v in options.items()
-        if str(v).strip() and re.search(rf"(?<!\w){re.escape(str(v).strip().lower())}(?!\w)", lowered)
-    ]
-    return contained[0] if len(contained) == 1 else None
+def _infer_option(text: str, letters: str) -> str | None:
+    """can_infer_option (lmms-eval's `MMBench_Evaluator`)."""
+    if "Failed to obtain answer via API" in text:  # its API-failure marker
+        return None
+    words = text.split()
+
+    def wrapped(prefix: str, suffix: str) -> list[str]:
+        return [c for c in letters if f"{prefix}{c}{suffix}" in words]
+
+    bare = wrapped("", "")
+    if len(bare) == 1 and not ("A" in words and len(words) > 3):
+        return bare[0]
+    for prefix, suffix in _WRAPPED:
+        found = wrapped(prefix, suffix)
+        if len(found) == 1:
+            return found[0]
+    return None
+
+
+def _infer_text(text: str, options: Mapping[str, str]) -> str | None:
+    """can_infer_text (lmms-eval's `MMBench_Evaluator`)."""
+    lowered = text.lower()
+    found = [k for k, v in options.items() if str(v).lower() in lowered]
+    return found[0] if len(found) == 1 else None
+
+
+def _extract_mcq(reply: str, letters: Sequence[str]) -> str | None:
+    """extract_mcq_answer (lmms-eval's `_task_utils.mcq_extract`) with the option letters as its choices."""
+    if not reply.strip():
+        return None
+    letters = letters or "ABCDEFGH"  # its default choices
+    text = reply.strip()
+    for mark in ",.!?;:'\"":  # one mark after the other, as the reference: ".,A" keeps its ","
+        text = text.strip(mark)
+    text = f" {text} "  # spaces at both ends, so "X " and " X" also match at the edges
+    found: list[tuple[str, int, str]] = []  # (letter, position, form)
+    for form in ("(X)", "X.", "X:", "X)", "X "):
+        for c in letters:
+            pattern = form.replace("X", c)
+            if pattern in text:
+                found.append((c, text.rfind(pattern), form))
+    lowered = text.lower()
+    for phrase in _ANSWER_PHRASES:
+        at = lowered.find(phrase)
+        if at != -1:
+            for c in letters:
+                # The position found in the lowercased text is used in the original, as the reference does.
+                position = text.find(c, at + len(phrase))
+                if position != -1:
+                    found.append((c, position, "phrase"))
+    stripped = text.strip()
+    found += [(c, 0, "start") for c in letters if stripped.startswith(c) and not stripped[1:2].isalpha()]
+    found += [(c, len(text) - 1, "end") for c in letters if stripped.endswith(c) and not stripped[-2:-1].isalpha()]
+    if not found:
+        found = [(c, text.rfind(c), "anywhere") for c in letters if c in text]
+    if not found:
+        return None
+    # The reference sorts by (priority, position) descending, stably; max keeps the first of equal keys likewise.
+    return max(found, key=lambda f: (_FORM_PRIORITY[f[2]], f[1]))[0]
 
 
 def multiple_choice_accuracy(predictions: Sequence[str | None], answers: Sequence[str]) -> float:

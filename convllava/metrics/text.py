@@ -1,108 +1,118 @@
-"""Open-ended answer metrics: VQA / TextVQA soft accuracy and DocVQA ANLS."""
+"""Open-ended answer metrics: VQA / TextVQA soft accuracy and DocVQA ANLS, as the scripts behind published scores
+compute them.
+
+- VQA soft accuracy follows the EvalAI answer processor (facebookresearch/mmf `EvalAIAnswerProcessor`, which LLaVA's
+  `m4c_evaluator.py` and lmms-eval's `textvqa` task use: `lmms_eval.tasks._task_utils.vqa_eval_metric`) and
+  lmms-eval's `textvqa_process_results`. (lmms-eval's `vqav2` task runs only the processor's later steps, as the
+  original vqaEval.py does, so commas, "?" and "'s" reach the punctuation step there. The published ConvLLaVA
+  numbers are TextVQA's; we apply the EvalAI processor to every VQA set.)
+- ANLS follows the DocVQA / InfographicVQA challenge script as lmms-eval's `anls` metric has it
+  (`lmms_eval.api.metrics.anls`).
+
+Both are reproduced with their quirks, so that our numbers equal theirs answer for answer; each quirk is named where
+it is implemented. tests/test_metrics.py checks both against lmms-eval on hand-written and generated answers.
+"""
 
 from __future__ import annotations
 
 import re
+import statistics
 from collections.abc import Sequence
 
-# Contractions that the official VQA eval (vqaEval.py) restores, each written once in its full form; every
-# spelling that drops one or more of its apostrophes maps back to it ("dont" → "don't", "couldnt've" →
-# "couldn't've"). Forms whose apostrophe-free spelling is an English word (it's, we'll, I'd, she'd, ...) are
-# left out, as the official table leaves them out; its broken entries ("Im", "somebody'd" → "somebodyd") are fixed.
-_CONTRACTED = """
-ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd he'd've
-he's how'd how'll how's i'd've i'm i've isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't must've
-needn't not've o'clock oughtn't shan't she'd've she's should've shouldn't shouldn't've somebody'd somebody'd've
-somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's
-there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't
-what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're
-why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've
+# The EvalAI processor's contraction table exactly as it stands, one "spelling restored-form" pair per entry. Quirks
+# kept: keys with capitals ("Im", "Ive", "Id've", "I'dve") never match, because answers are lowercased first, so
+# "im" stays "im"; keys holding "'s" ("she's", "let's", "ow's'at", "'ow'sat") never match either, because the
+# tokenizer has already split "'s" off; "somebody'd" is "restored" to "somebodyd".
+_CONTRACTION_PAIRS = """
+aint ain't  arent aren't  cant can't  couldve could've  couldnt couldn't
+couldn'tve couldn't've  couldnt've couldn't've  didnt didn't  doesnt doesn't  dont don't
+hadnt hadn't  hadnt've hadn't've  hadn'tve hadn't've  hasnt hasn't  havent haven't  hed he'd
+hed've he'd've  he'dve he'd've  hes he's  howd how'd  howll how'll  hows how's  Id've I'd've
+I'dve I'd've  Im I'm  Ive I've  isnt isn't  itd it'd  itd've it'd've  it'dve it'd've
+itll it'll  let's let's  maam ma'am  mightnt mightn't  mightnt've mightn't've
+mightn'tve mightn't've  mightve might've  mustnt mustn't  mustve must've  neednt needn't
+notve not've  oclock o'clock  oughtnt oughtn't  ow's'at 'ow's'at  'ows'at 'ow's'at
+'ow'sat 'ow's'at  shant shan't  shed've she'd've  she'dve she'd've  she's she's
+shouldve should've  shouldnt shouldn't  shouldnt've shouldn't've  shouldn'tve shouldn't've
+somebody'd somebodyd  somebodyd've somebody'd've  somebody'dve somebody'd've
+somebodyll somebody'll  somebodys somebody's  someoned someone'd  someoned've someone'd've
+someone'dve someone'd've  someonell someone'll  someones someone's  somethingd something'd
+somethingd've something'd've  something'dve something'd've  somethingll something'll
+thats that's  thered there'd  thered've there'd've  there'dve there'd've  therere there're
+theres there's  theyd they'd  theyd've they'd've  they'dve they'd've  theyll they'll
+theyre they're  theyve they've  twas 'twas  wasnt wasn't  wed've we'd've  we'dve we'd've
+weve we've  werent weren't  whatll what'll  whatre what're  whats what's  whatve what've
+whens when's  whered where'd  wheres where's  whereve where've  whod who'd  whod've who'd've
+who'dve who'd've  wholl who'll  whos who's  whove who've  whyll why'll  whyre why're
+whys why's  wont won't  wouldve would've  wouldnt wouldn't  wouldnt've wouldn't've
+wouldn'tve wouldn't've  yall y'all  yall'll y'all'll  y'allll y'all'll  yall'd've y'all'd've
+y'alld've y'all'd've  y'all'dve y'all'd've  youd you'd  youd've you'd've  you'dve you'd've
+youll you'll  youre you're  youve you've
 """.split()
-
-
-def _dropped_apostrophes(word: str) -> set[str]:
-    """Every spelling of `word` with at least one of its apostrophes removed."""
-    parts = word.split("'")
-    gaps = len(parts) - 1
-    spellings = set()
-    for kept in range(2**gaps - 1):  # bit i set: apostrophe i kept; all bits set is the word itself
-        spellings.add(parts[0] + "".join(("'" if kept >> i & 1 else "") + p for i, p in enumerate(parts[1:])))
-    return spellings
-
-
-CONTRACTIONS: dict[str, str] = {s: word for word in _CONTRACTED for s in _dropped_apostrophes(word)}
+CONTRACTIONS: dict[str, str] = dict(zip(_CONTRACTION_PAIRS[::2], _CONTRACTION_PAIRS[1::2], strict=True))
 NUMBER_WORDS: dict[str, str] = {
     w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())
 }
-_VQA_NUMBERS = {"none": "0", **NUMBER_WORDS}  # the official manualMap also reads "none" as 0
+_VQA_NUMBERS = {"none": "0", **NUMBER_WORDS}  # the processor's NUMBER_MAP also reads "none" as 0
 _ARTICLES = frozenset({"a", "an", "the"})
-_PUNCTUATION = (
-    ";",
-    "/",
-    "[",
-    "]",
-    '"',
-    "{",
-    "}",
-    "(",
-    ")",
-    "=",
-    "+",
-    "\\",
-    "_",
-    "-",
-    ">",
-    "<",
-    "@",
-    "`",
-    ",",
-    "?",
-    "!",
-)
-# The official pattern `(?!<=\d)(\.)(?!\d)` meant a look-behind but acts as "a period not followed by a digit";
-# we reproduce what it does: "3.5" and ".5" keep their period, "yes." and the "3." ending a sentence lose it.
+# Deleted or turned into a space by `_process_punctuation`; the apostrophe, colon and period are not among them.
+_PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')
+# The reference's pattern `(?!<=\d)(\.)(?!\d)` meant a look-behind but reads as "a period not followed by a digit":
+# "3.5" and ".5" keep their period, "yes." and the "3." ending a sentence lose it.
 _PERIOD = re.compile(r"\.(?!\d)")
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
+# The reference passes `re.UNICODE` (= 32) where `sub` takes its count, so only the first 32 such periods go.
+_PERIODS_REMOVED = 32
 
 
-def _strip_punctuation(text: str) -> str:
-    """vqaEval.processPunctuation: a mark next to a space (or any mark in text with a number like "1,000") is
-    deleted, any other mark becomes a space ("black-and-white" → "black and white"); then periods go."""
-    delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
+def _process_punctuation(text: str) -> str:
+    """The processor's `process_punctuation`: a mark that has a space next to it somewhere in the text is deleted
+    everywhere ("a-b -c" → "ab c"), any other mark becomes a space ("black-and-white" → "black and white"); then
+    periods go.
+
+    The reference also deletes every mark when the text holds a comma between digits, but its tokenizer has
+    removed all commas before this step, so that branch never fires and is left out."""
     out = text
     for mark in _PUNCTUATION:
-        delete = delete_all or f"{mark} " in text or f" {mark}" in text
-        out = out.replace(mark, "" if delete else " ")
-    return _PERIOD.sub("", out)
+        out = out.replace(mark, "" if f"{mark} " in text or f" {mark}" in text else " ")
+    return _PERIOD.sub("", out, count=_PERIODS_REMOVED)
 
 
 def normalize_vqa_answer(text: str) -> str:
-    """The official VQA answer normalisation: lowercase, punctuation, number words → digits, no articles,
-    contractions restored. E.g. "The Two dogs." → "2 dogs", "1,000" → "1000", "dont" → "don't"."""
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    words = [_VQA_NUMBERS.get(w, w) for w in _strip_punctuation(text).split()]
+    """The EvalAI answer normalisation (mmf's `EvalAIAnswerProcessor.__call__`), step by step:
+
+    1. lowercase; delete every "," and "?" ("1,000" → "1000", "black,white" → "blackwhite"); split "'s" off the
+       word before it ("man's" → "man 's", "she's" → "she 's"); strip; tabs and newlines become spaces; strip.
+    2. `_process_punctuation`.
+    3. split on whitespace; number words zero..ten and "none" become digits; "a", "an", "the" go; `CONTRACTIONS`
+       restores apostrophes ("dont" → "don't", but "im" stays "im"); words joined by one space.
+
+    E.g. "The Two dogs." → "2 dogs", "Yes, it's 3.5!" → "yes it 's 3.5".
+    """
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = _process_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
+    words = [_VQA_NUMBERS.get(w, w) for w in text.lower().split()]  # lowered again, as the reference does
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def vqa_soft_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """VQA accuracy of one prediction against the human answers (10 in VQA v2 / TextVQA).
+    """VQA accuracy of one prediction against the human answers (10 in VQA v2 / TextVQA), as lmms-eval's
+    `textvqa_process_results` computes it.
 
-    Both sides are normalised (`normalize_vqa_answer`, as LLaVA's TextVQA evaluator does). The score is the mean,
-    over the leave-one-out subsets of the answers, of min(#answers in the subset equal to the prediction / 3, 1):
-    with 10 answers of which k match, k = 0, 1, 2, 3, ≥4 give 0, 0.3, 0.6, 0.9, 1.0. A single answer is scored
-    by exact match (leave-one-out would leave nothing); no answers score 0.0.
+    Both sides are normalised (`normalize_vqa_answer`). For each answer i, the other answers that equal the
+    prediction count k_i, scoring min(1, k_i / 3); the question scores their exact mean (`statistics.mean`, as the
+    reference). With 10 answers of which k match, k = 0, 1, 2, 3, ≥4 give 0, 0.3, 0.6, 0.9, 1.0. Like the
+    reference, a lone answer scores 0.0 even when matched (no other human agrees); no answers score 0.0 (the
+    reference raises).
     """
     if isinstance(answers, str):
         answers = [answers]
     if not answers:
         return 0.0
     pred = normalize_vqa_answer(prediction)
-    gts = [normalize_vqa_answer(a) for a in answers]
-    if len(gts) == 1:
-        return float(gts[0] == pred)
-    matches = sum(g == pred for g in gts)
-    # Leaving out answer i leaves `matches - (answer i matched)` agreeing humans.
-    return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
+    matched = [normalize_vqa_answer(a) == pred for a in answers]
+    matches = sum(matched)
+    # Leaving out answer i leaves `matches - matched[i]` agreeing humans.
+    return float(statistics.mean(min(1.0, (matches - m) / 3) for m in matched))
 
 
 def vqa_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
@@ -124,23 +134,31 @@ def levenshtein(a: str, b: str) -> int:
     return previous[-1]
 
 
-def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
-    """DocVQA's Average Normalized Levenshtein Similarity for one question.
+def _collapse(text: str) -> str:
+    return " ".join(text.strip().lower().split())
 
-    For each ground-truth answer, NL = levenshtein(pred, gt) / max(len(pred), len(gt)) on stripped, lowercased
-    strings; the answer scores 1 - NL when NL < threshold and 0 otherwise. The question scores the best answer
-    (0.0 without answers). E.g. "Lodge" vs "lodges": NL = 1/6 → 0.833; "abc" vs "abcdef": NL = 0.5 → 0.
+
+def anls(prediction: str, answers: Sequence[str], threshold: float = 0.5) -> float:
+    """DocVQA's Average Normalized Levenshtein Similarity for one question, as the challenge script (and lmms-eval's
+    `anls`) computes it.
+
+    Both strings are lowercased with their whitespace stripped and collapsed to single spaces; for each answer,
+    NL = levenshtein(pred, answer) / max(len(pred), len(answer)), where the lengths are those of the strings as
+    given (uppercased, so "ß" counts 2), not of the collapsed ones. The question scores 1 − the smallest NL, cut to
+    0 when that is below `threshold`: similarity 0.5 exactly is kept. E.g. "Lodge" vs "lodges": 0.833; "abc" vs
+    "abcdef": 0.5; " a  b " vs "ab": 1 − 1/6. No answers score 0.0 (the reference raises).
     """
     if isinstance(answers, str):
         answers = [answers]
-    pred = prediction.strip().lower()
-    best = 0.0
+    if not answers:
+        return 0.0
+    pred = _collapse(prediction)
+    distances = []
     for answer in answers:
-        gt = answer.strip().lower()
-        longest = max(len(pred), len(gt))
-        nl = levenshtein(pred, gt) / longest if longest else 0.0
-        best = max(best, 1.0 - nl if nl < threshold else 0.0)
-    return best
+        longest = max(len(answer.upper()), len(prediction.upper()))
+        distances.append(levenshtein(_collapse(answer), pred) / longest if longest else 0.0)
+    similarity = 1 - min(distances)
+    return similarity if similarity >= threshold else 0.0
 
 
 def mean_anls(predictions: Sequence[str], answers: Sequence[Sequence[str]], threshold: float = 0.5) -> float:

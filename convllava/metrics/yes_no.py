@@ -1,4 +1,9 @@
-"""Yes/no benchmarks: POPE (object hallucination) and MME (paired questions per image)."""
+"""Yes/no benchmarks: POPE (object hallucination) and MME (paired questions per image).
+
+Each reads free text as the script behind its published scores does: POPE as LLaVA's `llava/eval/eval_pope.py`, MME
+as lmms-eval's `mme` task (`lmms_eval.tasks.mme.utils.parse_pred_ans`, which ConvLLaVA's `scripts/eval-lmms.sh`
+runs). tests/test_metrics.py checks both against those references.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +18,14 @@ MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_transla
 
 
 def parse_pope_answer(text: str) -> str:
-    """ "yes" or "no" as POPE's evaluate.py (and LLaVA's eval_pope.py) read free text.
+    """ "yes" or "no" as LLaVA's eval_pope.py (its copy of POPE's evaluate.py) reads free text.
 
-    Keep the first sentence (up to the first "."), drop commas, split into words: "No", "no" or "not" among them
-    means "no", anything else (empty text included) "yes". Case-sensitive like the original, so "NO" reads yes.
+    Keep the text before the first ".", drop commas, split at single spaces only (a tab or newline does not end a
+    word, so "is<newline>no" is one word): "No", "no" or "not" among the words means "no", anything else (empty text
+    included) "yes". Case-sensitive like the original, so "NO" reads yes.
     """
-    words = set(text.split(".")[0].replace(",", "").split())
-    return "no" if words & {"No", "no", "not"} else "yes"
+    words = text.split(".")[0].replace(",", "").split(" ")
+    return "no" if {"No", "no", "not"}.intersection(words) else "yes"
 
 
 def _yes(label: str, index: int) -> bool:
@@ -38,7 +44,7 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 
     Returns:
         accuracy, precision, recall, f1, yes_ratio (share of "yes" predictions) and the counts tp, fp, tn, fn, n.
-        Ratios with an empty denominator are 0.0.
+        Ratios with an empty denominator are 0.0 (eval_pope.py divides by zero there).
 
     Raises:
         ValueError: lengths differ or a label is not yes/no.
@@ -64,11 +70,18 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
 
 
 def parse_mme_answer(text: str) -> str:
-    """ "yes", "no" or "other" as MME's calculation.py reads free text: the whole lowercased answer if it is yes/no,
-    else "yes" if the first 4 characters contain "yes", else "no" if they contain "no" ("Not sure" → "no")."""
-    text = text.strip().lower()
+    """ "yes", "no" or "other" as lmms-eval's MME task reads free text (`parse_pred_ans`, from Otter's eval).
+
+    Lowercase, strip, delete every "."; the result if it is "yes" or "no"; a lone "y" / "n" is yes / no (any other
+    single character: other); else "yes" if the first 4 characters contain "yes", else "no" if they contain "no"
+    ("Not sure" → no), else other. MME's own eval_tool/calculation.py reads the same minus the period deletion and
+    the y / n letters.
+    """
+    text = text.lower().strip().replace(".", "")
     if text in ("yes", "no"):
         return text
+    if len(text) == 1:
+        return {"y": "yes", "n": "no"}.get(text, "other")
     return "yes" if "yes" in text[:4] else "no" if "no" in text[:4] else "other"
 
 
@@ -89,8 +102,10 @@ def _mme_record(record: MMERecord | tuple[str, str, str, str] | Mapping[str, str
 
 
 def mme_scores(records: Iterable[MMERecord | tuple[str, str, str, str] | Mapping[str, str]]) -> dict:
-    """MME scores: per subtask, accuracy = correct questions / questions, accuracy_plus = images whose questions
-    are all correct / images, score = (accuracy + accuracy_plus) × 100 (at most 200).
+    """MME scores as MME's eval_tool/calculation.py sums them (lmms-eval's `mme_aggregate_results` agrees with it
+    when every image has its 2 questions): per subtask, accuracy = correct questions / questions, accuracy_plus =
+    images whose questions are all correct / images, score = accuracy × 100 + accuracy_plus × 100 (at most 200).
+    Answers are read by `parse_mme_answer`.
 
     Args:
         records: one per question, as `MMERecord`s, 4-tuples in its field order or dicts with its field names.
@@ -116,7 +131,7 @@ def mme_scores(records: Iterable[MMERecord | tuple[str, str, str, str] | Mapping
         subtasks[subtask] = {
             "accuracy": accuracy,
             "accuracy_plus": accuracy_plus,
-            "score": (accuracy + accuracy_plus) * 100,
+            "score": accuracy * 100 + accuracy_plus * 100,  # calculation.py's order of operations
             "questions": len(marks),
             "images": len(per_image),
         }
