@@ -2,6 +2,12 @@
 
 Every mode returns an image whose sides are multiples of the tower's stride, plus the `Placement`
 that maps coordinates between the original image and the model's input frame.
+
+`square` reproduces the pixels the released models were trained on (LLaVA's `image_aspect_ratio: pad`):
+expand the original to a max(w, h) square filled with `int(mean·255)`, pasted at `((side−w)//2, (side−h)//2)`,
+then PIL-bicubic-resize the whole square to R×R — what transformers' PIL-backed `CLIPImageProcessorPil`
+(the slow `CLIPImageProcessor` of LLaVA's era) does with shortest_edge = crop = R. The uint8 image is
+identical to the reference's, so the normalised tensors agree to float rounding (tests/test_image_processing.py).
 """
 
 from __future__ import annotations
@@ -112,16 +118,30 @@ class ConvLlavaImageProcessor:
 
     @property
     def fill(self) -> tuple[int, int, int]:
-        """Padding colour: the normalisation mean, so padding is zero after normalising."""
+        """Padding colour: the normalisation mean in 8 bits, so padding is (nearly) zero after normalising.
+
+        `square` truncates like LLaVA's `int(x * 255)` — (122, 116, 104) for CLIP's mean — so its pixels are the
+        released models'; the other modes round to the nearest level, (123, 117, 104).
+        """
+        if self.config.mode == "square":
+            return tuple(int(m * 255) for m in self.config.mean)
         return tuple(int(round(m * 255)) for m in self.config.mean)
+
+    @staticmethod
+    def square_frame(width: int, height: int) -> Placement:
+        """LLaVA's expand2square at the original scale: a max(w, h) square with the image pasted centred on the
+        short axis at the floored offset ((side − w)//2, (side − h)//2)."""
+        side = max(width, height)
+        return Placement(side, side, height, width, (side - height) // 2, (side - width) // 2)
 
     def target(self, width: int, height: int) -> Placement:
         """Where an image of this size lands in the model's input frame."""
         r = self.config.resolution
         if self.config.mode == "square":
-            side = max(width, height)  # LLaVA's expand2square, then resize the square to r×r
-            square = Placement(side, side, height, width, (side - height) // 2, (side - width) // 2)
-            s = r / side
+            # The square frame scaled to r×r. The content's edges land at fractional positions (offset·r/side)
+            # and are resampled together with the fill, so this placement is the exact one rounded to pixels.
+            square = self.square_frame(width, height)
+            s = r / square.canvas_height
             return Placement(
                 r, r, round(height * s), round(width * s), round(square.offset_y * s), round(square.offset_x * s)
             )
@@ -143,6 +163,15 @@ class ConvLlavaImageProcessor:
         """The image at its model-input size (PIL, RGB) and its placement."""
         image = to_rgb(image, self.fill)
         p = self.target(*image.size)
+        if self.config.mode == "square":
+            # Pad first, then resize the whole square (not resize-then-paste): the content's edge pixels are
+            # blended with the fill exactly as in the released models' preprocessing.
+            square = self.square_frame(*image.size)
+            if square.padded_fraction:
+                canvas = Image.new("RGB", (square.canvas_width, square.canvas_height), self.fill)
+                canvas.paste(image, (square.offset_x, square.offset_y))
+                image = canvas
+            return image.resize((p.canvas_width, p.canvas_height), Image.Resampling.BICUBIC), p
         content = image.resize((p.content_width, p.content_height), Image.Resampling.BICUBIC)
         if (p.content_height, p.content_width) == (p.canvas_height, p.canvas_width):
             return content, p
