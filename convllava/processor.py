@@ -1,9 +1,15 @@
 """ConvLlavaProcessor: conversations + images → input_ids, labels, pixel_values.
 
-Tokenization renders the whole conversation with its template, tokenizes it once with character offsets
-and labels exactly the tokens that lie inside assistant replies. Each `<image>` token is then expanded
-into the image's (H/64)·(W/64) placeholders. A preflight check refuses samples that would silently train
-on nothing (all labels masked) or whose token boundaries cut across the template's reply boundaries.
+Tokenization renders the whole conversation with its template, tokenizes it with character offsets and labels
+exactly the tokens that lie inside assistant replies. Each `<image>` token is then expanded into the image's
+(H/64)·(W/64) placeholders. A preflight check refuses samples that would silently train on nothing (all labels
+masked) or whose token boundaries cut across the template's reply boundaries.
+
+Two tokenizations of the rendered text:
+- `one_pass` (our models): the whole text at once, `<image>` a special token of the tokenizer.
+- `llava` (the released LLaVA-trained checkpoints): LLaVA's `tokenizer_image_token`. The text is split at each
+  `<image>`, every chunk is tokenized on its own (with a Llama tokenizer: BOS and the dummy prefix `▁`), the BOS of
+  all chunks but the first is dropped and the image index goes between chunks, so a `▁` follows every image.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from PIL import Image
@@ -22,11 +28,13 @@ from transformers import PreTrainedTokenizerBase
 from convllava.buckets import num_visual_tokens
 from convllava.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig
 from convllava.templates import IMAGE_TOKEN, ConversationError, ConversationTemplate, get_template
-from convllava.tokenizer import ensure_special_tokens, load_tokenizer
+from convllava.tokenizer import encode_with_offsets, ensure_special_tokens, load_tokenizer
 
 IGNORE_INDEX = -100
 PROCESSOR_CONFIG = "processor_config.json"
 Truncation = Literal["truncate", "error"]
+Tokenization = Literal["one_pass", "llava"]
+TOKENIZATIONS: tuple[str, ...] = get_args(Tokenization)
 
 
 class SequenceTooLongError(ValueError):
@@ -56,9 +64,18 @@ class TokenizedSample:
 
 @dataclass(frozen=True)
 class ProcessorConfig:
+    """Args:
+    template: conversation template (`convllava.templates.TEMPLATES`).
+    max_length: maximum tokens per sample, visual tokens included.
+    truncation: `truncate` (never through an image) or `error`.
+    tokenization: `one_pass` (our models) or `llava` (LLaVA's `tokenizer_image_token`, for released checkpoints).
+    image: how images become pixel tensors.
+    """
+
     template: str = "vicuna_v1"
     max_length: int = 2048
     truncation: Truncation = "truncate"
+    tokenization: Tokenization = "one_pass"
     image: ImageProcessorConfig = ImageProcessorConfig()
 
     def __post_init__(self) -> None:
@@ -67,6 +84,8 @@ class ProcessorConfig:
             raise ValueError(f"max_length must be at least 8, got {self.max_length}")
         if self.truncation not in ("truncate", "error"):
             raise ValueError(f"truncation: expected 'truncate' or 'error', got {self.truncation!r}")
+        if self.tokenization not in TOKENIZATIONS:
+            raise ValueError(f"tokenization: expected one of {TOKENIZATIONS}, got {self.tokenization!r}")
 
 
 class ConvLlavaProcessor:
@@ -79,14 +98,14 @@ class ConvLlavaProcessor:
 
     @classmethod
     def for_model(cls, model_config, tokenizer: PreTrainedTokenizerBase | str, **overrides) -> ConvLlavaProcessor:
-        """A processor with the model's template, resolution and image mode (any of which `overrides` may change)."""
+        """A processor with the model's template, resolution and image mode; `overrides` may change those and set any
+        other `ProcessorConfig` field (e.g. `tokenization="llava"` for a released LLaVA-trained checkpoint)."""
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = load_tokenizer(tokenizer)
         image_kwargs = {"resolution": model_config.image_resolution, "mode": model_config.image_mode}
         image_kwargs.update({k: overrides.pop(k) for k in ("resolution", "mode") if k in overrides})
-        config = ProcessorConfig(
-            template=model_config.template, image=ImageProcessorConfig(**image_kwargs), **overrides
-        )
+        overrides = {"template": model_config.template, **overrides}
+        config = ProcessorConfig(image=ImageProcessorConfig(**image_kwargs), **overrides)
         processor = cls(tokenizer, config)
         if processor.image_token_id != model_config.image_token_id:
             raise ValueError(
@@ -132,11 +151,15 @@ class ConvLlavaProcessor:
                 spans.append((pos, pos + len(t)))
             pos += len(t)
 
-        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        ids: list[int] = enc["input_ids"]
+        if self.config.tokenization == "llava":
+            ids, offsets = self._encode_llava(text)
+        else:
+            enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+            ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels: list[int] = []
         conflicts: list[tuple[int, str]] = []
-        for i, (token_id, (start, end)) in enumerate(zip(ids, enc["offset_mapping"], strict=True)):
+        # Tokens with empty spans (BOS, a dummy-prefix `▁`) are never labelled.
+        for i, (token_id, (start, end)) in enumerate(zip(ids, offsets, strict=True)):
             inside = start < end and any(a <= start and end <= b for a, b in spans)
             crosses = start < end and not inside and any(start < b and a < end for a, b in spans)
             if crosses:
@@ -189,6 +212,26 @@ class ConvLlavaProcessor:
         if check and not add_generation_prompt:
             self.preflight(sample)
         return sample
+
+    def _encode_llava(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """LLaVA's `tokenizer_image_token` on `text`, with character offsets into `text`: one image index per tag."""
+        chunks, start = [], 0
+        for chunk in text.split(IMAGE_TOKEN):
+            chunk_ids, chunk_offsets = encode_with_offsets(self.tokenizer, chunk)
+            chunks.append((chunk_ids, [(a + start, b + start) for a, b in chunk_offsets], start))
+            start += len(chunk) + len(IMAGE_TOKEN)
+        first_ids, first_offsets, _ = chunks[0]
+        # As LLaVA: when the first chunk starts with BOS, keep that one and drop the first token of every chunk.
+        drop = 1 if first_ids and first_ids[0] == self.tokenizer.bos_token_id else 0
+        ids, offsets = first_ids[:drop], first_offsets[:drop]
+        for i, (chunk_ids, chunk_offsets, chunk_start) in enumerate(chunks):
+            if i:
+                tag_start = chunk_start - len(IMAGE_TOKEN)
+                ids.append(self.image_token_id)
+                offsets.append((tag_start, chunk_start))
+            ids.extend(chunk_ids[drop:])
+            offsets.extend(chunk_offsets[drop:])
+        return ids, offsets
 
     def preflight(self, sample: TokenizedSample) -> None:
         """Refuse a training sample that would teach nothing or teach the wrong tokens.

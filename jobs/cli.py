@@ -48,11 +48,19 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from convllava.checkpoint import CheckpointError, from_llava_checkpoint, save_checkpoint
+    import torch
 
+    from convllava.checkpoint import CheckpointError, from_llava_checkpoint, save_checkpoint
+    from convllava.storage import is_s3
+
+    # Writing into the source would replace its config.json, and the loaded weights may be the memory-mapped pages
+    # of its files: overwriting one of those while it is mapped corrupts the model being written.
+    if not is_s3(args.llava) and not is_s3(args.output) and Path(args.output).resolve() == Path(args.llava).resolve():
+        raise CheckpointError(f"--output {args.output} is the --llava directory; write the conversion to a new one")
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model, processor = from_llava_checkpoint(
         args.llava, vision_tower=args.vision_tower, resolution=args.resolution, image_mode=args.image_mode,
-        template=args.template, text_model_type=args.text_model_type,
+        template=args.template, text_model_type=args.text_model_type, dtype=dtype,
     )  # fmt: skip
     if processor is None:
         raise CheckpointError(f"{args.llava}: no tokenizer files; a converted checkpoint needs its tokenizer")
@@ -108,7 +116,7 @@ def _cmd_preprocess(args: argparse.Namespace) -> int:
     else:
         raise ConfigError("give --annotations FILE (repeatable) with --image-root DIR, or --mixture YAML")
     overrides = dict(resolution=args.resolution, mode=args.mode, tokenizer=args.tokenizer, template=args.template,
-                     max_length=args.max_length, workers=args.workers)  # fmt: skip
+                     tokenization=args.tokenization, max_length=args.max_length, workers=args.workers)  # fmt: skip
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.config:
         config = PreprocessConfig.from_yaml(args.config, **overrides)
@@ -239,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="subcommand", required=True)
 
     p = sub.add_parser("chat", help="answer questions about an image (one shot, or interactive on stdin)")
-    p.add_argument("--model", required=True, help="checkpoint directory or s3:// prefix (our format)")
+    p.add_argument("--model", required=True, help="checkpoint directory or s3:// prefix (ours or the released layout)")
     p.add_argument("--image", help="image file")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -253,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-mode", choices=["square", "bucket", "short-side"])
     p.add_argument("--template", default="vicuna_v1")
     p.add_argument("--text-model-type", help="LM model_type when config.json's architectures is not LLaVA's")
+    p.add_argument(
+        "--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+        help="dtype of the written weights (tower, projector and LM alike). 'auto' (default) keeps the dtype "
+        "config.json says the weights are stored in (torch_dtype: float16 for the released checkpoints), float32 if "
+        "it names none. One copy of the weights is held in memory either way",
+    )  # fmt: skip
     p.add_argument("--output", required=True)
     p.set_defaults(func=_cmd_convert)
 
@@ -279,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["bucket", "square", "short-side"])
     p.add_argument("--tokenizer", help="'tiny', a tokenizer folder or s3:// prefix")
     p.add_argument("--template", help="conversation template (vicuna_v1, plain, chatml)")
+    p.add_argument(
+        "--tokenization", choices=["one_pass", "llava"],
+        help="one_pass (ours) or llava (tokenizer_image_token, as the released checkpoints were trained)",
+    )  # fmt: skip
     p.add_argument("--max-length", type=int)
     p.add_argument("--workers", type=int, help="Ray Data actors (default: all CPUs Ray has)")
     p.add_argument("--address", help="Ray cluster address (default: an embedded local instance)")

@@ -65,17 +65,19 @@ class StageRecipe:
     def setup(self, checkpoint_dir: Path | None) -> None:
         c = self.config
         torch.manual_seed(c.seed)
+        self.shards = ShardSet(c.data)
         if c.init_from:
             model, processor = load_model(c.init_from, attn_implementation=c.attn_implementation)
         else:
             kwargs = {"attn_implementation": c.attn_implementation} if c.attn_implementation else {}
             model_config = ConvLlavaConfig.from_preset(c.preset, **kwargs)
+            # The saved processor tokenizes prompts the way the shards were tokenized (one_pass or llava).
+            tokenization = self.shards.manifest["config"].get("tokenization", "one_pass")
             model, processor = (
                 ConvLlavaForCausalLM(model_config),
-                ConvLlavaProcessor.for_model(model_config, c.tokenizer),
+                ConvLlavaProcessor.for_model(model_config, c.tokenizer, tokenization=tokenization),
             )
         self.processor = processor
-        self.shards = ShardSet(c.data)
         self._check_data_matches_model(model)
         model.train()  # `load_model` returns an inference-mode model; training needs dropout and drop-path back
         set_trainable(model, c.trainable)
@@ -112,6 +114,13 @@ class StageRecipe:
             raise ValueError(
                 f"{self.config.data}: shards were tokenized with template {made_with.get('template')!r} but the "
                 f"model uses {model.config.template!r}; preprocess again with --template {model.config.template}"
+            )
+        made = made_with.get("tokenization", "one_pass")
+        if made != self.processor.config.tokenization:
+            raise ValueError(
+                f"{self.config.data}: shards were tokenized with tokenization {made!r} but the model's processor uses "
+                f"{self.processor.config.tokenization!r}; preprocess again with "
+                f"tokenization: {self.processor.config.tokenization}"
             )
 
     def _param_groups(self, model: ConvLlavaForCausalLM) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ import yaml
 
 from convllava.buckets import check_resolution
 from convllava.image_processing import MODES
+from convllava.processor import TOKENIZATIONS
 from convllava.storage import is_s3
 from convllava.templates import TEMPLATES
 
@@ -41,6 +42,8 @@ class PreprocessConfig:
         mode: `bucket` (default), `square` (the paper's) or `short-side`.
         tokenizer: `tiny`, a local tokenizer directory or an `s3://` prefix.
         template: conversation template (`vicuna_v1`, `plain`, `chatml`).
+        tokenization: `one_pass` (our models) or `llava` (LLaVA's per-chunk `tokenizer_image_token`, the tokens the
+            released LLaVA-trained checkpoints saw; for fine-tuning one of those).
         max_length: maximum tokens per sample, visual tokens included.
         too_long: `truncate` (never through an image) or `quarantine`.
         max_pixels: images with more pixels are refused before decoding (decompression bombs).
@@ -57,6 +60,7 @@ class PreprocessConfig:
     mode: Literal["bucket", "square", "short-side"] = "bucket"
     tokenizer: str = "tiny"
     template: str = "vicuna_v1"
+    tokenization: Literal["one_pass", "llava"] = "one_pass"
     max_length: int = 2048
     too_long: Literal["truncate", "quarantine"] = "truncate"
     max_pixels: int = 64_000_000
@@ -80,6 +84,8 @@ class PreprocessConfig:
             fail("mode", f"must be one of {MODES}, got {self.mode!r}")
         if self.template not in TEMPLATES:
             fail("template", f"must be one of {sorted(TEMPLATES)}, got {self.template!r}")
+        if self.tokenization not in TOKENIZATIONS:
+            fail("tokenization", f"must be one of {TOKENIZATIONS}, got {self.tokenization!r}")
         if self.max_length < 8:
             fail("max_length", f"must be >= 8, got {self.max_length}")
         if self.too_long not in ("truncate", "quarantine"):
@@ -107,6 +113,8 @@ class PreprocessConfig:
         content = {
             k: v for k, v in self.to_dict().items() if k not in ("max_quarantine_fraction", "unit_size", "workers")
         }
+        if content["tokenization"] == "one_pass":  # the default before the option existed: old shards stay valid
+            del content["tokenization"]
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod

@@ -139,11 +139,10 @@ def run_predict(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from convllava.storage import resolve_local
+    from convllava.checkpoint import image_settings
 
     start = time.time()
-    processor_config = json.loads((resolve_local(model) / "processor_config.json").read_text())["image"]
-    bucket_of = image_bucket(processor_config)
+    bucket_of = image_bucket(image_settings(model))
 
     def safe_bucket(uri: str) -> str:
         try:

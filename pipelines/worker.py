@@ -40,7 +40,8 @@ SHARD_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("orig_height", pa.int32()),
         ("orig_width", pa.int32()),
-        ("content_box", pa.list_(pa.int32())),  # x, y, w, h of the image inside the padded canvas
+        # x, y, w, h of the image inside the padded canvas (square mode: rounded; the edges are resampled)
+        ("content_box", pa.list_(pa.int32())),
         ("padded_fraction", pa.float32()),
         ("input_ids", pa.list_(pa.int32())),
         ("labels", pa.list_(pa.int32())),
@@ -67,6 +68,7 @@ def build_processor(config: PreprocessConfig) -> ConvLlavaProcessor:
             template=config.template,
             max_length=config.max_length,
             truncation="error" if config.too_long == "quarantine" else "truncate",
+            tokenization=config.tokenization,
             image=ImageProcessorConfig(resolution=config.resolution, mode=config.mode),
         ),
     )
@@ -170,12 +172,7 @@ class UnitProcessor:
         return image
 
     def encode(self, image: Image.Image) -> bytes:
-        buf = io.BytesIO()
-        if self.config.image_format == "jpeg":
-            image.save(buf, format="JPEG", quality=self.config.jpeg_quality)
-        else:
-            image.save(buf, format="PNG")
-        return buf.getvalue()
+        return encode_image(image, self.config.image_format, self.config.jpeg_quality)
 
     def write_shards(self, rows: list[dict[str, Any]]) -> dict[str, str]:
         """One Parquet file per bucket, rows sorted by key; returns key → shard path (relative)."""
@@ -204,6 +201,17 @@ def written_entry(row: dict[str, Any]) -> dict[str, Any]:
         "orig_aspect": row["orig_width"] / row["orig_height"] if row["orig_height"] else None,
         "pixels": row["height"] * row["width"],
     }
+
+
+def encode_image(image: Image.Image, image_format: str, jpeg_quality: int = 95) -> bytes:
+    """The bytes a shard stores for a model-input-sized image. `png` is lossless: training reads back exactly the
+    pixels the processor produced (for `square`, the released models' pixels); `jpeg` trades that for size."""
+    buf = io.BytesIO()
+    if image_format == "jpeg":
+        image.save(buf, format="JPEG", quality=jpeg_quality)
+    else:
+        image.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def shard_path(bucket: str, content_hashes: list[str]) -> str:

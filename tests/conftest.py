@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import random
+import re
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +129,94 @@ def demo_shards_builder():
 def shards(ray_local, tmp_path_factory):
     """Demo shards shared by the training tests (built once per session)."""
     return build_demo_shards(tmp_path_factory.mktemp("train-data"), 120, 120, 10)
+
+
+class LlamaReference:
+    """What a slow `LlamaTokenizer` with `legacy: false` (the tokenizer LLaVA trained with) returns for
+    `tokenizer(text).input_ids`, computed with sentencepiece alone: BOS, then the text with `<s>`, `</s>` and `<unk>`
+    split out as their ids; the text before the first special token is encoded with sentencepiece's dummy prefix,
+    text after a special token without it (what `legacy: false` changed)."""
+
+    SPECIAL = re.compile("(<s>|</s>|<unk>)")
+
+    def __init__(self, model_file: Path) -> None:
+        import sentencepiece as spm
+        from sentencepiece import sentencepiece_model_pb2
+
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        proto = sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
+        proto.normalizer_spec.add_dummy_prefix = False
+        self.sp_no_prefix = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+    def encode(self, text: str) -> list[int]:
+        ids = [self.sp.bos_id()]
+        for i, part in enumerate(self.SPECIAL.split(text)):
+            if i % 2:
+                ids.append(self.sp.piece_to_id(part))
+            elif part:
+                ids.extend((self.sp if i == 0 else self.sp_no_prefix).encode(part))
+        return ids
+
+
+def vicuna_corpus(seed: int = 0, n: int = 3000) -> list[str]:
+    """English-like training sentences: the Vicuna system prompt, USER/ASSISTANT turns, questions, numbers.
+    Newlines stay out, so `\\n` is the byte-fallback piece `<0x0A>` as in Llama's vocabulary."""
+    from convllava.templates import VICUNA_SYSTEM
+
+    rng = random.Random(seed)
+    words = re.findall(r"[A-Za-z']+", VICUNA_SYSTEM)
+    words += (
+        "what is in the image colour color of this that circle square triangle red blue green yellow describe it "
+        "there are how many objects yes no left right top bottom picture photo shows a cat dog person on table "
+        "and the square answer question word phrase single please provide short brief detailed"
+    ).split()
+    lines = [VICUNA_SYSTEM] * 50
+    for _ in range(n):
+        q = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12))).capitalize()
+        a = " ".join(rng.choice(words) for _ in range(rng.randint(1, 10))).capitalize()
+        number = rng.randint(0, 10 ** rng.randint(1, 6))
+        lines.append(f"{VICUNA_SYSTEM} USER: {q}? ASSISTANT: {a} {number}.")
+        lines.append(f"USER: {q}, {rng.random():.2f} ASSISTANT: {a}.")
+    return lines
+
+
+@pytest.fixture(scope="session")
+def vicuna_tokenizer_dir(tmp_path_factory) -> Path:
+    """A small Llama-style sentencepiece BPE tokenizer laid out as lmsys/vicuna-7b-v1.5 (and LLaVA-trained
+    checkpoints) ship it: tokenizer.model, tokenizer_config.json and special_tokens_map.json, no tokenizer.json."""
+    import sentencepiece as spm
+
+    directory = tmp_path_factory.mktemp("vicuna-tokenizer")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(vicuna_corpus()), model_writer=model, model_type="bpe", vocab_size=800,
+        byte_fallback=True, add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=1.0,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+    )  # fmt: skip
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+
+    def added(content: str) -> dict:
+        return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+
+    specials = {"bos_token": added("<s>"), "eos_token": added("</s>"), "unk_token": added("<unk>")}
+    config = {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        **{k: {"__type": "AddedToken", **v} for k, v in specials.items()},
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": 4096,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    (directory / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def llama_reference(vicuna_tokenizer_dir) -> LlamaReference:
+    return LlamaReference(vicuna_tokenizer_dir / "tokenizer.model")
