@@ -76,8 +76,13 @@ def trainable_table(model: ConvLlavaForCausalLM) -> list[tuple[str, int, int]]:
     for name in ["vision.stem", *[g for g in groups if g.startswith("vision.stage")], "projector", "llm"]:
         params = dict(model.named_parameters())
         members = [params[n] for n in param_group(model, name, groups)]
-        rows.append((name, sum(p.numel() for p in members if p.requires_grad), sum(p.numel() for p in members)))
+        rows.append((name, sum(numel(p) for p in members if p.requires_grad), sum(numel(p) for p in members)))
     return rows
+
+
+def numel(param: nn.Parameter) -> int:
+    """A parameter's full size, also when ZeRO-3 holds only a partition of it here (`ds_numel`)."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def format_table(rows: list[tuple[str, int, int]]) -> str:

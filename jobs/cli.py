@@ -170,6 +170,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from jobs.plan import DOES_NOT_FIT, FITS, plan_stage
+    from jobs.stage_config import StageConfig
+
+    overrides = list(args.overrides) + ([f"workers={args.gpus}"] if args.gpus is not None else [])
+    config = StageConfig.from_yaml(args.config, overrides)
+    image_size = None
+    if args.image_size:
+        h, _, w = args.image_size.partition("x")
+        if not (h.isdigit() and w.isdigit()):
+            raise ValueError(f"--image-size: give HxW in pixels, e.g. 1536x1536, got {args.image_size!r}")
+        image_size = (int(h), int(w))
+    plan = plan_stage(config, gpu_memory_gib=args.gpu_memory, seq_len=args.seq_len, image_size=image_size)
+    print(plan.format())
+    return FITS if plan.fits else DOES_NOT_FIT
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from pipelines.predict import run_predict
 
@@ -322,6 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: an embedded local instance)")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the stage config (values are YAML)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("plan", help="memory per GPU and steps per epoch of a stage, before launch (exit 3: no fit)")
+    p.add_argument("--config", required=True, help="stage YAML, e.g. jobs/configs/stage2.yaml")
+    p.add_argument("--gpus", type=int, help="number of GPUs (the stage's workers; default: the config's)")
+    p.add_argument("--gpu-memory", type=float, help="GiB per GPU (default: the visible GPU's, else 80)")
+    p.add_argument("--seq-len", type=int, help="plan for this sequence length instead of the shards' longest")
+    p.add_argument("--image-size", help="HxW: plan for this image size instead of the shards' largest bucket")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the stage config, e.g. preset=convllava-1536")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("predict", help="batch inference on Ray Data: questions JSONL → answers JSONL")
     p.add_argument("--model", required=True, help="checkpoint (local or s3://)")

@@ -54,6 +54,13 @@ def load_suite(suite: str, data_root: str | None = None) -> tuple[str, list[Benc
     return raw.get("name", path.stem), benches
 
 
+def fixed_metric_names(benches: list[Benchmark]) -> list[str]:
+    """The metric names `run_eval` reports for these benchmarks whatever their data: each scorer's keys for no
+    questions, as `benchmark/metric`. Scorers also report names per group that the data decides
+    (`mme/<subtask>/score`, `demo/<type>/accuracy`); those cannot be listed without the data."""
+    return sorted(f"{b.name}/{key}" for b in benches for key in b.score([], {}))
+
+
 def run_eval(
     model: str,
     suite: str,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobs.evaluate import fixed_metric_names, load_suite
 from jobs.stage_config import CONFIG_DIR, StageConfig, parse_overrides
 from pipelines.config import Mixture, PreprocessConfig, Source, load_yaml_mapping
 
@@ -65,6 +66,22 @@ class PipelineConfig:
         unknown = sorted(set(self.eval) - {"suite", "limit", "max_new_tokens", "data_root"})
         if unknown:
             raise PipelineConfigError(f"{self.source_path}: eval: unknown key(s) {unknown}")
+        self._check_primary_metric()
+
+    def _check_primary_metric(self) -> None:
+        """The gate's metric must be one the eval suite reports: a typo fails here, not after three stages."""
+        try:
+            suite, benches = load_suite(self.eval["suite"], self.eval.get("data_root"))
+        except ValueError as e:
+            raise PipelineConfigError(f"{self.source_path}: eval.suite: {e}") from None
+        offered = fixed_metric_names(benches)
+        bench, _, rest = self.primary_metric.partition("/")
+        per_group = "/" in rest and bench in {b.name for b in benches}  # e.g. mme/<subtask>/score: the data decides
+        if self.primary_metric not in offered and not per_group:
+            raise PipelineConfigError(
+                f"{self.source_path}: primary_metric: {self.primary_metric!r} is not reported by eval.suite {suite!r}; "
+                f"it reports {offered}, plus BENCHMARK/GROUP/METRIC per subtask or question type in its data"
+            )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:

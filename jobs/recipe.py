@@ -23,11 +23,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from convllava.attention import attention_unavailable, resolve_attn_implementation
 from convllava.checkpoint import load_model
 from convllava.config import ConvLlavaConfig
 from convllava.data import collate, plan_epoch
 from convllava.modeling import ConvLlavaForCausalLM
 from convllava.processor import ConvLlavaProcessor
+from convllava.storage import resolve_local
 from convllava.trainable import format_table, param_group, set_trainable, trainable_table
 from jobs.shards import ShardSet
 from jobs.stage_config import StageConfig
@@ -56,8 +58,11 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
 
 
 class StageRecipe:
-    def __init__(self, config: StageConfig, run: dict[str, Any], rank: int, world_size: int) -> None:
+    def __init__(self, config: StageConfig, run: dict[str, Any], rank: int, world_size: int,
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
         self.config, self.run, self.rank, self.world_size = config, run, rank, world_size
+        # The device this worker computes on (Ray Train's `get_device()`); the engine's device once it exists.
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.step, self.logger = 0, None
         self.unsent_metrics: list[list] = []  # [key, value, timestamp, step] rows MLflow has not stored yet
 
@@ -66,18 +71,8 @@ class StageRecipe:
         c = self.config
         torch.manual_seed(c.seed)
         self.shards = ShardSet(c.data)
-        if c.init_from:
-            model, processor = load_model(c.init_from, attn_implementation=c.attn_implementation)
-        else:
-            kwargs = {"attn_implementation": c.attn_implementation} if c.attn_implementation else {}
-            model_config = ConvLlavaConfig.from_preset(c.preset, **kwargs)
-            # The saved processor tokenizes prompts the way the shards were tokenized (one_pass or llava).
-            tokenization = self.shards.manifest["config"].get("tokenization", "one_pass")
-            model, processor = (
-                ConvLlavaForCausalLM(model_config),
-                ConvLlavaProcessor.for_model(model_config, c.tokenizer, tokenization=tokenization),
-            )
-        self.processor = processor
+        self.strategy = DeepSpeedStrategy(c, self.world_size)
+        model, self.processor = self.build_model()
         self._check_data_matches_model(model)
         model.train()  # `load_model` returns an inference-mode model; training needs dropout and drop-path back
         set_trainable(model, c.trainable)
@@ -91,12 +86,13 @@ class StageRecipe:
         self.total_steps = c.epochs * self.steps_per_epoch
         if c.max_steps is not None:
             self.total_steps = min(self.total_steps, c.max_steps)
-        self.strategy = DeepSpeedStrategy(c, self.world_size)
         optimizer = torch.optim.AdamW(self._param_groups(model), lr=c.lr, weight_decay=c.weight_decay)
         schedule = lr_lambda(self.total_steps, c.warmup_ratio, c.schedule)
         self.engine, self.scheduler = self.strategy.setup(
             model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         )
+        self.device = torch.device(self.engine.device)
+        self.collectives = DeviceCollectives(self.device)
         if checkpoint_dir is not None:
             self._restore(checkpoint_dir)
         if self.rank == 0 and self.run.get("tracking_uri") and self.run.get("run_id"):
@@ -107,6 +103,36 @@ class StageRecipe:
 
                 retry_call("log trainable_parameters.txt", lambda: client(self.run["tracking_uri"]).log_text(
                     self.run["run_id"], self.table, "trainable_parameters.txt"), attempts=1)  # fmt: skip
+
+    def build_model(self) -> tuple[ConvLlavaForCausalLM, ConvLlavaProcessor]:
+        """The model and processor, built the way the configured ZeRO stage needs.
+
+        Under ZeRO-3 the strategy's `model_context` makes transformers build inside `deepspeed.zero.Init`: each rank
+        creates only its partition of every parameter as the module is made, and `from_pretrained` loads a
+        checkpoint into the partitioned model (rank 0 reads the memory-mapped files, the other ranks only the keys).
+        The attention kernel is what the config asks for when this worker can run it (`resolve_attn_implementation`).
+        """
+        c = self.config
+        requested = c.attn_implementation
+        if c.init_from and requested is None:
+            requested = ConvLlavaConfig.from_pretrained(resolve_local(c.init_from)).text_config._attn_implementation
+        attn = resolve_attn_implementation(requested, self.device)
+        self.attn_implementation = attn
+        if self.rank == 0 and attn != requested and requested is not None:
+            print(f"[{c.name}] attention: {attn} ({requested} requested: {attention_unavailable(requested, self.device)})",
+                  flush=True)  # fmt: skip
+        with self.strategy.model_context():
+            if c.init_from:
+                return load_model(c.init_from, attn_implementation=attn)
+            model_config = ConvLlavaConfig.from_preset(c.preset, **({"attn_implementation": attn} if attn else {}))
+            # The saved processor tokenizes prompts the way the shards were tokenized (one_pass or llava).
+            tokenization = self.shards.manifest["config"].get("tokenization", "one_pass")
+            # `_from_config` is the constructor transformers' ZeRO-3 integration hooks into (the same weights as
+            # `ConvLlavaForCausalLM(config)` for the same seed otherwise).
+            return (
+                ConvLlavaForCausalLM._from_config(model_config),
+                ConvLlavaProcessor.for_model(model_config, c.tokenizer, tokenization=tokenization),
+            )
 
     def _check_data_matches_model(self, model: ConvLlavaForCausalLM) -> None:
         made_with = self.shards.manifest["config"]
@@ -147,32 +173,35 @@ class StageRecipe:
             epoch, index = divmod(self.step, self.steps_per_epoch)
             plan = self._plan(epoch)
             start = time.perf_counter()
-            totals = torch.zeros(5, dtype=torch.float64)  # loss·n, micro-batches, tokens, visual tokens, padding
+            totals = [0.0] * 5  # loss·n, micro-batches, tokens, visual tokens, padding
             for micro in plan.micro_batches(self.rank, index):
                 batch = collate(self.shards.rows(micro), self.processor.tokenizer.pad_token_id)
-                out = self.engine(input_ids=batch["input_ids"].to(self.engine.device),
-                                  attention_mask=batch["attention_mask"].to(self.engine.device),
-                                  labels=batch["labels"].to(self.engine.device),
+                out = self.engine(input_ids=batch["input_ids"].to(self.device),
+                                  attention_mask=batch["attention_mask"].to(self.device),
+                                  labels=batch["labels"].to(self.device),
                                   pixel_values=None if batch["pixel_values"] is None
-                                  else batch["pixel_values"].to(self.engine.device))  # fmt: skip
+                                  else batch["pixel_values"].to(self.device))  # fmt: skip
                 # A text-only micro-batch still runs tower and projector (on a blank image, weighted zero; see
                 # ConvLlavaForCausalLM.embed_inputs), so every rank joins the same collectives.
                 self.engine.backward(out.loss)
                 self.engine.step()
                 stats = batch["stats"]
-                totals += torch.tensor([out.loss.item(), 1, stats["num_tokens"], stats["num_visual_tokens"],
-                                        stats["text_padding_fraction"]], dtype=torch.float64)  # fmt: skip
+                values = (out.loss.item(), 1, stats["num_tokens"], stats["num_visual_tokens"],
+                          stats["text_padding_fraction"])  # fmt: skip
+                totals = [t + v for t, v in zip(totals, values, strict=True)]
             self.step += 1
-            dist.all_reduce(totals)
+            totals = self.collectives.sum(totals)
+            (peak,) = self.collectives.max([peak_memory_bytes(self.device) / 2**30])
             elapsed = time.perf_counter() - start
             metrics = {
-                "train/loss": totals[0].item() / totals[1].item(),
+                "train/loss": totals[0] / totals[1],
                 "train/lr": self.scheduler.get_last_lr()[0],
                 "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                 "train/samples_per_s": c.global_batch_size / elapsed,
-                "train/tokens_per_s": totals[2].item() / elapsed,
-                "train/visual_tokens_per_s": totals[3].item() / elapsed,
-                "train/text_padding_fraction": totals[4].item() / totals[1].item(),
+                "train/tokens_per_s": totals[2] / elapsed,
+                "train/visual_tokens_per_s": totals[3] / elapsed,
+                "train/text_padding_fraction": totals[4] / totals[1],
+                "train/peak_memory_gib": peak,
                 "train/step_time_s": elapsed,
                 "train/epoch": epoch + (index + 1) / self.steps_per_epoch,
             }
@@ -208,7 +237,7 @@ class StageRecipe:
                              "unlogged_metrics": self.logger.unsent() if self.logger else []}  # fmt: skip
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         write_completion_marker(tmp, self.rank)
-        dist.barrier()
+        self.collectives.barrier()
         checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
         try:
             ray.train.report({**metrics, "step": self.step}, checkpoint=checkpoint,
@@ -236,6 +265,49 @@ class StageRecipe:
         random.setstate(_from_jsonable(rng["python"]))
         if self.rank == 0:
             print(f"[{self.config.name}] resumed at step {self.step}/{self.total_steps} from {directory}", flush=True)
+
+
+class DeviceCollectives:
+    """Every collective the recipe itself issues, on one device: the engine's. NCCL (`use_gpu: true`) refuses CPU
+    tensors, gloo refuses CUDA ones, so a tensor on another device is refused here, naming both, before it reaches
+    the process group.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = torch.device(device)
+
+    def _check(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device != self.device:
+            raise RuntimeError(f"collective on a tensor on {tensor.device}; the engine computes on {self.device}")
+        return tensor
+
+    def sum(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(self._check(tensor))
+        return tensor.tolist()
+
+    def max(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(self._check(tensor), op=dist.ReduceOp.MAX)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        if self.device.type == "cuda":
+            dist.barrier(
+                device_ids=[self.device.index if self.device.index is not None else torch.cuda.current_device()]
+            )
+        else:
+            dist.barrier()
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This process's peak: CUDA memory allocated on a GPU, the resident set's high-water mark (VmHWM) on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def _jsonable(obj):
@@ -304,9 +376,64 @@ def verify_checkpoint(directory: Path, world_size: int) -> dict[str, Any]:
         path = directory / rel
         if not path.is_file() or path.stat().st_size != meta["size"] or _sha256(path) != meta["sha256"]:
             raise CheckpointIncomplete(f"{directory}: {rel} is missing or differs from what was written")
-    if not (directory / "model" / "model.safetensors").is_file() or not (directory / TRAINER_STATE).is_file():
-        raise CheckpointIncomplete(f"{directory}: no consolidated model or trainer state")
+    _consolidated_model_files(listed, str(directory))
+    if not (directory / TRAINER_STATE).is_file():
+        raise CheckpointIncomplete(f"{directory}: no trainer state")
     return json.loads((directory / TRAINER_STATE).read_text())
+
+
+def _consolidated_model_files(files: Any, where: str) -> None:
+    """A consolidated model is `model/model.safetensors`, or an index and every shard it names (save_pretrained
+    shards a 7B model). `files` answers `in` for relative paths.
+
+    Raises:
+        CheckpointIncomplete: naming what is missing.
+    """
+    if "model/model.safetensors" in files:
+        return
+    if "model/model.safetensors.index.json" not in files:
+        raise CheckpointIncomplete(f"{where}: no consolidated model (model/model.safetensors or its index)")
+
+
+def verify_stored_checkpoint(filesystem, path: str, world_size: int) -> dict[str, Any]:
+    """`verify_checkpoint` for a checkpoint in its storage, without downloading it: every rank's completion marker
+    must be there, and every file a marker lists must be in the storage listing with the size the rank wrote
+    (the ranks checked the bytes against their sha256 before uploading, and `upload_checkpoint` the stored sizes).
+    Only the markers, the shard index and the trainer state are read. Returns the trainer state.
+
+    Raises:
+        CheckpointIncomplete: naming the missing marker, or the missing or short file.
+    """
+    import pyarrow.fs as pafs
+
+    fs = filesystem or pafs.LocalFileSystem()
+    root = path.rstrip("/")
+    stored = {info.path[len(root) + 1 :]: info.size for info in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+              if info.type == pafs.FileType.File}  # fmt: skip
+
+    def read(rel: str) -> Any:
+        with fs.open_input_stream(f"{root}/{rel}") as f:
+            return json.loads(f.read())
+
+    listed: dict[str, Any] = {}
+    for rank in range(world_size):
+        marker = f"COMPLETE.rank{rank}.json"
+        if marker not in stored:
+            raise CheckpointIncomplete(f"{root}: rank {rank} never finished writing (no {marker})")
+        listed.update(read(marker)["files"])
+    for rel, meta in sorted(listed.items()):
+        if stored.get(rel) != meta["size"]:
+            size = "missing" if rel not in stored else f"{stored[rel]} bytes"
+            raise CheckpointIncomplete(f"{root}: {rel} is {size} in storage; rank wrote {meta['size']} bytes")
+    _consolidated_model_files(listed, root)
+    if "model/model.safetensors.index.json" in listed:
+        shards = set(read("model/model.safetensors.index.json")["weight_map"].values())
+        lost = sorted(s for s in shards if f"model/{s}" not in listed)
+        if lost:
+            raise CheckpointIncomplete(f"{root}: model shards {lost} named by the index were never written")
+    if TRAINER_STATE not in listed:
+        raise CheckpointIncomplete(f"{root}: no trainer state")
+    return read(TRAINER_STATE)
 
 
 def _sha256(path: Path) -> str:

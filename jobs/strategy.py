@@ -47,6 +47,34 @@ class DeepSpeedStrategy:
             ds["bf16"] = {"enabled": True}
         return ds
 
+    def model_context(self):
+        """The context a model is built and loaded in. Under ZeRO-3: transformers' DeepSpeed integration
+        (`HfDeepSpeedConfig`, held while the context is open) makes `from_pretrained` / `_from_config` build inside
+        `deepspeed.zero.Init`, so every rank only ever holds its partition, and load a checkpoint into the
+        partitioned model with rank 0 reading the memory-mapped files and the others taking keys and shapes only.
+        Parameters stay partitioned after the context closes; `deepspeed.initialize` takes them as they are."""
+        import contextlib
+
+        if self.zero_stage < 3:
+            return contextlib.nullcontext()
+        import deepspeed
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        if torch.distributed.is_initialized():
+            # DeepSpeed's config checks train_batch_size against *its* world size: join the process group Ray
+            # Train made before it reads the config (deepspeed.initialize would do the same later).
+            deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+
+        @contextlib.contextmanager
+        def zero3():
+            held = HfDeepSpeedConfig(self.ds_config)  # noqa: F841 - transformers keeps only a weak reference
+            try:
+                yield
+            finally:
+                unset_hf_deepspeed_config()
+
+        return zero3()
+
     def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               scheduler_fn: Callable[[torch.optim.Optimizer], Any]):  # fmt: skip
         import deepspeed

@@ -52,7 +52,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     config = StageConfig.from_dict(loop_config["stage"])
-    recipe = StageRecipe(config, loop_config["run"], ctx.get_world_rank(), ctx.get_world_size())
+    import ray.train.torch
+
+    recipe = StageRecipe(config, loop_config["run"], ctx.get_world_rank(), ctx.get_world_size(),
+                         device=ray.train.torch.get_device())  # fmt: skip
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         recipe.setup(None)
@@ -178,7 +181,7 @@ def run_stage(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    from jobs.recipe import TRAINER_STATE, verify_checkpoint
+    from jobs.recipe import TRAINER_STATE, verify_stored_checkpoint
     from jobs.tracking import log_metric_rows, log_params, retry_call, start_run
 
     config.check_runnable()
@@ -240,8 +243,9 @@ def run_stage(
         raise RuntimeError(f"stage {config.name} failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise RuntimeError(f"stage {config.name} finished without a checkpoint")
-    with result.checkpoint.as_directory() as directory:
-        state = verify_checkpoint(Path(directory), config.workers)  # never record an incomplete checkpoint
+    # Never record an incomplete checkpoint, and never download it here (100+ GB at the paper's scale): what the
+    # ranks recorded is checked against the storage listing, reading only the markers and the trainer state.
+    state = verify_stored_checkpoint(result.checkpoint.filesystem, result.checkpoint.path, config.workers)
     checkpoint_uri = f"s3://{result.checkpoint.path}" if filesystem is not None else result.checkpoint.path
     if state["step"] != state["total_steps"]:
         raise RuntimeError(f"stage {config.name}: last checkpoint is at step {state['step']} of {state['total_steps']}")
