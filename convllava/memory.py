@@ -135,9 +135,11 @@ def measure_activations(
             if pixels is not None:  # the placeholders' positions, as `embed_inputs` scatters them (no data reads)
                 features = model.get_image_features(pixels).view(micro_batch_size, n_visual, -1)
                 embeds = torch.cat([features.to(embeds.dtype), embeds[:, n_visual:]], dim=1)
-            loss = model.language_model(inputs_embeds=embeds, attention_mask=mask, labels=ids, use_cache=False).loss
+            # The output stays alive through backward, its logits with it, as in the training loop
+            # (`out = engine(...); engine.backward(out.loss)`).
+            out = model.language_model(inputs_embeds=embeds, attention_mask=mask, labels=ids, use_cache=False)
             forward = _total(tracker, "current") - start
-            loss.backward()
+            out.loss.backward()
         peak = _total(tracker, "peak") - start
     return ActivationMemory(forward_bytes=forward, peak_bytes=peak)
 

@@ -164,6 +164,7 @@ class Pipeline:
         parent = self.parent_run(fresh=from_node is not None)
         result = PipelineResult(ok=False, parent_run_id=parent)
         try:
+            self.preflight(parent)
             self.ensure_demo_data()
             shards, fingerprints = self.node_preprocess(parent, result, force=force_from <= 0)
             self.client.set_tag(parent, "convllava.raw_fingerprint", _key(fingerprints))
@@ -175,6 +176,25 @@ class Pipeline:
         finally:
             self.client.set_terminated(parent, "FINISHED" if result.ok else "FAILED")
         return result
+
+    def preflight(self, parent: str) -> None:
+        """Every stage's memory plan before the first image is read: a stage that cannot fit its GPUs stops the
+        pipeline now, not after preprocessing and the stages before it. Shards that do not exist yet are planned at
+        the preprocess config's resolution and max_length; stages 2 and 3 have stage 1's architecture. Each plan
+        goes into the parent run (`STAGE/plan/...`, `STAGE/plan.txt`); `run_stage` plans again on the real shards."""
+        from jobs.plan import preflight
+
+        pconfig = self.config.preprocess_config()
+        assumed = (pconfig.max_length, (pconfig.resolution, pconfig.resolution))
+        first = None
+        for node in ("stage1", "stage2", "stage3"):
+            spec = self.config.stages[node]
+            init = self._champion_model() if node == "stage1" and self.config.init_from_champion else None
+            stage = self.config.stage_config(node, f"{self.storage.rstrip('/')}/shards/{spec.data}", init)
+            first = first or stage
+            if stage.init_from is None and stage.preset is None:
+                stage = stage.replace(init_from=first.init_from, preset=first.preset)
+            preflight(stage, self.tracking_uri, parent, assumed=assumed, prefix=f"{node}/")
 
     def ensure_demo_data(self) -> None:
         spec = self.config.demo_data

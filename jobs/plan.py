@@ -5,12 +5,13 @@ parameters per group, and adds up the bytes one worker holds at its peak:
 
 - model states under the configured ZeRO stage and precision (P parameters, T trainable, N workers, w bytes per
   weight: 2 with bf16 on GPUs, 4 in fp32 on CPUs, L the largest layer's parameters):
-    ZeRO-2   weights wP, gradients wT (the reduce buffer) + 4T/N (the fp32 partition), optimizer 12T/N
-             (fp32 master + Adam's two moments of the partition)
+    ZeRO-2   weights wP, gradients (w + 4)T/N (this worker's partition, in the weights' dtype and in fp32),
+             optimizer 12T/N (fp32 master + Adam's two moments of the partition)
     ZeRO-3   weights wP/N, gradients 4T/N, optimizer 12T/N, plus the gathered layer 2wL (DeepSpeed's estimator)
     offload  (`offload_param` / `offload_optimizer` to cpu) the offloaded states move to host memory
   With every parameter trainable and w = 2 these are DeepSpeed's own estimators
-  (`estimate_zero2_model_states_mem_needs`: 4P + 16P/N, `estimate_zero3_model_states_mem_needs`: 4L + 18P/N).
+  (`estimate_zero2_model_states_mem_needs`: 2P + 18P/N, `estimate_zero3_model_states_mem_needs`: 4L + 18P/N,
+  with offload 4L on the GPU and 18P·1.5 in host memory per node).
 - DeepSpeed's communication buckets (reduce / all-gather / prefetch bucket sizes, in elements, × w).
 - activations of the largest micro-batch the shards hold, measured on fake tensors (`convllava.memory`): the
   bucket with the most pixels and the one with the longest sequence, each at its longest length, padded as
@@ -65,6 +66,7 @@ class Geometry:
 @dataclass
 class MemoryPlan:
     config: StageConfig
+    model_config: ConvLlavaConfig
     groups: list[tuple[str, int, int]]  # (group, trainable, total)
     largest_layer: int
     zero_stage: int
@@ -187,7 +189,8 @@ def model_config_for(config: StageConfig) -> ConvLlavaConfig:
 
 
 def _geometries(config: StageConfig, model_config: ConvLlavaConfig, seq_len: int | None,
-                image_size: tuple[int, int] | None) -> tuple[list[Geometry], str, int | None, str]:  # fmt: skip
+                image_size: tuple[int, int] | None,
+                assumed: tuple[int, tuple[int, int]] | None) -> tuple[list[Geometry], str, int | None, str]:  # fmt: skip
     """The micro-batches to measure, why those, and the steps per epoch (or why unknown)."""
     from convllava.data import plan_epoch
     from jobs.shards import ShardSet
@@ -197,9 +200,10 @@ def _geometries(config: StageConfig, model_config: ConvLlavaConfig, seq_len: int
     except Exception as e:  # noqa: BLE001 - any reason the shards are not there yet; the plan says it
         reason = f"shards at {config.data} not readable: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
         r = model_config.image_resolution
-        size = image_size or (r, r)
-        g = Geometry(f"{size[0]}x{size[1]}", seq_len or ASSUMED_SEQ_LEN, size)
-        return [g], f"{g.bucket} images, {g.seq_len} tokens, assumed (--image-size / --seq-len)", None, reason
+        fallback_len, fallback_size = assumed or (ASSUMED_SEQ_LEN, (r, r))
+        size = image_size or fallback_size
+        g = Geometry(f"{size[0]}x{size[1]}", seq_len or fallback_len, size)
+        return [g], f"{g.bucket} images, {g.seq_len} tokens, assumed (shards not readable yet)", None, reason
     longest: dict[str, int] = {}
     for info in shards.infos:
         longest[info.bucket] = max(longest.get(info.bucket, 0), info.length)
@@ -252,7 +256,7 @@ def model_states(config: StageConfig, total: int, trainable: int, largest: int,
         gathered = 2 * w * largest
         buckets = w * (zero.get("reduce_bucket_size", 5e8) + zero.get("stage3_prefetch_bucket_size", 5e7))
     else:
-        weights, grads = w * total, w * trainable + 4 * trainable / n
+        weights, grads = w * total, (w + 4) * trainable / n
         gathered = 0
         buckets = w * (zero.get("reduce_bucket_size", 5e8) + zero.get("allgather_bucket_size", 5e8))
     optimizer = 12 * trainable / n
@@ -260,8 +264,7 @@ def model_states(config: StageConfig, total: int, trainable: int, largest: int,
     host: dict[str, float] = {}
     if off_opt:
         host["optimizer states"], gpu["optimizer states"] = optimizer, 0
-        host["gradients"] = 4 * trainable / n
-        gpu["gradients"] = 0 if stage == 3 else w * trainable
+        host["gradients"], gpu["gradients"] = 4 * trainable / n, 0
     if off_param:
         host["weights"], gpu["weights"] = weights, 0
     if stage == 3:
@@ -271,8 +274,15 @@ def model_states(config: StageConfig, total: int, trainable: int, largest: int,
 
 
 def plan_stage(config: StageConfig, *, gpu_memory_gib: float | None = None, seq_len: int | None = None,
-               image_size: tuple[int, int] | None = None) -> MemoryPlan:  # fmt: skip
-    """The stage's memory plan (see the module docstring). `seq_len` / `image_size` replace the shards' largest."""
+               image_size: tuple[int, int] | None = None,
+               assumed: tuple[int, tuple[int, int]] | None = None) -> MemoryPlan:  # fmt: skip
+    """The stage's memory plan (see the module docstring).
+
+    Args:
+        seq_len / image_size: plan for these instead of the shards' longest sample and largest bucket.
+        assumed: (seq_len, image size) when the shards cannot be read yet (a pipeline before preprocessing: its
+            max_length and resolution); default LLaVA's 2048 tokens and the model's square resolution.
+    """
     model_config = model_config_for(config)
     with torch.device("meta"):
         model = ConvLlavaForCausalLM(model_config)
@@ -283,23 +293,35 @@ def plan_stage(config: StageConfig, *, gpu_memory_gib: float | None = None, seq_
     ds = config.deepspeed_config()
     gpu, host = model_states(config, total, trainable, largest, ds)
     zero = ds.get("zero_optimization", {})
-    geometry, note, steps, steps_note = _geometries(config, model_config, seq_len, image_size)
-    dtype = torch.bfloat16 if config.use_gpu else torch.float32
+    geometry, note, steps, steps_note = _geometries(config, model_config, seq_len, image_size, assumed)
     activations, worst = {}, {}
     for ckpt in (True, False):
-        measured = [(measure_activations(model_config, config.trainable, micro_batch_size=config.micro_batch_size,
-                                         seq_len=g.seq_len, image_size=g.image_size, dtype=dtype,
-                                         gradient_checkpointing=ckpt), g) for g in geometry]  # fmt: skip
+        measured = [(_measure(model_config, config, g, config.micro_batch_size, ckpt), g) for g in geometry]
         activations[ckpt], worst[ckpt] = max(measured, key=lambda m: m[0].peak_bytes)
     memory, memory_note = _device_memory(config, gpu_memory_gib)
     reserve = max(2 * GIB, memory // 20) if config.use_gpu else 0
-    plan = MemoryPlan(config=config, groups=groups, largest_layer=largest, zero_stage=int(zero.get("stage", 0)),
+    plan = MemoryPlan(config=config, model_config=model_config, groups=groups, largest_layer=largest, zero_stage=int(zero.get("stage", 0)),
                       offload_param="weights" in host, offload_optimizer="optimizer states" in host,
                       weight_bytes=2 if config.use_gpu else 4, model_states=gpu, host_states=host, geometry=geometry,
                       geometry_note=note, activations=activations, worst=worst, device_memory=memory,
                       device_note=memory_note, reserve=reserve, steps_per_epoch=steps, steps_note=steps_note)  # fmt: skip
     plan.advice = _advice(plan)
     return plan
+
+
+def _measure(model_config: ConvLlavaConfig, config: StageConfig, g: Geometry, micro_batch_size: int,
+             gradient_checkpointing: bool) -> ActivationMemory:  # fmt: skip
+    return measure_activations(model_config, config.trainable, micro_batch_size=micro_batch_size, seq_len=g.seq_len,
+                               image_size=g.image_size, dtype=torch.bfloat16 if config.use_gpu else torch.float32,
+                               gradient_checkpointing=gradient_checkpointing)  # fmt: skip
+
+
+def measure(plan: MemoryPlan, g: Geometry, micro_batch_size: int, gradient_checkpointing: bool) -> ActivationMemory:
+    return _measure(plan.model_config, plan.config, g, micro_batch_size, gradient_checkpointing)
+
+
+def _peak(a: ActivationMemory) -> int:
+    return a.peak_bytes
 
 
 def _advice(plan: MemoryPlan) -> list[str]:
@@ -313,15 +335,15 @@ def _advice(plan: MemoryPlan) -> list[str]:
                    f"{_gib(plan.peak_bytes(True)):.1f} GiB")  # fmt: skip
     act = plan.activations[c.gradient_checkpointing].peak_bytes
     if c.micro_batch_size > 1:
-        per_sample = act / c.micro_batch_size
-        smaller = [
-            m
-            for m in range(c.micro_batch_size - 1, 0, -1)
-            if c.global_batch_size % (m * c.workers) == 0 and per_sample * (c.micro_batch_size - m) >= over
-        ]
-        if smaller:
-            out.append(f"micro-batch: micro_batch_size={smaller[0]} (activations scale with it; gradient "
-                       f"accumulation rises to {c.global_batch_size // (smaller[0] * c.workers)})")  # fmt: skip
+        # The largest smaller micro-batch that keeps the accumulation whole and, measured again, fits.
+        for m in range(c.micro_batch_size - 1, 0, -1):
+            if c.global_batch_size % (m * c.workers) or act * m / c.micro_batch_size > act - over:
+                continue  # activations grow at least linearly with the micro-batch: this one cannot fit
+            smaller = max((measure(plan, g, m, c.gradient_checkpointing) for g in plan.geometry), key=_peak)
+            if plan.peak_bytes() - act + smaller.peak_bytes <= plan.device_memory:
+                out.append(f"micro-batch: micro_batch_size={m} (peak {_gib(plan.peak_bytes() - act + smaller.peak_bytes):.1f}"
+                           f" GiB; gradient accumulation rises to {c.global_batch_size // (m * c.workers)})")  # fmt: skip
+                break
     if plan.zero_stage < 3:
         out.append("ZeRO stage: deepspeed=zero3 partitions the weights and gradients over the workers too")
     if not (plan.offload_param and plan.offload_optimizer):
@@ -331,22 +353,25 @@ def _advice(plan: MemoryPlan) -> list[str]:
     return out
 
 
-def log_plan(plan: MemoryPlan, tracking_uri: str, run_id: str) -> None:
-    """The plan into a stage's MLflow run: `plan/...` params and metrics, and `plan.txt`."""
+def log_plan(plan: MemoryPlan, tracking_uri: str, run_id: str, prefix: str = "") -> None:
+    """The plan into an MLflow run: `plan/...` params and metrics, and `plan.txt` (each under `prefix`)."""
     from jobs.tracking import client, log_metric_rows, log_params
 
-    log_params(tracking_uri, run_id, plan.params())
+    log_params(tracking_uri, run_id, {prefix + k: v for k, v in plan.params().items()})
     now = int(time.time() * 1000)
-    log_metric_rows(tracking_uri, run_id, [[k, v, now, 0] for k, v in plan.metrics().items()])
-    client(tracking_uri).log_text(run_id, plan.format() + "\n", "plan.txt")
+    log_metric_rows(tracking_uri, run_id, [[prefix + k, v, now, 0] for k, v in plan.metrics().items()])
+    client(tracking_uri).log_text(run_id, plan.format() + "\n", f"{prefix}plan.txt")
 
 
-def preflight(config: StageConfig, tracking_uri: str | None = None, run_id: str | None = None) -> MemoryPlan:
+def preflight(config: StageConfig, tracking_uri: str | None = None, run_id: str | None = None,
+              assumed: tuple[int, tuple[int, int]] | None = None, prefix: str = "") -> MemoryPlan:  # fmt: skip
     """The plan `convllava train` and `pipeline run` make before launching a stage: logged, printed, and raised
-    as `MemoryPlanError` when it does not fit."""
-    plan = plan_stage(config)
+    as `MemoryPlanError` when it does not fit. The GPU memory is the visible GPU's, else `CONVLLAVA_GPU_MEMORY_GIB`,
+    else 80 GiB assumed (a head node plans for workers it cannot see)."""
+    env = os.environ.get("CONVLLAVA_GPU_MEMORY_GIB")
+    plan = plan_stage(config, gpu_memory_gib=float(env) if env else None, assumed=assumed)
     if tracking_uri and run_id:
-        log_plan(plan, tracking_uri, run_id)
+        log_plan(plan, tracking_uri, run_id, prefix)
     last = plan.format().splitlines()[-1]
     print(f"[{config.name}] {last}", flush=True)
     if not plan.fits:

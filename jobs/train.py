@@ -206,6 +206,15 @@ def run_stage(
 
     if tracking_uri and run_id:
         client(tracking_uri).log_text(run_id, config.to_yaml(), "stage_config.yaml")
+    # The memory plan before any worker starts: a stage that cannot fit its GPUs is refused here, with the advice.
+    from jobs.plan import preflight
+
+    try:
+        preflight(config, tracking_uri, run_id)
+    except BaseException:
+        if owns_run:
+            retry_call(f"mark run {run_id} FAILED", lambda: client(tracking_uri).set_terminated(run_id, "FAILED"))
+        raise
 
     strategy = DeepSpeedStrategy(config, config.workers)
     secrets = share_secrets()
