@@ -354,10 +354,13 @@ def _advice(plan: MemoryPlan) -> list[str]:
 
 
 def log_plan(plan: MemoryPlan, tracking_uri: str, run_id: str, prefix: str = "") -> None:
-    """The plan into an MLflow run: `plan/...` params and metrics, and `plan.txt` (each under `prefix`)."""
+    """The plan into an MLflow run: `plan/...` params and metrics, and `plan.txt` (each under `prefix`). A
+    prefixed plan (the pipeline's, made again on a resumed run once shards exist) logs no params, which MLflow
+    does not let change."""
     from jobs.tracking import client, log_metric_rows, log_params
 
-    log_params(tracking_uri, run_id, {prefix + k: v for k, v in plan.params().items()})
+    if not prefix:
+        log_params(tracking_uri, run_id, plan.params())
     now = int(time.time() * 1000)
     log_metric_rows(tracking_uri, run_id, [[prefix + k, v, now, 0] for k, v in plan.metrics().items()])
     client(tracking_uri).log_text(run_id, plan.format() + "\n", f"{prefix}plan.txt")

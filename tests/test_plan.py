@@ -31,7 +31,7 @@ MID_TEXT = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_h
 
 
 def mid_config(**overrides) -> ConvLlavaConfig:
-    return ConvLlavaConfig.from_preset("tiny", text_config=MID_TEXT, image_token_id=31999,
+    return ConvLlavaConfig.from_preset("tiny", text_config=MID_TEXT, image_token_id=4,  # the tiny tokenizer's <image>
                                        vision_dims=(64, 128, 256, 512), vision_depths=(1, 1, 3, 1),
                                        vision_stage5_dim=768, **overrides)  # fmt: skip
 

@@ -1,0 +1,246 @@
+"""The paper-scale GPU path, checked on CPU: collectives on the engine's device, the flash-attn → sdpa fallback,
+ZeRO-3 construction that never holds a full copy per rank, checkpoint verification from the storage listing, and
+the CPU-offload DeepSpeed config training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+from convllava.attention import attention_unavailable, resolve_attn_implementation
+from jobs.recipe import (
+    CheckpointIncomplete,
+    DeviceCollectives,
+    StageRecipe,
+    verify_stored_checkpoint,
+    write_completion_marker,
+)
+from jobs.stage_config import CONFIG_DIR, StageConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- collectives
+
+
+def test_device_collectives_build_on_the_engine_device_and_refuse_others(monkeypatch):
+    import torch.distributed as dist
+
+    seen = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append((t.device, op)))
+    c = DeviceCollectives(torch.device("meta"))  # any device other than the CPU the values come from
+    with pytest.raises(NotImplementedError):  # the reduced values cannot be read back off meta: after the call
+        c.sum([1.0, 2.0])
+    assert [d for d, _ in seen] == [torch.device("meta")]
+    with pytest.raises(RuntimeError, match=r"collective on a tensor on cpu; the engine computes on meta"):
+        c._check(torch.zeros(2))
+
+
+def test_the_recipe_issues_no_collective_outside_device_collectives():
+    """Every `dist.` call of StageRecipe goes through DeviceCollectives (a CPU tensor under NCCL is an error)."""
+    import inspect
+
+    source = inspect.getsource(StageRecipe)
+    assert "dist.all_reduce" not in source and "dist.barrier" not in source and "dist.broadcast" not in source
+    assert "self.collectives.sum(" in source and "self.collectives.barrier()" in source
+
+
+def _harness(tmp_path: Path, config: StageConfig, *flags: str, port: int) -> list[dict]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(config.to_dict()))
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(ROOT / "tests" / "recipe_harness.py"), "--config", str(cfg), "--world",
+                    str(config.workers), "--out", str(out), "--port", str(port), *flags],
+                   check=True, cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(config.workers)]
+
+
+def _tiny(shards, **changes) -> StageConfig:
+    base = StageConfig.from_yaml(CONFIG_DIR / "tiny" / "stage1.yaml", [f"data={shards}"])
+    return base.replace(**{"max_steps": 2, **changes})
+
+
+@pytest.mark.integration
+def test_every_collective_of_a_training_step_is_on_the_engines_device(shards, tmp_path):
+    """Two ranks over gloo; every torch.distributed collective (the recipe's and DeepSpeed's) is spied on and
+    its tensors' devices recorded. The flash-attn the config asks for is replaced by sdpa on a CPU worker."""
+    ranks = _harness(tmp_path, _tiny(shards, attn_implementation="flash_attention_2"), "--spy-collectives",
+                     port=29741)  # fmt: skip
+    for r in ranks:
+        assert r["engine_device"] == "cpu" and r["step"] == 2 and r["attn_implementation"] == "sdpa"
+        assert r["collectives"], "no collective was seen"
+        wrong = [c for c in r["collectives"] if c["devices"] not in ([], [r["engine_device"]])]
+        assert not wrong, wrong
+        assert sum(c["op"] == "all_reduce" for c in r["collectives"]) >= 2 * 2  # loss totals + peak, each step
+
+
+# ---------------------------------------------------------------- attention
+
+
+def test_attention_falls_back_to_sdpa_and_says_why(monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError
+    assert "flash_attn does not import" in attention_unavailable("flash_attention_2", "cpu")
+    with caplog.at_level("WARNING", logger="convllava.attention"):
+        assert resolve_attn_implementation("flash_attention_2", "cpu") == "sdpa"
+    assert "flash_attention_2 requested, using sdpa: flash_attn does not import" in caplog.text
+    # flash-attn installed, but this worker computes on the CPU (or a pre-Ampere GPU): still sdpa.
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    assert attention_unavailable("flash_attention_2", "cpu") == "it needs a CUDA device, this worker computes on cpu"
+    assert resolve_attn_implementation("flash_attention_2", "cpu") == "sdpa"
+    if not torch.cuda.is_available():
+        assert attention_unavailable("flash_attention_2") == "no CUDA device"
+    for kept in ("sdpa", "eager", None):
+        assert resolve_attn_implementation(kept, "cpu") == kept
+
+
+# ---------------------------------------------------------------- ZeRO-3 construction
+
+
+@pytest.mark.integration
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 13): each rank still peaks at ~1.3x the full model while "
+    "transformers' ZeRO-3 loader fills the partitioned model; the ZeRO-2 half and the checksums hold",
+)
+def test_zero3_builds_and_loads_a_partition_per_rank_never_the_full_model(shards, tmp_path):
+    """A ~100M-parameter checkpoint (400 MB fp32) loaded as stage 2 does by 2 ranks: under ZeRO-3 each rank's
+    peak anonymous memory stays near its half, under ZeRO-2 each holds the whole model; both see the same weights."""
+    from test_plan import mid_config
+
+    from convllava.checkpoint import save_checkpoint
+    from convllava.modeling import ConvLlavaForCausalLM
+    from convllava.processor import ConvLlavaProcessor
+
+    torch.manual_seed(0)
+    config = mid_config()
+    model = ConvLlavaForCausalLM(config)
+    full = sum(p.numel() * 4 for p in model.parameters())
+    expected_sum = sum(float(p.detach().double().sum()) for p in model.parameters())
+    ckpt = save_checkpoint(model, ConvLlavaProcessor.for_model(config, "tiny"), tmp_path / "mid")
+    del model
+    stage = _tiny(shards, init_from=str(ckpt), preset=None, trainable=["vision.stage5", "projector", "llm"])
+    zero3 = _harness(tmp_path / "z3", stage.replace(deepspeed="zero3"), "--build-only", port=29743)
+    zero2 = _harness(tmp_path / "z2", stage.replace(deepspeed="zero2"), "--build-only", port=29745)
+    for r in zero2:
+        assert not r["partitioned"] and r["local_param_bytes"] == full
+        assert r["build_peak_anon_bytes"] > 0.9 * full
+        assert r["checksum"] == pytest.approx(expected_sum, rel=1e-9)
+    for r in zero3:
+        assert r["partitioned"] and r["full_param_bytes"] == full
+        assert r["checksum"] == pytest.approx(expected_sum, rel=1e-9)
+    for r in zero3:
+        assert r["build_peak_anon_bytes"] < 0.75 * full, (r["build_peak_anon_bytes"], full)
+
+
+# ---------------------------------------------------------------- the offload config
+
+
+@pytest.mark.integration
+def test_the_cpu_offload_config_trains(shards, tmp_path):
+    ranks = _harness(tmp_path, _tiny(shards, deepspeed="zero3_offload", max_steps=3), port=29747)
+    losses = [r["metrics"]["train/loss"] for r in ranks]
+    assert all(r["step"] == 3 for r in ranks) and losses[0] == losses[1] and 0 < losses[0] < 20
+
+
+# ---------------------------------------------------------------- checkpoint verification without download
+
+
+def _checkpoint(directory: Path, world: int, sharded: bool) -> None:
+    (directory / "model").mkdir(parents=True)
+    if sharded:
+        (directory / "model" / "model-00001-of-00002.safetensors").write_bytes(b"a" * 100)
+        (directory / "model" / "model-00002-of-00002.safetensors").write_bytes(b"b" * 50)
+        (directory / "model" / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}}))  # fmt: skip
+    else:
+        (directory / "model" / "model.safetensors").write_bytes(b"m" * 120)
+    (directory / "trainer_state.json").write_text(json.dumps({"step": 7, "total_steps": 7}))
+    for rank in range(world):
+        (directory / f"engine.rank{rank}.pt").write_bytes(bytes([rank]) * 64)
+        write_completion_marker(directory, rank)
+
+
+class _Handler(pafs.FileSystemHandler):
+    """A LocalFileSystem that records every file opened for reading (what a download would read)."""
+
+    def __init__(self) -> None:
+        self.fs, self.opened = pafs.LocalFileSystem(), []
+
+    def __eq__(self, other):
+        return self is other
+
+    def __ne__(self, other):
+        return self is not other
+
+    def get_type_name(self):
+        return "counting"
+
+    def normalize_path(self, path):
+        return path
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def open_input_stream(self, path):
+        self.opened.append(path)
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        self.opened.append(path)
+        return self.fs.open_input_file(path)
+
+    def create_dir(self, *a):
+        raise NotImplementedError
+
+    delete_dir = delete_dir_contents = delete_root_dir_contents = delete_file = move = copy_file = create_dir
+    open_output_stream = open_append_stream = create_dir
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_stored_checkpoint_is_verified_from_markers_and_listing_only(tmp_path, sharded):
+    _checkpoint(tmp_path / "ck", 2, sharded)
+    handler = _Handler()
+    state = verify_stored_checkpoint(pafs.PyFileSystem(handler), str(tmp_path / "ck"), 2)
+    assert state == {"step": 7, "total_steps": 7}
+    read = sorted(Path(p).name for p in handler.opened)
+    expected = ["COMPLETE.rank0.json", "COMPLETE.rank1.json", "trainer_state.json"]
+    assert read == sorted(expected + (["model.safetensors.index.json"] if sharded else []))  # no weights read
+
+
+def test_a_stored_checkpoint_that_is_incomplete_is_refused_naming_what(tmp_path):
+    root = tmp_path / "ck"
+    _checkpoint(root, 2, sharded=True)
+    fs = pafs.LocalFileSystem()
+    with pytest.raises(CheckpointIncomplete, match=r"rank 2 never finished writing \(no COMPLETE.rank2.json\)"):
+        verify_stored_checkpoint(fs, str(root), 3)
+    (root / "engine.rank1.pt").write_bytes(b"short")
+    with pytest.raises(CheckpointIncomplete, match=r"engine.rank1.pt is 5 bytes in storage; rank wrote 64 bytes"):
+        verify_stored_checkpoint(fs, str(root), 2)
+    (root / "engine.rank1.pt").write_bytes(bytes([1]) * 64)
+    (root / "model" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointIncomplete, match=r"model-00002-of-00002.safetensors is missing in storage"):
+        verify_stored_checkpoint(fs, str(root), 2)
+
+
+def test_a_stored_checkpoint_on_s3_is_verified_without_download(s3_bucket, tmp_path):
+    from convllava.storage import upload_dir
+
+    _checkpoint(tmp_path / "ck", 2, sharded=False)
+    upload_dir(tmp_path / "ck", f"s3://{s3_bucket}/runs/ck")
+    import os
+
+    fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], region="us-east-1")
+    assert verify_stored_checkpoint(fs, f"{s3_bucket}/runs/ck", 2)["step"] == 7
+    with pytest.raises(CheckpointIncomplete, match="no COMPLETE.rank2.json"):
+        verify_stored_checkpoint(fs, f"{s3_bucket}/runs/ck", 3)
