@@ -26,7 +26,6 @@ stage that does not fit (`MemoryPlanError`), logging the plan to the stage's MLf
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -316,10 +315,6 @@ def _measure(model_config: ConvLlavaConfig, config: StageConfig, g: Geometry, mi
                                gradient_checkpointing=gradient_checkpointing)  # fmt: skip
 
 
-def measure(plan: MemoryPlan, g: Geometry, micro_batch_size: int, gradient_checkpointing: bool) -> ActivationMemory:
-    return _measure(plan.model_config, plan.config, g, micro_batch_size, gradient_checkpointing)
-
-
 def _peak(a: ActivationMemory) -> int:
     return a.peak_bytes
 
@@ -339,7 +334,9 @@ def _advice(plan: MemoryPlan) -> list[str]:
         for m in range(c.micro_batch_size - 1, 0, -1):
             if c.global_batch_size % (m * c.workers) or act * m / c.micro_batch_size > act - over:
                 continue  # activations grow at least linearly with the micro-batch: this one cannot fit
-            smaller = max((measure(plan, g, m, c.gradient_checkpointing) for g in plan.geometry), key=_peak)
+            smaller = max(
+                (_measure(plan.model_config, c, g, m, c.gradient_checkpointing) for g in plan.geometry), key=_peak
+            )
             if plan.peak_bytes() - act + smaller.peak_bytes <= plan.device_memory:
                 out.append(f"micro-batch: micro_batch_size={m} (peak {_gib(plan.peak_bytes() - act + smaller.peak_bytes):.1f}"
                            f" GiB; gradient accumulation rises to {c.global_batch_size // (m * c.workers)})")  # fmt: skip
@@ -384,4 +381,4 @@ def preflight(config: StageConfig, tracking_uri: str | None = None, run_id: str 
 
 def plan_json(plan: MemoryPlan) -> dict[str, Any]:
     """The plan's figures as JSON (bench/gpu_train_check.py puts them next to the measured ones)."""
-    return json.loads(json.dumps({**plan.params(), **plan.metrics()}))
+    return {**plan.params(), **plan.metrics()}
