@@ -116,6 +116,43 @@ def iter_shards(directory: Path) -> Iterator[tuple[Path, dict[str, torch.Tensor]
         yield path, _load_file(path)
 
 
+class FlatRanges:
+    """Ranges of a safetensors checkpoint's tensors, each read as if the tensor were flattened, touching only the rows
+    that hold the range: a ZeRO-3 rank fills its partition of every parameter from disk, never holding a whole one.
+
+    Raises:
+        CheckpointError: when the directory has no safetensors weights, or a tensor is not in them.
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        from safetensors import safe_open
+
+        self.directory = resolve_local(directory)
+        files = [p for p in _weight_files(self.directory) if p.suffix == ".safetensors"]
+        if not files:
+            raise CheckpointError(f"{self.directory}: ranges are read from safetensors weights only")
+        self._handles = [safe_open(str(path), framework="pt") for path in files]
+        self._where = {key: handle for handle in self._handles for key in handle.keys()}
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def read(self, name: str, start: int, end: int) -> torch.Tensor:
+        """Elements [start, end) of tensor `name` flattened in row-major order, as a 1-D tensor of its stored dtype."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.directory}: tensor {name!r} is not in the checkpoint")
+        part = self._where[name].get_slice(name)
+        shape = part.get_shape()
+        if len(shape) == 0:
+            return self._where[name].get_tensor(name).reshape(-1)[start:end]
+        row = 1
+        for size in shape[1:]:
+            row *= size
+        first, last = start // row, -(-end // row)
+        rows = part[first:last]
+        return rows.reshape(-1)[start - first * row : end - first * row]
+
+
 def load_state_dict(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory: safetensors preferred, `.bin` loaded with weights_only=True."""
     state: dict[str, torch.Tensor] = {}
@@ -399,6 +436,16 @@ def from_llava_checkpoint(
     # The released models were trained on LLaVA's tokenizer_image_token sequences (a `▁` after every image).
     processor = ConvLlavaProcessor.for_model(config, tokenizer, tokenization="llava") if tokenizer else None
     return model.eval(), processor
+
+
+def is_convllava_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether `path` holds a checkpoint of our own format (config.json model_type convllava, safetensors weights),
+    as opposed to a released LLaVA-layout one."""
+    directory = resolve_local(path)
+    config = directory / "config.json"
+    if not config.is_file() or json.loads(config.read_text()).get("model_type") != ConvLlavaConfig.model_type:
+        return False
+    return any((directory / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def load_model(

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from convllava.attention import attention_unavailable, resolve_attn_implementation
-from convllava.checkpoint import load_model
+from convllava.checkpoint import is_convllava_checkpoint, load_model
 from convllava.config import ConvLlavaConfig
 from convllava.data import collate, plan_epoch
 from convllava.modeling import ConvLlavaForCausalLM
@@ -122,6 +122,8 @@ class StageRecipe:
             print(f"[{c.name}] attention: {attn} ({requested} requested: {attention_unavailable(requested, self.device)})",
                   flush=True)  # fmt: skip
         with self.strategy.model_context():
+            if c.init_from and self.strategy.zero_stage == 3 and is_convllava_checkpoint(c.init_from):
+                return self.strategy.build_partitioned(c.init_from, attn)
             if c.init_from:
                 return load_model(c.init_from, attn_implementation=attn)
             model_config = ConvLlavaConfig.from_preset(c.preset, **({"attn_implementation": attn} if attn else {}))

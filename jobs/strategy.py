@@ -75,6 +75,35 @@ class DeepSpeedStrategy:
 
         return zero3()
 
+    def build_partitioned(self, init_from: str, attn_implementation: str | None = None):
+        """A checkpoint of our format built and loaded for ZeRO-3 with no rank ever holding more than its partition
+        plus the one module being constructed: the model is made under `deepspeed.zero.Init` without random init, then
+        each rank reads *its slice* of every flattened parameter from the safetensors files (`load_partitions`).
+        transformers' own ZeRO-3 loader instead gathers every layer whole on every rank to let rank 0 copy it in.
+        Call inside `model_context()`."""
+        import deepspeed
+        from transformers.initialization import no_init_weights
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+        from transformers.modeling_utils import set_zero3_state
+
+        from convllava.checkpoint import FlatRanges
+        from convllava.config import ConvLlavaConfig
+        from convllava.modeling import ConvLlavaForCausalLM
+        from convllava.processor import ConvLlavaProcessor
+        from convllava.storage import resolve_local
+
+        directory = resolve_local(init_from)
+        config = ConvLlavaConfig.from_pretrained(directory)
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        # `_from_config`'s ZeRO-3 contexts, without its random init afterwards (which gathers every layer whole in
+        # turn and leaves each rank holding far more than its partition): every value is read from the checkpoint.
+        with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+            with set_zero3_state():  # the LM built inside our __init__ joins this zero.Init instead of its own
+                model = ConvLlavaForCausalLM(config)
+        load_partitions(model, FlatRanges(directory))
+        return model.eval(), ConvLlavaProcessor.from_pretrained(directory)
+
     def setup(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
               scheduler_fn: Callable[[torch.optim.Optimizer], Any]):  # fmt: skip
         import deepspeed
@@ -117,3 +146,35 @@ class DeepSpeedStrategy:
             state.setdefault(name, buf.detach().cpu().clone())
         persistent = set(module.state_dict().keys())
         return {k: v for k, v in state.items() if k in persistent}
+
+
+def load_partitions(model: torch.nn.Module, source) -> None:
+    """Fill a ZeRO-3 model's partitions from `source` (`convllava.checkpoint.FlatRanges`): DeepSpeed keeps rank r's
+    elements [r*n, (r+1)*n) of each flattened parameter (n = its partition size, the last one zero-padded), so each
+    rank reads just those. Buffers are not partitioned: every rank reads them whole (they are small).
+
+    Raises:
+        CheckpointError: naming a parameter or buffer the checkpoint does not hold.
+    """
+    import torch.distributed as dist
+
+    from convllava.checkpoint import CheckpointError
+
+    keys = source.keys()
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            stored = [n for n in names[id(param)] if n in keys]
+            if not stored:
+                raise CheckpointError(f"{source.directory}: no weights for {' / '.join(names[id(param)])}")
+            size = param.ds_tensor.ds_numel
+            rank = dist.get_rank(group=getattr(param, "ds_process_group", None))
+            start, end = rank * size, min((rank + 1) * size, param.ds_numel)
+            param.ds_tensor.zero_()
+            if start < end:
+                param.ds_tensor[: end - start].copy_(source.read(stored[0], start, end))
+        for name, buffer in model.named_buffers():
+            if name in keys:
+                buffer.copy_(source.read(name, 0, buffer.numel()).view_as(buffer))

@@ -85,6 +85,12 @@ def _rank(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     if args.build_only:
         recipe.shards = ShardSet(config.data)
         recipe.strategy = DeepSpeedStrategy(config, world)
+        # What building imports on first use (the LM's modeling code, timm, DeepSpeed's partitioning) is loaded
+        # before the baseline, so the peak is the model's memory and not the libraries'.
+        import deepspeed.runtime.zero.partition_parameters  # noqa: F401
+        import timm  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
         dist.barrier()
         peak = AnonPeak()
         model, _ = recipe.build_model()

@@ -105,17 +105,15 @@ def test_attention_falls_back_to_sdpa_and_says_why(monkeypatch, caplog):
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 13): each rank still peaks at ~1.3x the full model while "
-    "transformers' ZeRO-3 loader fills the partitioned model; the ZeRO-2 half and the checksums hold",
-)
 def test_zero3_builds_and_loads_a_partition_per_rank_never_the_full_model(shards, tmp_path):
-    """A ~100M-parameter checkpoint (400 MB fp32) loaded as stage 2 does by 2 ranks: under ZeRO-3 each rank's
-    peak anonymous memory stays near its half, under ZeRO-2 each holds the whole model; both see the same weights."""
+    """A ~100M-parameter checkpoint (415 MB fp32) loaded as stage 2 does, by 2 ranks. Under ZeRO-3 each rank's peak
+    anonymous memory is its half plus the one module zero.Init is making (the full tensor and its partition copy,
+    `largest * (1 + 1/N)`): never the whole model, and nothing is gathered to load it (transformers' own ZeRO-3 loader
+    peaked at 1.3-1.4x the full model here). Under ZeRO-2 each rank holds the whole model. Both see exactly the checkpoint's weights."""
     from test_plan import mid_config
 
     from convllava.checkpoint import save_checkpoint
+    from convllava.memory import largest_layer_params
     from convllava.modeling import ConvLlavaForCausalLM
     from convllava.processor import ConvLlavaProcessor
 
@@ -123,21 +121,43 @@ def test_zero3_builds_and_loads_a_partition_per_rank_never_the_full_model(shards
     config = mid_config()
     model = ConvLlavaForCausalLM(config)
     full = sum(p.numel() * 4 for p in model.parameters())
+    largest = largest_layer_params(model) * 4  # the 32000 x 768 embedding: 24% of this model, 2% of a 7B one
     expected_sum = sum(float(p.detach().double().sum()) for p in model.parameters())
     ckpt = save_checkpoint(model, ConvLlavaProcessor.for_model(config, "tiny"), tmp_path / "mid")
     del model
     stage = _tiny(shards, init_from=str(ckpt), preset=None, trainable=["vision.stage5", "projector", "llm"])
     zero3 = _harness(tmp_path / "z3", stage.replace(deepspeed="zero3"), "--build-only", port=29743)
     zero2 = _harness(tmp_path / "z2", stage.replace(deepspeed="zero2"), "--build-only", port=29745)
-    for r in zero2:
+    for r in zero2:  # (its weights are the memory-mapped file's pages until training writes them: not anon)
         assert not r["partitioned"] and r["local_param_bytes"] == full
-        assert r["build_peak_anon_bytes"] > 0.9 * full
         assert r["checksum"] == pytest.approx(expected_sum, rel=1e-9)
+    world = stage.workers
     for r in zero3:
-        assert r["partitioned"] and r["full_param_bytes"] == full
+        assert r["partitioned"] and r["full_param_bytes"] == full and r["local_param_bytes"] == 0
         assert r["checksum"] == pytest.approx(expected_sum, rel=1e-9)
-    for r in zero3:
-        assert r["build_peak_anon_bytes"] < 0.75 * full, (r["build_peak_anon_bytes"], full)
+        bound = full / world + largest * (1 + 1 / world) + 32 * 2**20
+        assert r["build_peak_anon_bytes"] < bound < full, (r["build_peak_anon_bytes"], bound, full)
+
+
+def test_partitions_are_read_from_the_checkpoint_slice_by_slice(tmp_path):
+    """`FlatRanges.read` gives any flat range of any tensor (1-D, 2-D, 4-D, scalar) as the flattened tensor would,
+    reading only the rows that hold it; a tensor the checkpoint lacks is named."""
+    from safetensors.torch import save_file
+
+    from convllava.checkpoint import CheckpointError, FlatRanges
+
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(7), "b": torch.randn(5, 3), "c": torch.randn(3, 2, 2, 5), "s": torch.tensor(2.5)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    ranges = FlatRanges(tmp_path)
+    assert ranges.keys() == set(tensors)
+    for name, t in tensors.items():
+        flat = t.reshape(-1)
+        for start in range(flat.numel()):
+            for end in range(start + 1, flat.numel() + 1):
+                assert torch.equal(ranges.read(name, start, end), flat[start:end]), (name, start, end)
+    with pytest.raises(CheckpointError, match="'missing' is not in the checkpoint"):
+        ranges.read("missing", 0, 1)
 
 
 # ---------------------------------------------------------------- the offload config
