@@ -38,13 +38,39 @@ def tower_forward_flops(model_config, resolution: int) -> int:
     return counter.get_total_flops()
 
 
+def vicuna_shaped_tokenizer(directory: Path, image_token_id: int = 32000) -> Path:
+    """The shipped tiny byte-level BPE tokenizer with its ids laid out as a Vicuna-7B ConvLLaVA expects them: the
+    text vocabulary below 32000 and `<image>` at 32000 (the paper presets' image_token_id), so the convllava-768
+    preset accepts it without a hub download. The ids in between are reserved tokens that never occur in text."""
+    from convllava.tokenizer import TINY_TOKENIZER_DIR
+
+    spec = json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())
+    spec["model"]["vocab"] = {
+        ("<reserved_image>" if k == "<image>" else k): v for k, v in spec["model"]["vocab"].items()
+    }
+    added = [t for t in spec["added_tokens"] if t["content"] != "<image>"]
+    image = next(t for t in spec["added_tokens"] if t["content"] == "<image>")
+    taken = {t["id"] for t in added} | set(spec["model"]["vocab"].values())
+    # the reserved id where <image> was, and the rest up to image_token_id, as special tokens nobody types
+    fill = [{**image, "id": i, "content": f"<reserved_{i}>"} for i in range(image_token_id) if i not in taken]
+    spec["added_tokens"] = sorted([*added, *fill, {**image, "id": image_token_id}], key=lambda t: t["id"])
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.json").write_text(json.dumps(spec))
+    (directory / "tokenizer_config.json").write_text((TINY_TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    return directory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--tiny", action="store_true", help="tiny preset on CPU workers (the test suite's run)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--tokenizer", default="tiny", help="GPU run: a Vicuna tokenizer directory (<image> = 32000)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="a tokenizer directory; default: tiny on CPU, the tiny one with Vicuna's ids (<image> = 32000) on GPU",
+    )
     args = parser.parse_args()
 
     from jobs.plan import plan_json, plan_stage
@@ -55,6 +81,8 @@ def main() -> None:
     from pipelines.preprocess import run_preprocess
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-train-check-"))
+    if args.tokenizer is None:
+        args.tokenizer = "tiny" if args.tiny else str(vicuna_shaped_tokenizer(work / "tokenizer"))
     resolution = 256 if args.tiny else 768
     generate_demo_data(work / "data", seed=0, n_caption=64, n_instruct=64, n_eval=8)
     run_preprocess(Mixture.from_yaml(work / "data" / "mixture.yaml"), PreprocessConfig(resolution=resolution,

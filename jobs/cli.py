@@ -151,8 +151,6 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from jobs.stage_config import StageConfig
-    from jobs.tracking import default_tracking_uri
-    from jobs.train import run_stage
 
     overrides = list(args.overrides)
     if args.init_from:
@@ -160,9 +158,23 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.stage is not None:
         overrides.append(f"stage={args.stage}")
     config = StageConfig.from_yaml(args.config, overrides)
-    tracking = args.tracking_uri or default_tracking_uri(args.workdir)
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
-    result = run_stage(config, args.storage or str(Path(args.workdir) / "runs"), tracking_uri=tracking,
+    storage = args.storage or str(Path(args.workdir) / "runs")
+    if args.local:
+        from jobs.local import run_local
+
+        local = run_local(config, storage, run_name=args.run_name)
+        if local.resumed_from:
+            print(f"{config.name}: resumed at step {local.resumed_from}")
+        print(f"{config.name}: {local.steps} steps, final loss {local.metrics.get('train/loss', float('nan')):.4f}")
+        print(f"checkpoint: {local.checkpoint}")
+        print(f"model:      {local.model}")
+        return 0
+    from jobs.tracking import default_tracking_uri
+    from jobs.train import run_stage
+
+    tracking = args.tracking_uri or default_tracking_uri(args.workdir)
+    result = run_stage(config, storage, tracking_uri=tracking,
                        run_name=args.run_name, address=args.address)  # fmt: skip
     print(f"{config.name}: {result.steps} steps, final loss {result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint_uri}")
@@ -337,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///WORKDIR/mlflow.db)")
     p.add_argument("--run-name", help="Ray Train run name (same name + storage resumes)")
     p.add_argument("--address", help="Ray cluster address (default: an embedded local instance)")
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="without Ray or MLflow: this process, or the processes "
+        "torchrun started (metrics to STORAGE/RUN_NAME/metrics.jsonl)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value overrides of the stage config (values are YAML)")
     p.set_defaults(func=_cmd_train)
 

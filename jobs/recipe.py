@@ -1,6 +1,8 @@
 """The stage recipe: one class, one lifecycle (setup → train → save_checkpoint), all three stages.
 
-It runs inside every Ray Train worker. A stage is only configuration: trainable groups, learning rates, data,
+It runs in every training process: a Ray Train worker (`jobs.train`) or a plain process, alone or under `torchrun`
+(`jobs.local`). Where checkpoints go and where metrics go are the caller's (`CheckpointSink`, `MetricSink`); the
+recipe imports neither Ray nor MLflow. A stage is only configuration: trainable groups, learning rates, data,
 schedule, DeepSpeed JSON. Resumption is exact: a checkpoint holds DeepSpeed's state, the step counter, every
 rank's RNG state and the data position (a step index into the seeded epoch plan), so a restarted run replays
 nothing and skips nothing.
@@ -17,7 +19,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -34,7 +36,6 @@ from convllava.trainable import format_table, param_group, set_trainable, traina
 from jobs.shards import ShardSet
 from jobs.stage_config import StageConfig
 from jobs.strategy import DeepSpeedStrategy
-from jobs.tracking import MetricLogger
 
 TRAINER_STATE = "trainer_state.json"
 
@@ -57,14 +58,48 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return fn
 
 
+class CheckpointSink(Protocol):
+    """Where a finished checkpoint goes. `publish` is called on every rank with that rank's folder (its part written
+    and its completion marker last); the folder is deleted after. Ray Train's sink reports it to the controller,
+    which uploads it; a local sink copies it under the run's folder."""
+
+    def publish(self, directory: Path, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class MetricSink(Protocol):
+    """Rank 0's metrics. `log` must not block training; `unsent` are `[key, value, timestamp, step]` rows not yet
+    stored (a checkpoint carries them), `requeue` takes such rows back after a restart; `close` flushes."""
+
+    def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def log_text(self, text: str, name: str) -> None: ...
+
+    def unsent(self) -> list[list]: ...
+
+    def requeue(self, rows: list[list]) -> None: ...
+
+    def close(self) -> Any: ...
+
+
 class StageRecipe:
-    def __init__(self, config: StageConfig, run: dict[str, Any], rank: int, world_size: int,
+    """One training stage in one process of `world_size`: builds the model the ZeRO stage needs, restores a
+    checkpoint exactly, trains to `total_steps`, and hands checkpoints and metrics to the sinks it was given.
+
+    Args:
+        checkpoints: where checkpoints go (every rank).
+        metrics: where rank 0's metrics go (None: not recorded; other ranks always None).
+        run_id: the tracking run a checkpoint records it belongs to.
+    """
+
+    def __init__(self, config: StageConfig, rank: int, world_size: int, *, checkpoints: CheckpointSink,
+                 metrics: MetricSink | None = None, run_id: str | None = None,
                  device: torch.device | str | None = None) -> None:  # fmt: skip
-        self.config, self.run, self.rank, self.world_size = config, run, rank, world_size
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.checkpoints, self.logger, self.run_id = checkpoints, metrics if rank == 0 else None, run_id
         # The device this worker computes on (Ray Train's `get_device()`); the engine's device once it exists.
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.step, self.logger = 0, None
-        self.unsent_metrics: list[list] = []  # [key, value, timestamp, step] rows MLflow has not stored yet
+        self.step = 0
+        self.unsent_metrics: list[list] = []  # [key, value, timestamp, step] rows the metric sink has not stored
 
     # ------------------------------------------------------------------ setup
     def setup(self, checkpoint_dir: Path | None) -> None:
@@ -95,14 +130,10 @@ class StageRecipe:
         self.collectives = DeviceCollectives(self.device)
         if checkpoint_dir is not None:
             self._restore(checkpoint_dir)
-        if self.rank == 0 and self.run.get("tracking_uri") and self.run.get("run_id"):
-            self.logger = MetricLogger(self.run["tracking_uri"], self.run["run_id"])
+        if self.logger is not None:
             self.logger.requeue(self.unsent_metrics)  # metrics the checkpoint's run could not send before it stopped
             if self.step == 0:
-                from jobs.tracking import client, retry_call
-
-                retry_call("log trainable_parameters.txt", lambda: client(self.run["tracking_uri"]).log_text(
-                    self.run["run_id"], self.table, "trainable_parameters.txt"), attempts=1)  # fmt: skip
+                self.logger.log_text(self.table, "trainable_parameters.txt")
 
     def build_model(self) -> tuple[ConvLlavaForCausalLM, ConvLlavaProcessor]:
         """The model and processor, built the way the configured ZeRO stage needs.
@@ -217,9 +248,7 @@ class StageRecipe:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
-        """Write DeepSpeed state + consolidated HF model + trainer state, verify, then report to Ray Train."""
-        import ray.train
-
+        """Write DeepSpeed state + consolidated HF model + trainer state and the completion marker, then publish."""
         tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.config.name}-{self.step}-"))
         self.strategy.save(self.engine, tmp / "deepspeed")
         state = self.strategy.full_state_dict(self.engine)  # collective under ZeRO-3
@@ -234,17 +263,14 @@ class StageRecipe:
             (tmp / "model" / "stage_config.yaml").write_text(self.config.to_yaml())
             trainer_state = {"step": self.step, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                              "world_size": self.world_size, "data_fingerprint": self.shards.fingerprint,
-                             "config_hash": self.config.config_hash(), "run_id": self.run.get("run_id"),
+                             "config_hash": self.config.config_hash(), "run_id": self.run_id,
                              "metrics": metrics,  # and what MLflow has not stored yet: a restart or the driver sends it
                              "unlogged_metrics": self.logger.unsent() if self.logger else []}  # fmt: skip
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         write_completion_marker(tmp, self.rank)
         self.collectives.barrier()
-        checkpoint = ray.train.Checkpoint.from_directory(str(tmp))
         try:
-            ray.train.report({**metrics, "step": self.step}, checkpoint=checkpoint,
-                             checkpoint_dir_name=f"checkpoint_{self.step:06d}",
-                             checkpoint_upload_fn=upload_checkpoint)  # fmt: skip
+            self.checkpoints.publish(tmp, self.step, metrics)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -334,32 +360,6 @@ def write_completion_marker(directory: Path, rank: int) -> None:
     for path in sorted(p for p in directory.rglob("*") if p.is_file() and not p.name.startswith("COMPLETE")):
         files[str(path.relative_to(directory))] = {"size": path.stat().st_size, "sha256": _sha256(path)}
     (directory / f"COMPLETE.rank{rank}.json").write_text(json.dumps({"rank": rank, "files": files}, indent=1))
-
-
-def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
-    """Ray Train's own upload of this rank's part of a checkpoint, then a check that every file arrived whole.
-
-    pyarrow's `copy_files` (what Ray uploads with) ignores the error of a file whose S3 upload failed after all
-    retries ("Error ignored when destroying file"): the file is silently missing, and Ray would record the checkpoint
-    as complete. Raising here fails the report instead, so the checkpoint is never recorded.
-
-    Raises:
-        CheckpointIncomplete: naming the files missing or short in storage.
-    """
-    import pyarrow.fs as pafs
-    import ray.train
-
-    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
-    root = persisted.path.rstrip("/")
-    stored = {info.path[len(root) + 1 :]: info.size
-              for info in persisted.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
-              if info.type == pafs.FileType.File}  # fmt: skip
-    local = Path(checkpoint.path)
-    written = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
-    lost = sorted(rel for rel, size in written.items() if stored.get(rel) != size)
-    if lost:
-        raise CheckpointIncomplete(f"{checkpoint_dir_name}: uploading to {persisted.path} lost {lost}; not recorded")
-    return persisted
 
 
 def verify_checkpoint(directory: Path, world_size: int) -> dict[str, Any]:

@@ -164,6 +164,10 @@ class MetricLogger:
                 delay = min(self.max_backoff_s, 2 * delay if delay else 1.0)
                 delay = min(delay, 1.0) if self._closing else delay
 
+    def log_text(self, text: str, name: str) -> None:
+        """An artifact text file of the run; tried once (a down server costs one warning, never training time)."""
+        retry_call(f"log {name}", lambda: client(self.tracking_uri).log_text(self.run_id, text, name), attempts=1)
+
     def close(self, timeout_s: float | None = None) -> list[int]:
         """Wait up to `timeout_s` (default `flush_timeout_s`) for the queue to drain, then stop the sender.
 

@@ -39,6 +39,46 @@ class StageResult:
     unlogged_steps: list[int] = field(default_factory=list)  # steps whose metrics MLflow never stored
 
 
+class RayTrainCheckpoints:
+    """The recipe's checkpoint sink on a Ray Train worker: each rank reports its part; Ray Train uploads it into the
+    run's storage (`upload_checkpoint` checks it arrived whole) and the controller registers the checkpoint once
+    every rank has reported: what a restarted worker group, or a rerun under the same run name, resumes from."""
+
+    def publish(self, directory: Path, step: int, metrics: dict[str, float]) -> None:
+        import ray.train
+
+        ray.train.report({**metrics, "step": step}, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                         checkpoint_dir_name=f"checkpoint_{step:06d}", checkpoint_upload_fn=upload_checkpoint)  # fmt: skip
+
+
+def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
+    """Ray Train's own upload of this rank's part of a checkpoint, then a check that every file arrived whole.
+
+    pyarrow's `copy_files` (what Ray uploads with) ignores the error of a file whose S3 upload failed after all
+    retries ("Error ignored when destroying file"): the file is silently missing, and Ray would record the checkpoint
+    as complete. Raising here fails the report instead, so the checkpoint is never recorded.
+
+    Raises:
+        CheckpointIncomplete: naming the files missing or short in storage.
+    """
+    import pyarrow.fs as pafs
+    import ray.train
+
+    from jobs.recipe import CheckpointIncomplete
+
+    persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+    root = persisted.path.rstrip("/")
+    stored = {info.path[len(root) + 1 :]: info.size
+              for info in persisted.filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+              if info.type == pafs.FileType.File}  # fmt: skip
+    local = Path(checkpoint.path)
+    written = {p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()}
+    lost = sorted(rel for rel, size in written.items() if stored.get(rel) != size)
+    if lost:
+        raise CheckpointIncomplete(f"{checkpoint_dir_name}: uploading to {persisted.path} lost {lost}; not recorded")
+    return persisted
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -48,14 +88,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
     adopt_secrets(loop_config["secrets"])  # before anything reads credentials
+    import ray.train.torch
+
     from jobs.recipe import StageRecipe
+    from jobs.tracking import MetricLogger
 
     ctx = ray.train.get_context()
     config = StageConfig.from_dict(loop_config["stage"])
-    import ray.train.torch
-
-    recipe = StageRecipe(config, loop_config["run"], ctx.get_world_rank(), ctx.get_world_size(),
-                         device=ray.train.torch.get_device())  # fmt: skip
+    run = loop_config["run"]
+    rank = ctx.get_world_rank()
+    logger = None
+    if rank == 0 and run.get("tracking_uri") and run.get("run_id"):
+        logger = MetricLogger(run["tracking_uri"], run["run_id"])
+    recipe = StageRecipe(config, rank, ctx.get_world_size(), checkpoints=RayTrainCheckpoints(), metrics=logger,
+                         run_id=run.get("run_id"), device=ray.train.torch.get_device())  # fmt: skip
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         recipe.setup(None)

@@ -80,7 +80,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     from jobs.strategy import DeepSpeedStrategy
 
     config = StageConfig.from_dict(json.loads(Path(args.config).read_text()))
-    recipe = StageRecipe(config, {}, rank, world)
+    recipe = StageRecipe(config, rank, world, checkpoints=None)  # checkpoints are never written here
     out: dict = {"rank": rank}
     if args.build_only:
         recipe.shards = ShardSet(config.data)

@@ -264,3 +264,49 @@ def test_a_stored_checkpoint_on_s3_is_verified_without_download(s3_bucket, tmp_p
     assert verify_stored_checkpoint(fs, f"{s3_bucket}/runs/ck", 2)["step"] == 7
     with pytest.raises(CheckpointIncomplete, match="no COMPLETE.rank2.json"):
         verify_stored_checkpoint(fs, f"{s3_bucket}/runs/ck", 3)
+
+
+# ---------------------------------------------------------------- the prepared GPU check, at tiny size on CPU
+
+
+def test_the_gpu_checks_tokenizer_has_vicunas_image_id(tmp_path):
+    """The GPU check trains the convllava-768 preset (image_token_id 32000) without a hub download: its tokenizer
+    is the tiny one with Vicuna's id layout, which the processor accepts and which tokenizes text as the tiny one."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from gpu_train_check import vicuna_shaped_tokenizer
+
+    from convllava.config import ConvLlavaConfig
+    from convllava.processor import ConvLlavaProcessor
+    from convllava.tokenizer import load_tokenizer
+
+    directory = vicuna_shaped_tokenizer(tmp_path / "tok")
+    processor = ConvLlavaProcessor.for_model(ConvLlavaConfig.from_preset("convllava-768"), str(directory))
+    assert processor.image_token_id == 32000 and len(processor.tokenizer) == 32001
+    text = "USER: <image>\nHow many cats sit on the 12 mats? ASSISTANT: Two."
+    ours, tiny = processor.tokenizer(text).input_ids, load_tokenizer("tiny")(text).input_ids
+    assert ours == [32000 if t == 4 else t for t in tiny] and ours.count(32000) == 1
+
+
+@pytest.mark.integration
+def test_the_gpu_train_check_runs_at_tiny_size(tmp_path):
+    """bench/gpu_train_check.py, the script a GPU session runs, on CPU at tiny size: three stages through the real
+    run_stage, stage 1 rerun under its run name resumes at its last step, and every measured and planned figure the
+    GPU run reports is there."""
+    out = tmp_path / "check.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_train_check.py"), "--tiny", "--steps", "2", "--out",
+                    str(out), "--workdir", str(tmp_path / "work")], check=True, cwd=ROOT, capture_output=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["preset"] == "tiny" and sorted(result["stages"]) == [
+        "stage1", "stage2", "stage3"]  # fmt: skip
+    for name, stage in result["stages"].items():
+        m, plan = stage["measured"], stage["plan"]
+        assert m["steps"] == 2 and 0 < m["loss"] < 20 and m["mfu"] is None, name  # no GPU peak to divide by
+        for key in ("peak_memory_gib", "step_time_s", "tokens_per_s", "visual_tokens_per_s", "model_flops_per_s"):
+            assert m[key] > 0, (name, key)
+        assert plan["plan/fits"] and plan["plan/per_gpu_peak_gib"] > plan["plan/activations_gib"] > 0, name
+        assert plan["plan/trainable_parameters"] <= plan["plan/parameters"], name
+    stages = result["stages"]
+    assert stages["stage1"]["plan"]["plan/zero_stage"] == 2 and stages["stage2"]["plan"]["plan/zero_stage"] == 3
+    assert (stages["stage1"]["plan"]["plan/trainable_parameters"]
+            < stages["stage2"]["plan"]["plan/trainable_parameters"])  # fmt: skip
+    assert result["resume"]["steps_before"] == result["resume"]["steps_after"] == 2
