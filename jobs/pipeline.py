@@ -22,7 +22,7 @@ from typing import Any
 
 from jobs import registry
 from jobs.pipeline_config import NODES, PipelineConfig
-from jobs.tracking import artifact_root, client, default_tracking_uri, ensure_experiment, log_params
+from jobs.tracking import artifact_root, client, default_tracking_uri, ensure_experiment, log_dataset, log_params
 
 TAG_PIPELINE, TAG_NODE, TAG_KEY, TAG_OUTPUT = (
     "convllava.pipeline",
@@ -231,6 +231,9 @@ class Pipeline:
             metrics = {}
             for name, mixture in mixtures.items():
                 manifest = run_preprocess(mixture, pconfig, shards[name], address=self.address).manifest
+                profile = {"read": manifest["read"], "sources": manifest["sources"]}
+                log_dataset(self.tracking_uri, run_id, name, ",".join(s.annotations for s in mixture.sources),
+                            fingerprints[name][:32], profile, context="raw")  # fmt: skip
                 metrics.update({f"{name}/{k}": manifest[k] for k in ("read", "written", "quarantined")})
                 self.client.log_text(run_id, json.dumps(manifest, indent=2), f"manifests/{name}.json")
             self._finish(run_id, metrics, ",".join(f"{k}={v}" for k, v in shards.items()))

@@ -116,10 +116,7 @@ class ShardSet:
         (unit_size is not in config_hash, incremental runs rewrite some shards), and a layout change renumbers
         the samples, which would make a resumed epoch plan point at other samples.
         """
-        m = self.manifest
-        layout = json.dumps([[s["path"], s["rows"]] for s in m["shards"]])
-        digest = hashlib.sha256(f"{m['input_fingerprint']}\n{m['config_hash']}\n{layout}".encode()).hexdigest()
-        return f"{m['config_hash']}-{digest[:32]}"
+        return manifest_fingerprint(self.manifest)
 
     def location(self, index: int) -> tuple[str, int]:
         """(shard path, row in that file) of sample `index`."""
@@ -162,3 +159,26 @@ class ShardSet:
 
     def __repr__(self) -> str:
         return f"ShardSet({self.uri!r}, samples={len(self)}, shards={len(self.shards)})"
+
+
+def manifest_fingerprint(manifest: dict[str, Any]) -> str:
+    """`ShardSet.fingerprint` from the manifest alone (what a driver can afford to read)."""
+    layout = json.dumps([[s["path"], s["rows"]] for s in manifest["shards"]])
+    text = f"{manifest['input_fingerprint']}\n{manifest['config_hash']}\n{layout}"
+    return f"{manifest['config_hash']}-{hashlib.sha256(text.encode()).hexdigest()[:32]}"
+
+
+def dataset_profile(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The counts a tracking UI shows for a shard set: samples, shards, visual tokens, per-bucket rows."""
+    buckets: dict[str, int] = {}
+    for entry in manifest["shards"]:
+        buckets[entry["bucket"]] = buckets.get(entry["bucket"], 0) + entry["rows"]
+    return {"num_rows": manifest["written"], "read": manifest["read"], "quarantined": manifest["quarantined"],
+            "shards": len(manifest["shards"]), "visual_tokens": manifest.get("visual_tokens"),
+            "rows_per_bucket": buckets}  # fmt: skip
+
+
+def read_manifest(uri: str) -> dict[str, Any] | None:
+    """A shard folder's manifest (local or `s3://`), None when there is none (yet)."""
+    raw = OutputStore(uri.rstrip("/")).read_bytes(MANIFEST)
+    return None if raw is None else json.loads(raw)

@@ -23,6 +23,7 @@ from pipelines.ray_runtime import adopt_secrets, ensure_ray, share_secrets, work
 
 log = logging.getLogger(__name__)
 
+SYSTEM_METRICS_INTERVAL_S = 5.0
 # Rank 0 logs from a background thread, but its setup calls and its final flush wait on MLflow: by default one
 # request to a down server retries for about four minutes. Workers get short requests unless the user set them.
 WORKER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -102,14 +103,63 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger = MetricLogger(run["tracking_uri"], run["run_id"])
     recipe = StageRecipe(config, rank, ctx.get_world_size(), checkpoints=RayTrainCheckpoints(), metrics=logger,
                          run_id=run.get("run_id"), device=ray.train.torch.get_device())  # fmt: skip
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        recipe.setup(None)
+    monitor = system_metrics(run, ctx) if ctx.get_local_rank() == 0 else None
+    try:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            recipe.setup(None)
+        else:
+            with checkpoint.as_directory() as directory:
+                recipe.setup(Path(directory))
         recipe.train()
-        return
-    with checkpoint.as_directory() as directory:
-        recipe.setup(Path(directory))
-    recipe.train()
+    finally:
+        if monitor is not None:
+            stop_system_metrics(monitor)
+
+
+def system_metrics(run: dict[str, Any], ctx):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU with nvidia-ml-py) of this worker's node, into the
+    stage's run every `SYSTEM_METRICS_INTERVAL_S` (`system/...`, `system/node_K/...` when the stage spans nodes),
+    sampled by one worker per node. Never stops training: a tracking server that is down costs a warning."""
+    if not (run.get("tracking_uri") and run.get("run_id")):
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    spans_nodes = ctx.get_world_size() > ctx.get_local_world_size()
+    try:
+        monitor = SystemMetricsMonitor(run["run_id"], sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
+                                       node_id=f"node_{ctx.get_node_rank()}" if spans_nodes else None,
+                                       tracking_uri=run["tracking_uri"])  # fmt: skip
+        monitor.start()
+    except Exception as e:  # noqa: BLE001 - monitoring must never stop training
+        log.warning("system metrics not recorded for run %s: %s", run["run_id"], e)
+        return None
+    return monitor
+
+
+def stop_system_metrics(monitor) -> None:
+    """Stop the monitor and send what it sampled since its last publish (MLflow's `finish` drops it, so a stage
+    shorter than one interval would show nothing)."""
+    monitor.finish()
+    try:
+        if metrics := monitor.aggregate_metrics():
+            monitor.publish_metrics(metrics)
+            monitor.mlflow_logger.flush()
+    except Exception as e:  # noqa: BLE001 - monitoring must never fail a finished stage
+        log.warning("last system metrics not recorded: %s", e)
+
+
+def log_stage_data(config: StageConfig, tracking_uri: str, run_id: str) -> None:
+    """The stage's shards as the run's training dataset (source = the shard folder or `s3://` prefix, digest = the
+    shards' fingerprint, the manifest's counts as its profile): only the manifest is read."""
+    from jobs.shards import dataset_profile, manifest_fingerprint, read_manifest
+    from jobs.tracking import log_dataset
+
+    manifest = read_manifest(config.data)
+    if manifest is not None:
+        name = config.data.rstrip("/").rsplit("/", 1)[-1]
+        log_dataset(tracking_uri, run_id, name, config.data, manifest_fingerprint(manifest).split("-")[-1],
+                    dataset_profile(manifest), context="training")  # fmt: skip
 
 
 def storage_for(uri: str) -> tuple[str, Any]:
@@ -252,6 +302,7 @@ def run_stage(
 
     if tracking_uri and run_id:
         client(tracking_uri).log_text(run_id, config.to_yaml(), "stage_config.yaml")
+        log_stage_data(config, tracking_uri, run_id)
     # The memory plan before any worker starts: a stage that cannot fit its GPUs is refused here, with the advice.
     from jobs.plan import preflight
 

@@ -19,6 +19,7 @@ import yaml
 from jobs import registry
 from jobs.pipeline import PipelineLocked, _accuracy_table, pipeline_status, run_pipeline, workdir_lock
 from jobs.retrain import run_retrain
+from jobs.shards import manifest_fingerprint
 from jobs.tracking import client, default_tracking_uri
 
 pytestmark = pytest.mark.integration
@@ -79,6 +80,22 @@ def test_run_structure_in_mlflow(executed):
         assert ref["uri"] == run.data.tags["convllava.output_uri"] and len(ref["sha256"]) == 64 and ref["size"] > 0
         history = c.get_metric_history(run.info.run_id, "train/loss")
         assert [m.step for m in history] == [1, 2]
+    # What the MLflow UI shows: the training view, each stage's shards in the Dataset column, utilisation.
+    assert c.get_experiment_by_name("dag-test").tags["mlflow.experimentKind"] == "custom_model_development"
+    raw = {d.dataset.name: d for d in c.get_run(kids["preprocess"].info.run_id).inputs.dataset_inputs}
+    assert sorted(raw) == ["captions", "instruct"]
+    assert all({t.key: t.value for t in d.tags}["mlflow.data.context"] == "raw" for d in raw.values())
+    for stage in ("stage1", "stage2", "stage3"):
+        run = c.get_run(kids[stage].info.run_id)
+        (data,) = run.inputs.dataset_inputs
+        shards = json.loads(data.dataset.source)["uri"]
+        manifest = json.loads(Path(shards, "manifest.json").read_text())
+        assert {t.key: t.value for t in data.tags}["mlflow.data.context"] == "training"
+        assert data.dataset.name == Path(shards).name and data.dataset.source_type == "local"
+        assert data.dataset.digest == manifest_fingerprint(manifest).split("-")[-1]  # what ShardSet checks on resume
+        assert json.loads(data.dataset.profile)["num_rows"] == manifest["written"]
+        system = {k for k in run.data.metrics if k.startswith("system/")}
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     artifacts = {a.path for a in c.list_artifacts(kids["preprocess"].info.run_id, "manifests")}
     assert artifacts == {"manifests/captions.json", "manifests/instruct.json"}
     assert {a.path for a in c.list_artifacts(kids["eval"].info.run_id, "eval")} >= {
