@@ -283,6 +283,7 @@ class Pipeline:
 
     def node_eval(self, parent: str, result: PipelineResult, model_uri: str, force: bool) -> None:
         from jobs.evaluate import run_eval
+        from jobs.mlflow_model import example_image, log_model
 
         ev = self.config.eval
         key = _key("eval", ev, model_uri)
@@ -306,8 +307,13 @@ class Pipeline:
                            data_root=ev.get("data_root") or str(self.data_root),
                            max_new_tokens=ev.get("max_new_tokens", 32))  # fmt: skip
             value = out.metrics[self.config.primary_metric]
-            gate = registry.register_and_gate(self.tracking_uri, self.config.registered_model, model_uri, run_id,
-                                              self.config.primary_metric, value, self.config.higher_is_better)  # fmt: skip
+            # The version is an MLflow model (loads with mlflow.pyfunc, serves with `mlflow models serve`), logged
+            # into this eval run: from a metric to the model it measured, from the model to its checkpoint.
+            mlflow_model = log_model(self.tracking_uri, run_id, model_uri, example_image(), self.config.model_mode,
+                                     max_new_tokens=ev.get("max_new_tokens", 32))  # fmt: skip
+            gate = registry.register_and_gate(self.tracking_uri, self.config.registered_model, mlflow_model, run_id,
+                                              self.config.primary_metric, value, self.config.higher_is_better,
+                                              checkpoint_uri=model_uri)  # fmt: skip
             self.client.set_tag(run_id, "convllava.gate", json.dumps(gate))
             self.client.set_tag(parent, "convllava.gate", json.dumps(gate))
             self._finish(run_id, {}, str(out.output))
@@ -393,6 +399,9 @@ def _summary(result: PipelineResult, tracking_uri: str) -> str:
         lines += ["", f"registered {g['model']} version {g['version']} as candidate; champion: {g['decision']}"]
     if tracking_uri.startswith("sqlite:"):
         lines += ["", f"browse the runs: mlflow ui --backend-store-uri {tracking_uri}"]
+    if result.gate:
+        lines += [f"serve the champion: MLFLOW_TRACKING_URI={tracking_uri} mlflow models serve "
+                  f"-m models:/{result.gate['model']}@champion --env-manager local -p 5001"]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -31,6 +31,9 @@ class StageSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+MODEL_MODES = ("copy", "reference")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     name: str
@@ -45,9 +48,13 @@ class PipelineConfig:
     data_root: str | None = None
     storage: str | None = None
     init_from_champion: bool = False
+    model_mode: str = "copy"  # the registered MLflow model holds the checkpoint (copy) or its URI (reference)
     source_path: str = ""
 
     def __post_init__(self) -> None:
+        if self.model_mode not in MODEL_MODES:
+            raise PipelineConfigError(f"{self.source_path}: model_mode must be one of {MODEL_MODES}, "
+                                      f"got {self.model_mode!r}")  # fmt: skip
         if set(self.stages) != {"stage1", "stage2", "stage3"}:
             raise PipelineConfigError(
                 f"{self.source_path}: stages must be stage1, stage2 and stage3, got {sorted(self.stages)}"

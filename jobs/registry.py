@@ -11,9 +11,14 @@ METRIC_TAG = "convllava.primary_metric"
 VALUE_TAG = "convllava.primary_metric_value"
 
 
+CHECKPOINT_TAG = "convllava.checkpoint_uri"
+
+
 def register_and_gate(tracking_uri: str, name: str, model_uri: str, run_id: str, metric: str, value: float,
-                      higher_is_better: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Register `model_uri` as a new version of `name` (alias candidate) and apply the champion gate."""
+                      higher_is_better: bool = True, checkpoint_uri: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Register `model_uri` (an MLflow model's `models:/` URI, or a checkpoint folder) as a new version of `name`
+    (alias candidate) and apply the champion gate. `checkpoint_uri`, the checkpoint behind an MLflow model, is
+    recorded on the version: what a retrain initialises from."""
     from mlflow.exceptions import MlflowException
 
     c = client(tracking_uri)
@@ -22,8 +27,8 @@ def register_and_gate(tracking_uri: str, name: str, model_uri: str, run_id: str,
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    version = c.create_model_version(name, source=model_uri, run_id=run_id,
-                                     tags={METRIC_TAG: metric, VALUE_TAG: repr(float(value))}).version  # fmt: skip
+    tags = {METRIC_TAG: metric, VALUE_TAG: repr(float(value)), CHECKPOINT_TAG: checkpoint_uri or model_uri}
+    version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags).version
     c.set_registered_model_alias(name, "candidate", version)
     champion = current_champion(tracking_uri, name)
     if champion is None:
@@ -61,10 +66,11 @@ def current_champion(tracking_uri: str, name: str) -> tuple[str, float] | None:
 
 
 def champion_source(tracking_uri: str, name: str) -> str | None:
-    """The champion's model URI (what a retrain can start from), if there is a champion."""
+    """The champion's checkpoint URI (what a retrain can start from), if there is a champion."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client(tracking_uri).get_model_version_by_alias(name, "champion").source
+        version = client(tracking_uri).get_model_version_by_alias(name, "champion")
     except MlflowException:
         return None
+    return version.tags.get(CHECKPOINT_TAG, version.source)

@@ -105,8 +105,69 @@ def test_run_structure_in_mlflow(executed):
     assert "eval/demo/overall" in kids["eval"].data.metrics
     version = c.get_model_version_by_alias("dag-test-model", "candidate")
     assert int(version.version) == 1 and int(c.get_model_version_by_alias("dag-test-model", "champion").version) == 1
-    assert version.source == kids["stage3"].data.tags["convllava.output_uri"]
+    assert version.source.startswith("models:/")  # an MLflow model, logged in the eval run
+    assert version.tags["convllava.checkpoint_uri"] == kids["stage3"].data.tags["convllava.output_uri"]
+    (logged,) = c.search_logged_models([exp.experiment_id for exp in [c.get_experiment_by_name("dag-test")]])
+    assert logged.source_run_id == kids["eval"].info.run_id and version.source == logged.model_uri
     assert "mlflow ui --backend-store-uri sqlite:///" in result.summary
+
+
+def _question(root: Path) -> tuple[str, str]:
+    """A demo eval image (base64 PNG) and its question."""
+    import base64
+
+    record = json.loads((root / "wd" / "data" / "eval" / "detail.jsonl").read_text().splitlines()[0])
+    image = (root / "wd" / "data" / record["image"]).read_bytes()
+    return base64.b64encode(image).decode(), record["question"]
+
+
+def test_the_champion_is_an_mlflow_model_that_loads_and_answers(executed, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    root, _, _ = executed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", default_tracking_uri(root / "wd"))
+    model = mlflow.pyfunc.load_model("models:/dag-test-model@champion")
+    image, question = _question(root)
+    answers = model.predict(pd.DataFrame({"image": [image, ""], "question": [question, "Say hello."]}))
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    with pytest.raises(Exception, match="row 0: image is not a base64-encoded image file"):
+        model.predict(pd.DataFrame({"image": ["bm90IGFuIGltYWdl"], "question": [question]}))
+
+
+def test_mlflow_models_serve_answers_over_http(executed):
+    """`mlflow models serve -m models:/NAME@champion` on 127.0.0.1, one POST to /invocations; the server is stopped
+    after at most 5 minutes whatever happens."""
+    import urllib.request
+
+    root, _, _ = executed
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # the serving command runs `uvicorn` from PATH: the environment's bin folder, as in an activated venv
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": default_tracking_uri(root / "wd"), "PATH": path}
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    server = subprocess.Popen([mlflow_cli, "models", "serve", "-m", "models:/dag-test-model@champion", "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        deadline, ready = time.time() + 300, False
+        while time.time() < deadline and server.poll() is None and not ready:
+            try:
+                ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5).status == 200
+            except OSError:
+                time.sleep(1)
+        assert ready, server.stderr.read().decode()[-3000:] if server.poll() is not None else "no /ping in 5 min"
+        image, question = _question(root)
+        body = json.dumps({"dataframe_split": {"columns": ["image", "question"], "data": [[image, question]]}})
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body.encode(),
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        reply = json.loads(urllib.request.urlopen(request, timeout=120).read())
+        assert len(reply["predictions"]) == 1 and isinstance(reply["predictions"][0], str)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_rerun_skips_finished_nodes_and_status(executed):
