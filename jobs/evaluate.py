@@ -115,7 +115,65 @@ def run_eval(
     (output / "report.md").write_text(report + "\n")
     if tracking_uri and run_id:
         _log(tracking_uri, run_id, results, output)
+        _log_pictures(tracking_uri, run_id, results, samples(benches, items, by_id))
     return EvalResult(results, report, output)
+
+
+SAMPLE_ROWS = 48
+
+
+def samples(benches: list[Benchmark], items: dict[str, list], by_id: dict[str, dict]) -> list[dict[str, Any]]:
+    """Up to SAMPLE_ROWS predictions, spread evenly over each benchmark's items: image thumbnail (gray: none),
+    question, answer, reference, and whether the benchmark's own formula gives the answer full marks alone."""
+    from PIL import Image
+
+    rows = []
+    per_bench = max(1, SAMPLE_ROWS // max(1, len(benches)))
+    for b in benches:
+        chosen = items[b.name][:: max(1, len(items[b.name]) // per_bench)][:per_bench]
+        for it in chosen:
+            answer = by_id[f"{b.name}::{it.id}"].get("answer", "")
+            alone = b.score([it], {it.id: answer})
+            headline = alone.get("overall", alone.get("accuracy", next(iter(alone.values()), 0.0)))
+            thumb = Image.new("RGB", (32, 32), "lightgray")  # a text-only question (the column holds only images)
+            if it.image:
+                with Image.open(b.root / it.image) as image:
+                    thumb = image.convert("RGB")
+                    thumb.thumbnail((128, 128))
+            rows.append({"image": thumb, "benchmark": b.name, "question": it.question, "answer": answer,
+                         "reference": json.dumps(it.reference, default=str), "correct": headline == 1.0})  # fmt: skip
+    return rows
+
+
+def _log_pictures(tracking_uri: str, run_id: str, results: dict[str, float], rows: list[dict[str, Any]]) -> None:
+    """The eval run's pictures: accuracy per question type next to chance (`eval/accuracy_vs_chance.png`, when the
+    suite reports chance) and the sample predictions as an MLflow table (`eval/samples.json`, thumbnails included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.tracking import client, retry_call
+
+    c = client(tracking_uri)
+    pairs = {k.removesuffix("/accuracy"): (v, results[k.removesuffix("/accuracy") + "/chance"])
+             for k, v in sorted(results.items()) if k.endswith("/accuracy")
+             and k.removesuffix("/accuracy") + "/chance" in results}  # fmt: skip
+    if pairs:
+        fig, ax = plt.subplots(figsize=(1.2 * len(pairs) + 2, 3.5))
+        x = range(len(pairs))
+        ax.bar([i - 0.2 for i in x], [a for a, _ in pairs.values()], 0.4, label="accuracy")
+        ax.bar([i + 0.2 for i in x], [ch for _, ch in pairs.values()], 0.4, label="chance", color="lightgray")
+        ax.set_xticks(list(x), [k.split("/")[-1] for k in pairs], rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_title("accuracy per question type against chance")
+        ax.legend()
+        fig.tight_layout()
+        retry_call("log accuracy chart", lambda: c.log_figure(run_id, fig, "eval/accuracy_vs_chance.png"))
+        plt.close(fig)
+    if rows:
+        table = {key: [r[key] for r in rows] for key in rows[0]}
+        retry_call("log sample predictions", lambda: c.log_table(run_id, data=table, artifact_file="eval/samples.json"))
 
 
 def _report(suite: str, model: str, results: dict[str, float], summary: str) -> str:

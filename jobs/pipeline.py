@@ -174,6 +174,8 @@ class Pipeline:
             self.node_eval(parent, result, init, force=force_from <= 4)
             result.ok = True
         finally:
+            # The parent run's description (MLflow's note): what ran, how long, the key figures, the gate.
+            self.client.set_tag(parent, "mlflow.note.content", describe(self.config.name, result))
             self.client.set_terminated(parent, "FINISHED" if result.ok else "FAILED")
         return result
 
@@ -384,6 +386,25 @@ def _accuracy_table(metrics: dict[str, float]) -> str:
         chance = metrics.get(name.removesuffix("/accuracy") + "/chance")  # TYPE/accuracy → TYPE/chance, overall
         rows.append(f"{name:28s} {value:8.3f} {'' if chance is None else f'{chance:8.3f}'}")
     return "\n".join(rows)
+
+
+def describe(name: str, result: PipelineResult) -> str:
+    """The pipeline execution in markdown: one row per node (status, time, key metric) and the gate decision."""
+    lines = [f"**{name}** — {'finished' if result.ok else 'failed'}", "", "| node | status | time | key metric |",
+             "|---|---|---|---|"]  # fmt: skip
+    for n in result.nodes:
+        metric = f"{n.metric[0]} = {n.metric[1]:.4f}" if n.metric else ""
+        lines.append(f"| {n.node} | {n.status} | {n.seconds:.1f} s | {metric} |")
+    done = {n.node for n in result.nodes}
+    lines += [f"| {node} | not reached | | |" for node in NODES if node not in done]
+    if result.gate:
+        g = result.gate
+        champion = (
+            f"version {g['champion_version']} ({g['champion_value']:.4f})" if g.get("champion_version") else "none"
+        )
+        lines += ["", f"**gate** on `{g['metric']}`: candidate version {g['version']} = {g['candidate_value']:.4f}, "
+                  f"champion before: {champion} → **{g['decision']}**"]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _summary(result: PipelineResult, tracking_uri: str) -> str:

@@ -64,6 +64,9 @@ def test_run_structure_in_mlflow(executed):
     assert result.ok and [n.node for n in result.nodes] == NODES and all(n.status == "ran" for n in result.nodes)
     parents, children = runs_of(tracking, "dag-test")
     assert len(parents) == 1 and parents[0].data.tags["convllava.pipeline"] == "dag-test"
+    note = parents[0].data.tags["mlflow.note.content"]  # the run's description in the UI
+    assert note.startswith("**dag-test** — finished") and all(f"| {n} | ran |" in note for n in NODES)
+    assert "**gate** on `demo/overall`: candidate version 1" in note and "→ **promoted**" in note
     kids = children[parents[0].info.run_id]
     assert sorted(kids) == sorted(NODES) and all(r.info.status == "FINISHED" for r in kids.values())
     for node, run in kids.items():
@@ -103,6 +106,15 @@ def test_run_structure_in_mlflow(executed):
         "eval/metrics.json",
     }
     assert "eval/demo/overall" in kids["eval"].data.metrics
+    # The eval run's pictures: the accuracy chart and the sample-predictions table, thumbnails included.
+    eval_dir = Path(c.download_artifacts(kids["eval"].info.run_id, "", str(root / "eval-artifacts")))
+    assert (eval_dir / "eval" / "accuracy_vs_chance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads((eval_dir / "eval" / "samples.json").read_text())
+    assert table["columns"] == ["image", "benchmark", "question", "answer", "reference", "correct"]
+    assert 0 < len(table["data"]) <= 48 and all((eval_dir / row[0]["filepath"]).is_file() for row in table["data"])
+    metrics = json.loads((eval_dir / "eval" / "metrics.json").read_text())
+    if metrics["demo/overall"] == 0:
+        assert not any(row[5] for row in table["data"])  # nothing right overall: no sample marked correct
     version = c.get_model_version_by_alias("dag-test-model", "candidate")
     assert int(version.version) == 1 and int(c.get_model_version_by_alias("dag-test-model", "champion").version) == 1
     assert version.source.startswith("models:/")  # an MLflow model, logged in the eval run
