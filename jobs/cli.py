@@ -167,8 +167,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if local.resumed_from:
             print(f"{config.name}: resumed at step {local.resumed_from}")
         print(f"{config.name}: {local.steps} steps, final loss {local.metrics.get('train/loss', float('nan')):.4f}")
-        print(f"checkpoint: {local.checkpoint}")
-        print(f"model:      {local.model}")
+        print(f"checkpoint: {local.checkpoint_uri}")
+        print(f"model:      {local.model_uri}")
         return 0
     from jobs.tracking import default_tracking_uri
     from jobs.train import run_stage

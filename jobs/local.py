@@ -14,26 +14,15 @@ import json
 import os
 import shutil
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from jobs.recipe import CheckpointIncomplete, StageRecipe, verify_checkpoint
+from jobs.recipe import CheckpointIncomplete, StageRecipe, StageResult, verify_checkpoint
 from jobs.stage_config import StageConfig
 
 METRICS_FILE = "metrics.jsonl"
-
-
-@dataclass
-class LocalResult:
-    name: str
-    checkpoint: Path  # the whole checkpoint (DeepSpeed state + model), for resuming
-    model: Path  # the consolidated Hugging Face-format model: what the next stage initialises from
-    steps: int
-    metrics: dict[str, float]
-    resumed_from: int  # the step the run started at (0: from scratch)
 
 
 class LocalCheckpoints:
@@ -127,7 +116,7 @@ def _join_process_group(use_gpu: bool) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def run_local(config: StageConfig, storage: str | os.PathLike, run_name: str | None = None) -> LocalResult:
+def run_local(config: StageConfig, storage: str | os.PathLike, run_name: str | None = None) -> StageResult:
     """Train one stage in this process (and its torchrun peers), resuming from the run's latest checkpoint.
 
     Raises:
@@ -143,7 +132,7 @@ def run_local(config: StageConfig, storage: str | os.PathLike, run_name: str | N
             dist.destroy_process_group()
 
 
-def _run(config: StageConfig, storage, run_name, rank: int, world: int, device: torch.device) -> LocalResult:
+def _run(config: StageConfig, storage, run_name, rank: int, world: int, device: torch.device) -> StageResult:
     from jobs.plan import preflight
 
     config.check_runnable()
@@ -166,4 +155,5 @@ def _run(config: StageConfig, storage, run_name, rank: int, world: int, device: 
         raise RuntimeError(f"stage {config.name}: no complete checkpoint at step {recipe.total_steps} in {root}")
     if not metrics:  # resumed at the last step: nothing ran, the checkpoint has the figures
         metrics = json.loads((final[-1] / "trainer_state.json").read_text())["metrics"]
-    return LocalResult(config.name, final[-1], final[-1] / "model", recipe.step, metrics, resumed_from)
+    return StageResult(config.name, str(final[-1]), str(final[-1] / "model"), recipe.step, metrics, None,
+                       resumed_from=resumed_from)  # fmt: skip

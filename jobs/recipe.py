@@ -18,6 +18,7 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,6 +57,20 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return fn
+
+
+@dataclass
+class StageResult:
+    """What a finished stage hands on, however it ran (Ray Train or local processes)."""
+
+    name: str
+    checkpoint_uri: str  # the whole checkpoint (DeepSpeed state + model), for resuming
+    model_uri: str  # the consolidated Hugging Face-format model: what the next stage initialises from
+    steps: int
+    metrics: dict[str, float]
+    run_id: str | None
+    unlogged_steps: list[int] = field(default_factory=list)  # steps whose metrics MLflow never stored
+    resumed_from: int = 0  # the step this run started at (0: from the beginning)
 
 
 class CheckpointSink(Protocol):

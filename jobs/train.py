@@ -12,11 +12,11 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from convllava.storage import is_s3
+from jobs.recipe import StageResult
 from jobs.stage_config import StageConfig
 from jobs.strategy import DeepSpeedStrategy
 from pipelines.ray_runtime import adopt_secrets, ensure_ray, share_secrets, worker_runtime_env
@@ -27,17 +27,6 @@ SYSTEM_METRICS_INTERVAL_S = 5.0
 # Rank 0 logs from a background thread, but its setup calls and its final flush wait on MLflow: by default one
 # request to a down server retries for about four minutes. Workers get short requests unless the user set them.
 WORKER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
-
-
-@dataclass
-class StageResult:
-    name: str
-    checkpoint_uri: str  # the whole checkpoint (DeepSpeed state + model), for resuming
-    model_uri: str  # the consolidated Hugging Face-format model: what the next stage initialises from
-    steps: int
-    metrics: dict[str, float]
-    run_id: str | None
-    unlogged_steps: list[int] = field(default_factory=list)  # steps whose metrics MLflow never stored
 
 
 class RayTrainCheckpoints:
