@@ -15,40 +15,48 @@ should not be copied a second time.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import logging
+import os
+import warnings
 from typing import Any
 
 import mlflow.pyfunc
 
 from jobs.pipeline_config import MODEL_MODES as MODES
 
+# MLflow warns, when a PythonModel subclass is defined, that `predict` has no type hints: ours takes a DataFrame and
+# checks each row itself (a base64 image or nothing, and a question), which is what the logged signature says too.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", UserWarning)
 
-class ConvLlavaModel(mlflow.pyfunc.PythonModel):
-    """Greedy answers of a ConvLLaVA checkpoint to (image, question) rows."""
+    class ConvLlavaModel(mlflow.pyfunc.PythonModel):
+        """Greedy answers of a ConvLLaVA checkpoint to (image, question) rows."""
 
-    def load_context(self, context) -> None:
-        from convllava.checkpoint import load_model
-        from convllava.inference import GenerationOptions
+        def load_context(self, context) -> None:
+            from convllava.checkpoint import load_model
+            from convllava.inference import GenerationOptions
 
-        config = context.model_config or {}
-        path = context.artifacts.get("checkpoint") or config["checkpoint_uri"]
-        self.model, self.processor = load_model(path)
-        self.options = GenerationOptions(max_new_tokens=int(config.get("max_new_tokens", 64)))
+            config = context.model_config or {}
+            path = context.artifacts.get("checkpoint") or config["checkpoint_uri"]
+            self.model, self.processor = load_model(path)
+            self.options = GenerationOptions(max_new_tokens=int(config.get("max_new_tokens", 64)))
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
-        from PIL import Image
+        def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
+            from PIL import Image
 
-        from convllava.inference import generate
+            from convllava.inference import generate
 
-        rows = model_input.to_dict("records")
-        images = []
-        for i, row in enumerate(rows):
-            data = row.get("image") or ""
-            try:
-                images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") if data else None)
-            except Exception as e:
-                raise ValueError(f"row {i}: image is not a base64-encoded image file ({e})") from e
-        return generate(self.model, self.processor, [str(r["question"]) for r in rows], images, self.options)
+            rows = model_input.to_dict("records")
+            images = []
+            for i, row in enumerate(rows):
+                data = row.get("image") or ""
+                try:
+                    images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") if data else None)
+                except Exception as e:
+                    raise ValueError(f"row {i}: image is not a base64-encoded image file ({e})") from e
+            return generate(self.model, self.processor, [str(r["question"]) for r in rows], images, self.options)
 
 
 def log_model(tracking_uri: str, run_id: str, checkpoint: str, example_image: bytes, mode: str = "copy",
@@ -68,11 +76,26 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str, example_image: by
     artifacts = {"checkpoint": str(resolve_local(checkpoint))} if mode == "copy" else None
     config = {"max_new_tokens": max_new_tokens, **({"checkpoint_uri": checkpoint} if mode == "reference" else {})}
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    # Our class is importable from this package, so cloudpickle stores it by reference: MLflow's warning about
+    # pickled Python objects does not apply; the type-hint advice comes again when the example is validated.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in the pipeline's log
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), _quiet("mlflow.pyfunc"):
+        warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(name="model", python_model=ConvLlavaModel(), artifacts=artifacts,
                                        model_config=config, signature=signature, input_example=example,
                                        pip_requirements=_requirements())  # fmt: skip
     return info.model_uri
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def example_image() -> bytes:

@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 SYSTEM_METRICS_INTERVAL_S = 5.0
 # Rank 0 logs from a background thread, but its setup calls and its final flush wait on MLflow: by default one
 # request to a down server retries for about four minutes. Workers get short requests unless the user set them.
-WORKER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+WORKER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+                      # Ray Train copies every print into its logger as well, so each line reached the screen twice
+                      "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # fmt: skip
 
 
 class RayTrainCheckpoints:
@@ -113,6 +115,8 @@ def system_metrics(run: dict[str, Any], ctx):
     if not (run.get("tracking_uri") and run.get("run_id")):
         return None
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop INFO lines, per stage
 
     spans_nodes = ctx.get_world_size() > ctx.get_local_world_size()
     try:
@@ -263,7 +267,7 @@ def run_stage(
             under the same storage resumes from its latest checkpoint.
         tracking_uri / run_id: MLflow store and the run rank 0 logs into (created when only the URI is given).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from jobs.recipe import TRAINER_STATE, verify_stored_checkpoint
@@ -314,6 +318,8 @@ def run_stage(
             storage_path=storage_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
+            # Ray Train's INFO lines (worker group start, "Reporting training result ...") go to its log files
+            logging_config=LoggingConfig(log_level="WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_last),
             worker_runtime_env=worker_runtime_env(WORKER_MLFLOW_HTTP),
         ),

@@ -17,8 +17,12 @@ SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 
 
 def ensure_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` (or `RAY_ADDRESS`), else start a local instance without the dashboard.
+    """Join the cluster at `address` (or `RAY_ADDRESS`), else start a local instance.
 
+    The local instance runs the dashboard process: it serves Ray's State API, without which Ray Train's placement
+    group cleaner prints "Failed to query Ray Train Controller actor state" every few seconds of every stage.
+    Ray Data's own console lines (execution plans, progress dumps when stdout is not a terminal) go to Ray's log
+    files only (`quiet_ray_data_console`); its warnings and errors still reach the screen.
     A no-op when Ray is already initialised in this process (tests share one instance per session).
     """
     import ray
@@ -29,7 +33,20 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=True, log_to_driver=True)
+    quiet_ray_data_console()
+
+
+def quiet_ray_data_console() -> None:
+    """Ray Data logs INFO to the console (plans, progress) and everything to `ray-data.log` in the session's log
+    folder: keep the file, raise the console handler to WARNING. In a terminal its progress bars stay."""
+    import logging
+
+    import ray.data  # noqa: F401 - configures the `ray.data` logger
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ == "PlainRayHandler":
+            handler.setLevel(logging.WARNING)
 
 
 def worker_runtime_env(defaults: dict[str, str] | None = None) -> dict[str, Any] | None:

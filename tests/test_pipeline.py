@@ -311,6 +311,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+QUIET_LINES = 150  # a 2-step-per-stage pipeline's whole non-TTY output: 291 lines before Ray's chatter was routed
+
+
+def test_the_pipelines_log_output_is_the_pipelines_not_rays(tmp_path):
+    """`pipeline run` with stdout not a terminal: Ray Train's placement-group and worker-group lines and Ray Data's
+    progress dumps stay in Ray's log files, prints are not doubled, and the summary is there."""
+    config = small_config(tmp_path / "pipeline.yaml", "quiet-test")
+    cli = [str(Path(sys.executable).parent / "convllava"), "pipeline", "run", "--config", str(config), "--workdir",
+           str(tmp_path / "wd")]  # fmt: skip
+    out = subprocess.run(cli, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = (out.stdout + out.stderr).splitlines()
+    assert len(lines) <= QUIET_LINES, "\n".join(lines)
+    text = "\n".join(lines)
+    for noise in (
+        "PlacementGroupCleaner",
+        "logging_progress.py",
+        "Execution plan of Dataset",
+        "Started training worker group",
+    ):
+        assert noise not in text, noise
+    for stage in ("stage1", "stage2", "stage3"):
+        assert text.count(f"[{stage}] trainable parameters:") == 1, stage
+    assert re.search(r"^eval +ran +[\d.]+s +demo/overall = ", text, re.M)
+    assert "registered quiet-test-model version 1 as candidate; champion: promoted" in text
+
+
 def test_submit_to_a_local_head(tmp_path):
     import tempfile
 
