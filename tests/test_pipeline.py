@@ -317,10 +317,22 @@ QUIET_LINES = 150  # a 2-step-per-stage pipeline's whole non-TTY output: 291 lin
 def test_the_pipelines_log_output_is_the_pipelines_not_rays(tmp_path):
     """`pipeline run` with stdout not a terminal: Ray Train's placement-group and worker-group lines and Ray Data's
     progress dumps stay in Ray's log files, prints are not doubled, and the summary is there."""
+    import ray
+
     config = small_config(tmp_path / "pipeline.yaml", "quiet-test")
     cli = [str(Path(sys.executable).parent / "convllava"), "pipeline", "run", "--config", str(config), "--workdir",
            str(tmp_path / "wd")]  # fmt: skip
-    out = subprocess.run(cli, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    # As on a user's machine, the pipeline's Ray is the only one: with a second instance running (this test
+    # session's), Ray's State API cannot tell which to ask and Ray Train's placement-group cleaner fails loudly.
+    shared = ray.is_initialized()
+    if shared:
+        ray.shutdown()
+    try:
+        out = subprocess.run(cli, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    finally:
+        if shared:  # as the session's `ray_local` fixture made it
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
     assert out.returncode == 0, out.stderr[-3000:]
     lines = (out.stdout + out.stderr).splitlines()
     assert len(lines) <= QUIET_LINES, "\n".join(lines)
