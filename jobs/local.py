@@ -42,20 +42,20 @@ class LocalCheckpoints:
             shutil.copyfile(path, dest)
         if dist.is_initialized():
             dist.barrier()
-        if self.rank == 0:
-            for old in self.complete()[: -self.keep_last]:
+        if self.rank == 0:  # every rank has written its part of the newest: keep it and the ones before it
+            for old in sorted(self.root.glob("checkpoint_*"))[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def complete(self) -> list[Path]:
-        """The complete checkpoints, oldest first."""
-        found = []
-        for path in sorted(self.root.glob("checkpoint_*")):
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, checked newest first (older ones are not read: verifying hashes every
+        file, tens of GB at the paper's scale)."""
+        for path in sorted(self.root.glob("checkpoint_*"), reverse=True):
             try:
                 verify_checkpoint(path, self.world_size)
             except (CheckpointIncomplete, OSError, ValueError):
                 continue
-            found.append(path)
-        return found
+            return path
+        return None
 
 
 class JsonlMetrics:
@@ -143,17 +143,17 @@ def _run(config: StageConfig, storage, run_name, rank: int, world: int, device: 
     if rank == 0:
         preflight(config)
     checkpoints = LocalCheckpoints(root, rank, world, config.keep_last)
-    latest = (checkpoints.complete() or [None])[-1]
+    latest = checkpoints.latest()
     recipe = StageRecipe(config, rank, world, checkpoints=checkpoints, device=device,
                          metrics=JsonlMetrics(root / METRICS_FILE) if rank == 0 else None)  # fmt: skip
     recipe.setup(latest)
     resumed_from = recipe.step
     metrics = recipe.train()
     dist.barrier()
-    final = checkpoints.complete()
-    if not final or json.loads((final[-1] / "trainer_state.json").read_text())["step"] != recipe.total_steps:
+    final = checkpoints.latest()
+    state = json.loads((final / "trainer_state.json").read_text()) if final else {}
+    if state.get("step") != recipe.total_steps:
         raise RuntimeError(f"stage {config.name}: no complete checkpoint at step {recipe.total_steps} in {root}")
-    if not metrics:  # resumed at the last step: nothing ran, the checkpoint has the figures
-        metrics = json.loads((final[-1] / "trainer_state.json").read_text())["metrics"]
-    return StageResult(config.name, str(final[-1]), str(final[-1] / "model"), recipe.step, metrics, None,
+    metrics = metrics or state["metrics"]  # resumed at the last step: nothing ran, the checkpoint has the figures
+    return StageResult(config.name, str(final), str(final / "model"), recipe.step, metrics, None,
                        resumed_from=resumed_from)  # fmt: skip

@@ -4,6 +4,7 @@ handing the driver's settings and credentials to Ray workers the same way everyw
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 # Settings workers need from the driver's environment; they travel in the runtime env (visible in Ray's state).
@@ -34,15 +35,15 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(include_dashboard=True, log_to_driver=True)
-    quiet_ray_data_console()
+    if "ray.data" in sys.modules:  # a Ray Data job is about to run (a training stage does not import it)
+        quiet_ray_data_console()
 
 
 def quiet_ray_data_console() -> None:
     """Ray Data logs INFO to the console (plans, progress) and everything to `ray-data.log` in the session's log
-    folder: keep the file, raise the console handler to WARNING. In a terminal its progress bars stay."""
+    folder: keep the file, raise the console handler to WARNING. In a terminal its progress bars stay. Call after
+    `ray.data` is imported (importing it configures that logger)."""
     import logging
-
-    import ray.data  # noqa: F401 - configures the `ray.data` logger
 
     for handler in logging.getLogger("ray.data").handlers:
         if type(handler).__name__ == "PlainRayHandler":
