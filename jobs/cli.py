@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,8 @@ DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Loading and saving bars (transformers, huggingface_hub) in every worker's output; the progress view says more.
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
@@ -174,12 +177,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from jobs.train import run_stage
 
     tracking = args.tracking_uri or default_tracking_uri(args.workdir)
-    result = run_stage(config, storage, tracking_uri=tracking,
-                       run_name=args.run_name, address=args.address)  # fmt: skip
+    with _progress(1) as progress, progress.node(1, config.name):
+        result = run_stage(config, storage, tracking_uri=tracking, run_name=args.run_name, address=args.address,
+                           on_step=progress.step)  # fmt: skip
+        progress.finished("ran", time.time() - progress.node_start, ("train/loss", result.metrics["train/loss"]))
     print(f"{config.name}: {result.steps} steps, final loss {result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint_uri}")
     print(f"model:      {result.model_uri}")
     return 0
+
+
+def _progress(total_nodes: int | None = None):
+    """The progress view for this terminal or log (`total_nodes`: the pipeline's by default)."""
+    from jobs.pipeline_config import NODES
+    from jobs.progress import progress_for
+
+    return progress_for(total_nodes or len(NODES))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -224,8 +237,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
     if args.action == "status":
         print(pipeline_status(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri))
         return 0
-    result = run_pipeline(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri,
-                          from_node=args.from_node, address=args.address)  # fmt: skip
+    with _progress() as progress:
+        result = run_pipeline(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri,
+                              from_node=args.from_node, address=args.address, progress=progress)  # fmt: skip
     print(result.summary)
     return 0 if result.ok else 1
 
@@ -233,7 +247,9 @@ def _cmd_pipeline(args: argparse.Namespace) -> int:
 def _cmd_retrain(args: argparse.Namespace) -> int:
     from jobs.retrain import run_retrain
 
-    outcome = run_retrain(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address)
+    with _progress() as progress:
+        outcome = run_retrain(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address,
+                              progress=progress)  # fmt: skip
     print(outcome.message)
     return 0 if outcome.ok else 1
 
@@ -266,7 +282,9 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from jobs.pipeline import run_pipeline
 
-    result = run_pipeline(str(DEMO_CONFIG), workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address)
+    with _progress() as progress:
+        result = run_pipeline(str(DEMO_CONFIG), workdir=args.workdir, tracking_uri=args.tracking_uri,
+                              address=args.address, progress=progress)  # fmt: skip
     print(result.summary)
     return 0 if result.ok else 1
 

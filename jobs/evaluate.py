@@ -116,7 +116,25 @@ def run_eval(
     if tracking_uri and run_id:
         _log(tracking_uri, run_id, results, output)
         _log_pictures(tracking_uri, run_id, results, samples(benches, items, by_id))
+        _log_questions(tracking_uri, run_id, benches, items)
+        from jobs.tracking import client
+
+        client(tracking_uri).set_tag(run_id, "mlflow.note.content", report)  # the run's description in the UI
     return EvalResult(results, report, output)
+
+
+def _log_questions(tracking_uri: str, run_id: str, benches: list[Benchmark], items: dict[str, list]) -> None:
+    """Each benchmark's questions as one of the run's datasets (context `evaluation`): its source, a digest of
+    the questions and references asked, their count."""
+    import hashlib
+
+    from jobs.tracking import log_dataset
+
+    for b in benches:
+        asked = [(it.id, it.question, it.reference) for it in items[b.name]]
+        digest = hashlib.sha256(json.dumps(asked, default=str).encode()).hexdigest()
+        source = str(b.root / b.annotations) if b.annotations else str(b.root)
+        log_dataset(tracking_uri, run_id, f"eval/{b.name}", source, digest, {"questions": len(asked)}, "evaluation")
 
 
 SAMPLE_ROWS = 48

@@ -23,40 +23,37 @@ import warnings
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 
 from jobs.pipeline_config import MODEL_MODES as MODES
 
-# MLflow warns, when a PythonModel subclass is defined, that `predict` has no type hints: ours takes a DataFrame and
-# checks each row itself (a base64 image or nothing, and a question), which is what the logged signature says too.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)
 
-    class ConvLlavaModel(mlflow.pyfunc.PythonModel):
-        """Greedy answers of a ConvLLaVA checkpoint to (image, question) rows."""
+class ConvLlavaModel(mlflow.pyfunc.PythonModel):
+    """Greedy answers of a ConvLLaVA checkpoint to (image, question) rows."""
 
-        def load_context(self, context) -> None:
-            from convllava.checkpoint import load_model
-            from convllava.inference import GenerationOptions
+    def load_context(self, context) -> None:
+        from convllava.checkpoint import load_model
+        from convllava.inference import GenerationOptions
 
-            config = context.model_config or {}
-            path = context.artifacts.get("checkpoint") or config["checkpoint_uri"]
-            self.model, self.processor = load_model(path)
-            self.options = GenerationOptions(max_new_tokens=int(config.get("max_new_tokens", 64)))
+        config = context.model_config or {}
+        path = context.artifacts.get("checkpoint") or config["checkpoint_uri"]
+        self.model, self.processor = load_model(path)
+        self.options = GenerationOptions(max_new_tokens=int(config.get("max_new_tokens", 64)))
 
-        def predict(self, context, model_input, params: dict[str, Any] | None = None) -> list[str]:
-            from PIL import Image
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
+        from PIL import Image
 
-            from convllava.inference import generate
+        from convllava.inference import generate
 
-            rows = model_input.to_dict("records")
-            images = []
-            for i, row in enumerate(rows):
-                data = row.get("image") or ""
-                try:
-                    images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") if data else None)
-                except Exception as e:
-                    raise ValueError(f"row {i}: image is not a base64-encoded image file ({e})") from e
-            return generate(self.model, self.processor, [str(r["question"]) for r in rows], images, self.options)
+        rows = model_input.to_dict("records")
+        images = []
+        for i, row in enumerate(rows):
+            data = row.get("image") or ""
+            try:
+                images.append(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB") if data else None)
+            except Exception as e:
+                raise ValueError(f"row {i}: image is not a base64-encoded image file ({e})") from e
+        return generate(self.model, self.processor, [str(r["question"]) for r in rows], images, self.options)
 
 
 def log_model(tracking_uri: str, run_id: str, checkpoint: str, example_image: bytes, mode: str = "copy",
@@ -77,7 +74,7 @@ def log_model(tracking_uri: str, run_id: str, checkpoint: str, example_image: by
     config = {"max_new_tokens": max_new_tokens, **({"checkpoint_uri": checkpoint} if mode == "reference" else {})}
     mlflow.set_tracking_uri(tracking_uri)
     # Our class is importable from this package, so cloudpickle stores it by reference: MLflow's warning about
-    # pickled Python objects does not apply; the type-hint advice comes again when the example is validated.
+    # pickled Python objects does not apply.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in the pipeline's log
     with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), _quiet("mlflow.pyfunc"):
         warnings.simplefilter("ignore", UserWarning)

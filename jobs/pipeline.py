@@ -22,6 +22,7 @@ from typing import Any
 
 from jobs import registry
 from jobs.pipeline_config import NODES, PipelineConfig
+from jobs.progress import Progress
 from jobs.tracking import artifact_root, client, default_tracking_uri, ensure_experiment, log_dataset, log_params
 
 TAG_PIPELINE, TAG_NODE, TAG_KEY, TAG_OUTPUT = (
@@ -53,6 +54,7 @@ class PipelineResult:
     nodes: list[NodeOutcome] = field(default_factory=list)
     gate: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
+    experiment_id: str = ""
 
 
 def _key(*parts: Any) -> str:
@@ -88,8 +90,10 @@ def workdir_lock(workdir: Path, wait_s: float = 0.0):
 
 
 class Pipeline:
-    def __init__(self, config: PipelineConfig, workdir: Path, tracking_uri: str, address: str | None) -> None:
+    def __init__(self, config: PipelineConfig, workdir: Path, tracking_uri: str, address: str | None,
+                 progress: Progress | None = None) -> None:  # fmt: skip
         self.config, self.workdir, self.tracking_uri, self.address = config, workdir, tracking_uri, address
+        self.progress = progress or Progress(len(NODES))
         self.storage = config.storage or str(workdir)
         self.data_root = Path(config.data_root) if config.data_root else workdir / "data"
         self.client = client(tracking_uri)
@@ -162,22 +166,38 @@ class Pipeline:
     def run(self, from_node: str | None) -> PipelineResult:
         force_from = NODES.index(from_node) if from_node else len(NODES)
         parent = self.parent_run(fresh=from_node is not None)
-        result = PipelineResult(ok=False, parent_run_id=parent)
+        result = PipelineResult(ok=False, parent_run_id=parent, experiment_id=self.experiment_id)
         try:
             self.preflight(parent)
             self.ensure_demo_data()
-            shards, fingerprints = self.node_preprocess(parent, result, force=force_from <= 0)
+            if self.progress.live:  # one live view: Ray Data's own bars would fight it for the line
+                import ray.data
+                from ray.util.debug import log_once
+
+                ray.data.DataContext.get_current().enable_progress_bars = False
+                log_once("ray_data_progress_manager_disabled")  # taken: Ray Data's "Progress bars disabled" warning
+            with self.progress.node(1, "preprocess"):
+                shards, fingerprints = self.node_preprocess(parent, result, force=force_from <= 0)
+                self._shown(result)
             self.client.set_tag(parent, "convllava.raw_fingerprint", _key(fingerprints))
             init = self._champion_model() if self.config.init_from_champion else None
             for i, node in enumerate(("stage1", "stage2", "stage3"), start=1):
-                init = self.node_stage(parent, result, node, shards, fingerprints, init, force=force_from <= i)
-            self.node_eval(parent, result, init, force=force_from <= 4)
+                with self.progress.node(i + 1, node):
+                    init = self.node_stage(parent, result, node, shards, fingerprints, init, force=force_from <= i)
+                    self._shown(result)
+            with self.progress.node(5, "eval"):
+                self.node_eval(parent, result, init, force=force_from <= 4)
+                self._shown(result)
             result.ok = True
         finally:
             # The parent run's description (MLflow's note): what ran, how long, the key figures, the gate.
             self.client.set_tag(parent, "mlflow.note.content", describe(self.config.name, result))
             self.client.set_terminated(parent, "FINISHED" if result.ok else "FAILED")
         return result
+
+    def _shown(self, result: PipelineResult) -> None:
+        n = result.nodes[-1]
+        self.progress.finished(n.status, n.seconds, n.metric)
 
     def preflight(self, parent: str) -> None:
         """Every stage's memory plan before the first image is read: a stage that cannot fit its GPUs stops the
@@ -271,7 +291,8 @@ class Pipeline:
             log_params(self.tracking_uri, run_id, stage.to_dict())
             self.client.log_text(run_id, stage.to_yaml(), "stage_config.yaml")
             out = run_stage(stage, f"{self.storage.rstrip('/')}/runs", tracking_uri=self.tracking_uri, run_id=run_id,
-                            run_name=f"{node}-{key[:10]}-{parent[:8]}", address=self.address)  # fmt: skip
+                            run_name=f"{node}-{key[:10]}-{parent[:8]}", address=self.address,
+                            on_step=self.progress.step)  # fmt: skip
             self.client.log_text(run_id, json.dumps(_checkpoint_reference(out.model_uri), indent=2), "checkpoint.json")
             self.client.set_tag(run_id, "convllava.checkpoint_uri", out.checkpoint_uri)
             self._finish(run_id, {}, out.model_uri)
@@ -418,8 +439,14 @@ def _summary(result: PipelineResult, tracking_uri: str) -> str:
     if result.gate:
         g = result.gate
         lines += ["", f"registered {g['model']} version {g['version']} as candidate; champion: {g['decision']}"]
+    # MLflow 3.17's UI opens an experiment in its GenAI view unless the browser chose "Model training" (it ignores
+    # the experiment's kind tag); this link chooses it.
+    page = f"#/experiments/{result.experiment_id}?workflowType=machine_learning"
     if tracking_uri.startswith("sqlite:"):
         lines += ["", f"browse the runs: mlflow ui --backend-store-uri {tracking_uri}"]
+        lines.append(f"                 then open http://127.0.0.1:5000/{page}")
+    elif tracking_uri.startswith("http"):
+        lines += ["", f"browse the runs: {tracking_uri.rstrip('/')}/{page}"]
     if result.gate:
         lines += [f"serve the champion: MLFLOW_TRACKING_URI={tracking_uri} mlflow models serve "
                   f"-m models:/{result.gate['model']}@champion --env-manager local -p 5001"]  # fmt: skip
@@ -427,12 +454,14 @@ def _summary(result: PipelineResult, tracking_uri: str) -> str:
 
 
 def run_pipeline(config_path: str, workdir: str = "work/pipeline", tracking_uri: str | None = None,
-                 from_node: str | None = None, address: str | None = None) -> PipelineResult:  # fmt: skip
+                 from_node: str | None = None, address: str | None = None,
+                 progress: Progress | None = None) -> PipelineResult:  # fmt: skip
+    """Run (or resume) the pipeline. `progress` shows it (default: none; the CLI passes `progress_for(...)`)."""
     config = PipelineConfig.from_yaml(config_path)
     wd = Path(workdir).resolve()
     tracking_uri = tracking_uri or default_tracking_uri(wd)
     with workdir_lock(wd):
-        result = Pipeline(config, wd, tracking_uri, address).run(from_node)
+        result = Pipeline(config, wd, tracking_uri, address, progress).run(from_node)
     result.summary = _summary(result, tracking_uri)
     return result
 

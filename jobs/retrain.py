@@ -41,12 +41,12 @@ def last_success_fingerprint(tracking_uri: str, config: PipelineConfig) -> tuple
 
 
 def run_retrain(config_path: str, workdir: str = "work/pipeline", tracking_uri: str | None = None,
-                address: str | None = None, lock_timeout_s: float = 24 * 3600) -> RetrainOutcome:  # fmt: skip
+                address: str | None = None, lock_timeout_s: float = 24 * 3600, progress=None) -> RetrainOutcome:  # fmt: skip
     config = PipelineConfig.from_yaml(config_path)
     wd = Path(workdir).resolve()
     tracking_uri = tracking_uri or default_tracking_uri(wd)
     with workdir_lock(wd, wait_s=lock_timeout_s):
-        pipeline = Pipeline(config, wd, tracking_uri, address)
+        pipeline = Pipeline(config, wd, tracking_uri, address, progress)
         pipeline.ensure_demo_data()
         fingerprint = raw_fingerprint(config, pipeline.data_root)
         last = last_success_fingerprint(tracking_uri, config)

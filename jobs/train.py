@@ -12,10 +12,12 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from convllava.storage import is_s3
+from jobs.progress import StepFeed
 from jobs.recipe import StageResult
 from jobs.stage_config import StageConfig
 from jobs.strategy import DeepSpeedStrategy
@@ -28,7 +30,7 @@ SYSTEM_METRICS_INTERVAL_S = 5.0
 # request to a down server retries for about four minutes. Workers get short requests unless the user set them.
 WORKER_MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
                       # Ray Train copies every print into its logger as well, so each line reached the screen twice
-                      "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}  # fmt: skip
+                      "RAY_TRAIN_ENABLE_PRINT_PATCH": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
 
 
 class RayTrainCheckpoints:
@@ -80,10 +82,20 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
     adopt_secrets(loop_config["secrets"])  # before anything reads credentials
+    import torch
+
+    if not torch.cuda.is_available():  # said, so DeepSpeed does not warn on every worker that it detected none
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train.torch
 
+    # Ray Train's "Reporting training result ..." INFO line per checkpoint and rank (its logger is named by file)
+    from ray.train.v2._internal.execution import context as train_context
+
+    from jobs.progress import FeedMetrics
     from jobs.recipe import StageRecipe
     from jobs.tracking import MetricLogger
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
     ctx = ray.train.get_context()
     config = StageConfig.from_dict(loop_config["stage"])
@@ -92,6 +104,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logger = None
     if rank == 0 and run.get("tracking_uri") and run.get("run_id"):
         logger = MetricLogger(run["tracking_uri"], run["run_id"])
+    if rank == 0 and loop_config.get("steps") is not None:  # the driver's progress view follows the logged steps
+        logger = FeedMetrics(logger, loop_config["steps"], total=lambda: recipe.total_steps)
     recipe = StageRecipe(config, rank, ctx.get_world_size(), checkpoints=RayTrainCheckpoints(), metrics=logger,
                          run_id=run.get("run_id"), device=ray.train.torch.get_device())  # fmt: skip
     monitor = system_metrics(run, ctx) if ctx.get_local_rank() == 0 else None
@@ -258,6 +272,7 @@ def run_stage(
     run_id: str | None = None,
     run_name: str | None = None,
     address: str | None = None,
+    on_step: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> StageResult:
     """Train one stage; returns where its verified checkpoint and consolidated model live.
 
@@ -266,6 +281,7 @@ def run_stage(
         storage: where Ray Train keeps checkpoints (local folder or `s3://`); a run with the same `run_name`
             under the same storage resumes from its latest checkpoint.
         tracking_uri / run_id: MLflow store and the run rank 0 logs into (created when only the URI is given).
+        on_step: called on this process with (step, total_steps, metrics) for each step rank 0 logs.
     """
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
@@ -308,10 +324,16 @@ def run_stage(
 
     strategy = DeepSpeedStrategy(config, config.workers)
     secrets = share_secrets()
+    feed = StepFeed(on_step) if on_step is not None else None
     run = {"tracking_uri": tracking_uri, "run_id": run_id}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"stage": config.to_dict(), "run": run, "secrets": secrets},
+        train_loop_config={
+            "stage": config.to_dict(),
+            "run": run,
+            "secrets": secrets,
+            "steps": feed.handle if feed else None,
+        },  # fmt: skip
         scaling_config=strategy.scaling_config(),
         run_config=RunConfig(
             name=run_name or config.name,
@@ -327,6 +349,8 @@ def run_stage(
     try:
         result = trainer.fit()
     except BaseException as e:
+        if feed is not None:
+            feed.close()
         if owns_run:  # never let a tracking outage hide the training error
             retry_call(f"mark run {run_id} FAILED", lambda: client(tracking_uri).set_terminated(run_id, "FAILED"))
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they are
@@ -337,6 +361,8 @@ def run_stage(
             f"only checkpoints every worker finished uploading; a rerun with the same run name resumes from the "
             f"latest): {e}"
         ) from e
+    if feed is not None:
+        feed.close()
     if owns_run:
         status = "FAILED" if result.error else "FINISHED"
         retry_call(f"mark run {run_id} {status}", lambda: client(tracking_uri).set_terminated(run_id, status))

@@ -220,3 +220,16 @@ def vicuna_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_reference(vicuna_tokenizer_dir) -> LlamaReference:
     return LlamaReference(vicuna_tokenizer_dir / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def executed_pipeline(ray_local, tmp_path_factory):
+    """One small pipeline run (`dag-test`), shared by the DAG tests and the MLflow UI tests: (root, config, result)."""
+    from pipeline_harness import small_config
+
+    from jobs.pipeline import run_pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    config = small_config(root / "pipeline.yaml", "dag-test")
+    result = run_pipeline(str(config), workdir=str(root / "wd"))
+    return root, config, result

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from pipeline_harness import NODES, runs_of, small_config
 
 from jobs import registry
 from jobs.pipeline import PipelineLocked, _accuracy_table, pipeline_status, run_pipeline, workdir_lock
@@ -24,38 +24,11 @@ from jobs.tracking import client, default_tracking_uri
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
-NODES = ["preprocess", "stage1", "stage2", "stage3", "eval"]
-
-
-def small_config(path: Path, name: str, steps: int = 2, checkpoint_every: int = 0, epochs: int = 1) -> Path:
-    config = yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())
-    config.update(name=name, registered_model=f"{name}-model")
-    config["demo_data"] = {"seed": 0, "captions": 48, "instruct": 48, "eval": 6}
-    for stage in config["stages"].values():
-        stage["overrides"] = {"max_steps": steps, "checkpoint_every": checkpoint_every, "epochs": epochs}
-    config["eval"] = {"suite": "demo", "max_new_tokens": 4}
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def runs_of(tracking: str, experiment: str):
-    c = client(tracking)
-    exp = c.get_experiment_by_name(experiment)
-    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=500)
-    parents = [r for r in runs if "convllava.node" not in r.data.tags]
-    children = {}
-    for r in runs:
-        if "convllava.node" in r.data.tags:
-            children.setdefault(r.data.tags["mlflow.parentRunId"], {})[r.data.tags["convllava.node"]] = r
-    return parents, children
 
 
 @pytest.fixture(scope="module")
-def executed(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline")
-    config = small_config(root / "pipeline.yaml", "dag-test")
-    result = run_pipeline(str(config), workdir=str(root / "wd"))
-    return root, config, result
+def executed(executed_pipeline):
+    return executed_pipeline
 
 
 def test_run_structure_in_mlflow(executed):
@@ -311,7 +284,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-QUIET_LINES = 150  # a 2-step-per-stage pipeline's whole non-TTY output: 291 lines before Ray's chatter was routed
+QUIET_LINES = 130  # a 2-step-per-stage pipeline's whole non-TTY output: 291 lines before Ray's chatter was routed
 
 
 def test_the_pipelines_log_output_is_the_pipelines_not_rays(tmp_path):
@@ -342,8 +315,20 @@ def test_the_pipelines_log_output_is_the_pipelines_not_rays(tmp_path):
         "logging_progress.py",
         "Execution plan of Dataset",
         "Started training worker group",
+        "Reporting training result",
+        "Loading weights",
+        "Setting accelerator to CPU",
     ):
         assert noise not in text, noise
+    # The progress view in a log: a line per node start and end, one per logged step (log_every 1, 2 steps a stage)
+    for k, node in enumerate(NODES, start=1):
+        assert f"[{k}/5] {node} started" in lines, node
+        assert re.search(rf"^\[{k}/5\] {node} ran in [\d.]+ s", text, re.M), node
+    for k, stage in ((2, "stage1"), (3, "stage2"), (4, "stage3")):
+        steps = re.findall(
+            rf"^\[{k}/5\] {stage} step (\d)/2  loss \d+\.\d{{4}}  [\d.]+ samples/s  ETA \d+:\d\d$", text, re.M
+        )
+        assert steps == ["1", "2"], stage
     for stage in ("stage1", "stage2", "stage3"):
         assert text.count(f"[{stage}] trainable parameters:") == 1, stage
     assert re.search(r"^eval +ran +[\d.]+s +demo/overall = ", text, re.M)

@@ -1,0 +1,36 @@
+"""A small pipeline config (the demo's DAG on a few dozen samples, a few steps a stage) and its runs in MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from jobs.tracking import client
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = ["preprocess", "stage1", "stage2", "stage3", "eval"]
+
+
+def small_config(path: Path, name: str, steps: int = 2, checkpoint_every: int = 0, epochs: int = 1) -> Path:
+    config = yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())
+    config.update(name=name, registered_model=f"{name}-model")
+    config["demo_data"] = {"seed": 0, "captions": 48, "instruct": 48, "eval": 6}
+    for stage in config["stages"].values():
+        stage["overrides"] = {"max_steps": steps, "checkpoint_every": checkpoint_every, "epochs": epochs}
+    config["eval"] = {"suite": "demo", "max_new_tokens": 4}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def runs_of(tracking: str, experiment: str):
+    """The experiment's pipeline parent runs (oldest first) and, per parent run id, its node runs by node."""
+    c = client(tracking)
+    exp = c.get_experiment_by_name(experiment)
+    runs = c.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=500)
+    parents = [r for r in runs if "convllava.node" not in r.data.tags]
+    children = {}
+    for r in runs:
+        if "convllava.node" in r.data.tags:
+            children.setdefault(r.data.tags["mlflow.parentRunId"], {})[r.data.tags["convllava.node"]] = r
+    return parents, children
