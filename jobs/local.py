@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -59,8 +60,8 @@ class LocalCheckpoints:
 
 
 class JsonlMetrics:
-    """Rank 0's metrics as one JSON line per logged step; steps already in the file (a resumed run reproduces
-    them) are not written twice."""
+    """Rank 0's metrics as one JSON line per logged step, stamped with the time it was written (`time`, Unix
+    seconds); steps already in the file (a resumed run reproduces them) are not written twice."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -71,7 +72,7 @@ class JsonlMetrics:
         if step <= self.last_step:
             return
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.last_step = step
 
     def log_text(self, text: str, name: str) -> None:

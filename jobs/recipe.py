@@ -128,9 +128,12 @@ class StageRecipe:
         set_trainable(model, c.trainable)
         if c.gradient_checkpointing:
             model.activation_checkpointing_enable()
-        self.table = format_table(trainable_table(model))
-        if self.rank == 0:
-            print(f"[{c.name}] trainable parameters:\n{self.table}", flush=True)
+        rows = trainable_table(model)
+        self.table = format_table(rows)
+        if self.rank == 0:  # one line here; the table per module goes to the run (trainable_parameters.txt)
+            trainable, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
+            groups = ", ".join(name for name, t, _ in rows if t)
+            print(f"[{c.name}] trainable parameters: {trainable:,} of {total:,} ({groups})", flush=True)
 
         self.steps_per_epoch = self._plan(0).num_steps
         self.total_steps = c.epochs * self.steps_per_epoch
