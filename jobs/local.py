@@ -10,6 +10,7 @@ again resumes from the latest complete checkpoint, exactly as a Ray Train rerun 
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -114,6 +115,9 @@ def _join_process_group(use_gpu: bool) -> tuple[int, int, torch.device]:
             for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
                 os.environ.setdefault(key, value)
         dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
+        # Kept for the process's lifetime: DeepSpeed caches groups made from it, so a second stage in this process
+        # (another `run_local` call) must find the same group, not a new one.
+        atexit.register(dist.destroy_process_group)
     return rank, world, device
 
 
@@ -124,13 +128,8 @@ def run_local(config: StageConfig, storage: str | os.PathLike, run_name: str | N
         jobs.plan.MemoryPlanError: when the stage cannot fit its GPUs (before anything is built).
         RuntimeError: when the stage ends without a checkpoint at its last step.
     """
-    joined = not dist.is_initialized()
     rank, world, device = _join_process_group(config.use_gpu)
-    try:
-        return _run(config, storage, run_name, rank, world, device)
-    finally:
-        if joined:
-            dist.destroy_process_group()
+    return _run(config, storage, run_name, rank, world, device)
 
 
 def _run(config: StageConfig, storage, run_name, rank: int, world: int, device: torch.device) -> StageResult:
