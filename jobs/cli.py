@@ -180,7 +180,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     with _progress(1) as progress, progress.node(1, config.name):
         result = run_stage(config, storage, tracking_uri=tracking, run_name=args.run_name, address=args.address,
                            on_step=progress.step)  # fmt: skip
-        progress.finished("ran", time.time() - progress.node_start, ("train/loss", result.metrics["train/loss"]))
+        loss = result.metrics.get("train/loss")
+        progress.finished("ran", time.time() - progress.node_start, None if loss is None else ("train/loss", loss))
     print(f"{config.name}: {result.steps} steps, final loss {result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint_uri}")
     print(f"model:      {result.model_uri}")

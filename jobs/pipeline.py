@@ -176,18 +176,15 @@ class Pipeline:
 
                 ray.data.DataContext.get_current().enable_progress_bars = False
                 log_once("ray_data_progress_manager_disabled")  # taken: Ray Data's "Progress bars disabled" warning
-            with self.progress.node(1, "preprocess"):
+            with self._shown(result, "preprocess"):
                 shards, fingerprints = self.node_preprocess(parent, result, force=force_from <= 0)
-                self._shown(result)
             self.client.set_tag(parent, "convllava.raw_fingerprint", _key(fingerprints))
             init = self._champion_model() if self.config.init_from_champion else None
             for i, node in enumerate(("stage1", "stage2", "stage3"), start=1):
-                with self.progress.node(i + 1, node):
+                with self._shown(result, node):
                     init = self.node_stage(parent, result, node, shards, fingerprints, init, force=force_from <= i)
-                    self._shown(result)
-            with self.progress.node(5, "eval"):
+            with self._shown(result, "eval"):
                 self.node_eval(parent, result, init, force=force_from <= 4)
-                self._shown(result)
             result.ok = True
         finally:
             # The parent run's description (MLflow's note): what ran, how long, the key figures, the gate.
@@ -195,9 +192,13 @@ class Pipeline:
             self.client.set_terminated(parent, "FINISHED" if result.ok else "FAILED")
         return result
 
-    def _shown(self, result: PipelineResult) -> None:
-        n = result.nodes[-1]
-        self.progress.finished(n.status, n.seconds, n.metric)
+    @contextmanager
+    def _shown(self, result: PipelineResult, node: str):
+        """A node's span in the progress view, ended with the outcome the node appended to `result`."""
+        with self.progress.node(NODES.index(node) + 1, node):
+            yield
+            n = result.nodes[-1]
+            self.progress.finished(n.status, n.seconds, n.metric)
 
     def preflight(self, parent: str) -> None:
         """Every stage's memory plan before the first image is read: a stage that cannot fit its GPUs stops the

@@ -97,7 +97,8 @@ class Progress:
     def _prefix(self) -> str:
         return f"[{self.index}/{self.total_nodes}] {self.current}"
 
-    def step_text(self) -> str:
+    def step_text(self, since: float = 0.0) -> str:
+        """The last step's figures; the ETA as of `since` seconds after that step arrived."""
         s = self.step_state
         if s is None:
             return ""
@@ -106,7 +107,7 @@ class Progress:
             parts.append(f"loss {s['loss']:.4f}")
         if s["samples_per_s"] is not None:
             parts.append(f"{s['samples_per_s']:.1f} samples/s")
-        parts.append(f"ETA {_clock(s['eta'])}")
+        parts.append(f"ETA {_clock(s['eta'] - since)}")
         return "  ".join(parts)
 
 
@@ -141,12 +142,8 @@ class LiveProgress(Progress):
         if not self.current:
             return ""
         elapsed = _clock(time.time() - self.node_start)
-        text = self.step_text()
-        if self.step_state is not None:  # count the ETA down between step events
-            since = time.time() - self.step_state["at"]
-            text = text.replace(
-                f"ETA {_clock(self.step_state['eta'])}", f"ETA {_clock(self.step_state['eta'] - since)}"
-            )
+        since = time.time() - self.step_state["at"] if self.step_state else 0.0  # the ETA counts down between steps
+        text = self.step_text(since)
         return f"{self._prefix()}  {text}  [{elapsed}]" if text else f"{self._prefix()}  [{elapsed}]"
 
     def draw(self) -> None:

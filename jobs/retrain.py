@@ -15,6 +15,7 @@ from pathlib import Path
 
 from jobs.pipeline import TAG_PIPELINE, Pipeline, _summary, raw_fingerprint, workdir_lock
 from jobs.pipeline_config import PipelineConfig
+from jobs.progress import Progress
 from jobs.tracking import client, default_tracking_uri
 
 
@@ -40,8 +41,14 @@ def last_success_fingerprint(tracking_uri: str, config: PipelineConfig) -> tuple
     return None
 
 
-def run_retrain(config_path: str, workdir: str = "work/pipeline", tracking_uri: str | None = None,
-                address: str | None = None, lock_timeout_s: float = 24 * 3600, progress=None) -> RetrainOutcome:  # fmt: skip
+def run_retrain(
+    config_path: str,
+    workdir: str = "work/pipeline",
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    lock_timeout_s: float = 24 * 3600,
+    progress: Progress | None = None,
+) -> RetrainOutcome:
     config = PipelineConfig.from_yaml(config_path)
     wd = Path(workdir).resolve()
     tracking_uri = tracking_uri or default_tracking_uri(wd)

@@ -333,7 +333,7 @@ def run_stage(
             "run": run,
             "secrets": secrets,
             "steps": feed.handle if feed else None,
-        },  # fmt: skip
+        },
         scaling_config=strategy.scaling_config(),
         run_config=RunConfig(
             name=run_name or config.name,
@@ -349,8 +349,6 @@ def run_stage(
     try:
         result = trainer.fit()
     except BaseException as e:
-        if feed is not None:
-            feed.close()
         if owns_run:  # never let a tracking outage hide the training error
             retry_call(f"mark run {run_id} FAILED", lambda: client(tracking_uri).set_terminated(run_id, "FAILED"))
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they are
@@ -361,8 +359,9 @@ def run_stage(
             f"only checkpoints every worker finished uploading; a rerun with the same run name resumes from the "
             f"latest): {e}"
         ) from e
-    if feed is not None:
-        feed.close()
+    finally:
+        if feed is not None:
+            feed.close()
     if owns_run:
         status = "FAILED" if result.error else "FINISHED"
         retry_call(f"mark run {run_id} {status}", lambda: client(tracking_uri).set_terminated(run_id, status))
