@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	# headless Chromium for the MLflow UI tests (Debian's; the tests skip, saying why, where it cannot be installed)
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
-		echo "chromium not installed: tests/test_mlflow_ui.py will skip its browser test"
+		echo "chromium not installed: tests/integration/test_mlflow_ui.py will skip its browser test"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -34,5 +34,8 @@ def wait_quiet(max_wait: float, threshold: float, windows: int = 3) -> dict[str,
         quiet = quiet + 1 if busy < threshold else 0
         if quiet >= windows:
             return {"quiet": True, "waited_s": round(time.perf_counter() - start, 1)}
-    return {"quiet": False if max_wait > 0 else None, "waited_s": round(time.perf_counter() - start, 1),
-            "last_busy_cores": busy}  # fmt: skip
+    return {
+        "quiet": False if max_wait > 0 else None,
+        "waited_s": round(time.perf_counter() - start, 1),
+        "last_busy_cores": busy,
+    }

@@ -59,8 +59,15 @@ GOALS = {"ours_peak_over_bytes": 1.5, "ours_minus_transformers_over_bytes": 0.5,
 
 
 def llm_config(layers: int) -> dict[str, Any]:
-    return dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers,
-                num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)  # fmt: skip
+    return dict(
+        vocab_size=32000,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        tie_word_embeddings=False,
+    )
 
 
 def prepare(layers: int) -> dict[str, Path]:
@@ -94,10 +101,12 @@ def prepare(layers: int) -> dict[str, Path]:
             shards.append({})
         shards[-1][key] = torch.randn(meta.shape, generator=gen, dtype=torch.float16) * 0.02
     width = config.hidden_size
-    projector = {"model.mm_projector.0.weight": torch.randn(width, 128, generator=gen, dtype=torch.float16),
-                 "model.mm_projector.0.bias": torch.zeros(width, dtype=torch.float16),
-                 "model.mm_projector.2.weight": torch.randn(width, width, generator=gen, dtype=torch.float16),
-                 "model.mm_projector.2.bias": torch.zeros(width, dtype=torch.float16)}  # fmt: skip
+    projector = {
+        "model.mm_projector.0.weight": torch.randn(width, 128, generator=gen, dtype=torch.float16),
+        "model.mm_projector.0.bias": torch.zeros(width, dtype=torch.float16),
+        "model.mm_projector.2.weight": torch.randn(width, width, generator=gen, dtype=torch.float16),
+        "model.mm_projector.2.bias": torch.zeros(width, dtype=torch.float16),
+    }
     n_hf, n_llava = len(shards), len(shards) + 1
     hf_map, llava_map = {}, {}
     for i, shard in enumerate(shards, start=1):
@@ -110,16 +119,24 @@ def prepare(layers: int) -> dict[str, Path]:
     torch.save(projector, dirs["llava"] / last)
     llava_map.update(dict.fromkeys(projector, last))
     lm_bytes = sum(v.nbytes for shard in shards for v in shard.values())
-    for directory, weight_map, total in ((dirs["hf"], hf_map, lm_bytes),
-                                         (dirs["llava"], llava_map, lm_bytes + sum(v.nbytes for v in projector.values()))):  # fmt: skip
+    for directory, weight_map, total in (
+        (dirs["hf"], hf_map, lm_bytes),
+        (dirs["llava"], llava_map, lm_bytes + sum(v.nbytes for v in projector.values())),
+    ):
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (directory / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=1))
     config.save_pretrained(dirs["hf"])
     llava = config.to_dict() | {
-        "model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"], "torch_dtype": "float16",
-        "mm_vision_tower": str(dirs["tower"]), "mm_hidden_size": 128, "mm_projector_type": "mlp2x_gelu",
-        "image_aspect_ratio": "pad", "mm_vision_select_layer": -1, "mm_use_im_start_end": False,
-    }  # fmt: skip
+        "model_type": "llava",
+        "architectures": ["LlavaLlamaForCausalLM"],
+        "torch_dtype": "float16",
+        "mm_vision_tower": str(dirs["tower"]),
+        "mm_hidden_size": 128,
+        "mm_projector_type": "mlp2x_gelu",
+        "image_aspect_ratio": "pad",
+        "mm_vision_select_layer": -1,
+        "mm_use_im_start_end": False,
+    }
     (dirs["llava"] / "config.json").write_text(json.dumps(llava, indent=2))
     load_tokenizer("tiny").save_pretrained(dirs["llava"])
     stamp.write_text(json.dumps(params))
@@ -129,16 +146,23 @@ def prepare(layers: int) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------------------------- child process
 def _status(key: str) -> int:
-    return next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
-                if line.startswith(key + ":"))  # fmt: skip
+    return next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith(key + ":")
+    )
 
 
 def _old_loader():
     """The pre-issue-12 `convllava/checkpoint.py`, imported from a file written out of git (module `old_checkpoint`)."""
     import importlib.util
 
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:convllava/checkpoint.py"],
-                            check=True, capture_output=True, text=True).stdout  # fmt: skip
+    source = subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{OLD_COMMIT}:convllava/checkpoint.py"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     path = WORK / "old_checkpoint.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_checkpoint", path)
@@ -151,7 +175,8 @@ def measure(kind: str, directory: str, output: str | None) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
-    from convllava.checkpoint import from_llava_checkpoint, load_model
+    from convllava.checkpoint import load_model
+    from convllava.llava_checkpoint import from_llava_checkpoint
 
     old = _old_loader() if kind == "old" else None
     imports = 0
@@ -186,8 +211,12 @@ def measure(kind: str, directory: str, output: str | None) -> dict[str, Any]:
             cli.main(["convert", "--llava", directory, "--output", output])
         except SystemExit as e:
             assert e.code == 0, e.code
-        return {"kind": kind, "seconds": time.perf_counter() - start, "extra_peak": _status("VmHWM") - base,
-                "save_pretrained_imports": imports}  # fmt: skip
+        return {
+            "kind": kind,
+            "seconds": time.perf_counter() - start,
+            "extra_peak": _status("VmHWM") - base,
+            "save_pretrained_imports": imports,
+        }
     else:
         raise ValueError(kind)
     seconds = time.perf_counter() - start
@@ -196,8 +225,14 @@ def measure(kind: str, directory: str, output: str | None) -> dict[str, Any]:
     with torch.no_grad():  # every weight's pages read once, no float32 temporaries
         for p in model.parameters():
             p.sum()
-    return {"kind": kind, "seconds": seconds, "loaded_peak": loaded_peak, "extra_peak": _status("VmHWM") - base,
-            "param_bytes": sum(p.nbytes for p in model.parameters()), "dtypes": dtypes}  # fmt: skip
+    return {
+        "kind": kind,
+        "seconds": seconds,
+        "loaded_peak": loaded_peak,
+        "extra_peak": _status("VmHWM") - base,
+        "param_bytes": sum(p.nbytes for p in model.parameters()),
+        "dtypes": dtypes,
+    }
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -237,22 +272,37 @@ def main() -> None:
     started = time.perf_counter()
     for repeat in range(args.repeats):
         for kind in kinds:
-            directory = {"ours": dirs["llava"], "ours_float32": dirs["llava"], "old": dirs["llava"],
-                         "convert": dirs["llava"], "transformers": dirs["hf"], "transformers_float32": dirs["hf"],
-                         "ours_format": dirs["ours"]}[kind]  # fmt: skip
+            directory = {
+                "ours": dirs["llava"],
+                "ours_float32": dirs["llava"],
+                "old": dirs["llava"],
+                "convert": dirs["llava"],
+                "transformers": dirs["hf"],
+                "transformers_float32": dirs["hf"],
+                "ours_format": dirs["ours"],
+            }[kind]
             result = run_child(kind, directory, dirs["ours"] if kind == "convert" else None)
             result["load1"] = os.getloadavg()[0]
             runs[kind].append(result)
-            print(f"repeat {repeat + 1} {kind:13s} {result['seconds']:6.2f}s  extra peak "
-                  f"{result['extra_peak'] / 2**20:7.0f} MiB", flush=True)  # fmt: skip
+            print(
+                f"repeat {repeat + 1} {kind:13s} {result['seconds']:6.2f}s  extra peak "
+                f"{result['extra_peak'] / 2**20:7.0f} MiB",
+                flush=True,
+            )
 
     def med(kind: str, key: str) -> float | None:
         values = [r[key] for r in runs.get(kind, []) if key in r]
         return statistics.median(values) if values else None
 
-    summary = {k: {"seconds": med(k, "seconds"), "extra_peak_bytes": med(k, "extra_peak"),
-                   "loaded_peak_bytes": med(k, "loaded_peak"),
-                   "extra_peak_over_checkpoint": med(k, "extra_peak") / stored} for k in kinds}  # fmt: skip
+    summary = {
+        k: {
+            "seconds": med(k, "seconds"),
+            "extra_peak_bytes": med(k, "extra_peak"),
+            "loaded_peak_bytes": med(k, "loaded_peak"),
+            "extra_peak_over_checkpoint": med(k, "extra_peak") / stored,
+        }
+        for k in kinds
+    }
     ratios = {
         "ours_peak_over_bytes": med("ours", "extra_peak") / stored,
         "ours_minus_transformers_over_bytes": (med("ours", "extra_peak") - med("transformers", "extra_peak")) / stored,
@@ -267,13 +317,23 @@ def main() -> None:
         ratios["old_peak_over_bytes"] = med("old", "extra_peak") / stored
         ratios["old_time_over_ours"] = med("old", "seconds") / med("ours", "seconds")
     result = {
-        "checkpoint": {"llm": llm_config(args.layers), "bytes": stored, "lm_bytes": lm_stored,
-                       "shards": sorted(f.name for f in dirs["llava"].glob("*.bin"))},  # fmt: skip
-        "repeats": args.repeats, "ratios": ratios, "goals": GOALS,
+        "checkpoint": {
+            "llm": llm_config(args.layers),
+            "bytes": stored,
+            "lm_bytes": lm_stored,
+            "shards": sorted(f.name for f in dirs["llava"].glob("*.bin")),
+        },
+        "repeats": args.repeats,
+        "ratios": ratios,
+        "goals": GOALS,
         "goals_met": {k: ratios[k] <= v for k, v in GOALS.items()},
-        "median": summary, "runs": runs, "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
-        "cpu_count": os.cpu_count(), "bench_seconds": time.perf_counter() - started,
-    }  # fmt: skip
+        "median": summary,
+        "runs": runs,
+        "load_avg_start": load_start,
+        "load_avg_end": os.getloadavg(),
+        "cpu_count": os.cpu_count(),
+        "bench_seconds": time.perf_counter() - started,
+    }
     gib = 2**20
     print(f"\ncheckpoint {stored / gib:.0f} MiB float16 (.bin shards); medians of {args.repeats} fresh processes\n")
     print("| load | seconds | extra peak, loaded (MiB) | extra peak, weights touched (MiB) | × checkpoint |")
@@ -281,8 +341,10 @@ def main() -> None:
     for k in kinds:
         s = summary[k]
         loaded = "–" if s["loaded_peak_bytes"] is None else f"{s['loaded_peak_bytes'] / gib:.0f}"
-        print(f"| {k} | {s['seconds']:.2f} | {loaded} | {s['extra_peak_bytes'] / gib:.0f} | "
-              f"{s['extra_peak_over_checkpoint']:.2f} |")  # fmt: skip
+        print(
+            f"| {k} | {s['seconds']:.2f} | {loaded} | {s['extra_peak_bytes'] / gib:.0f} | "
+            f"{s['extra_peak_over_checkpoint']:.2f} |"
+        )
     print()
     for k, v in ratios.items():
         goal = GOALS.get(k)

@@ -50,7 +50,7 @@ def check_tiny(dev: str) -> dict:
     convs = [
         [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": p.subject}] for p in photos
     ]
-    batch = processor(convs, images)
+    batch = processor(conversations=convs, images=images)
     with torch.no_grad():
         ref = cpu(**batch).logits
         gpu = ConvLlavaForCausalLM(config).eval()
@@ -63,8 +63,11 @@ def check_tiny(dev: str) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(40):
-        moved["pixel_values"] = [x.to(torch.bfloat16) for x in moved["pixel_values"]] if isinstance(
-            moved["pixel_values"], list) else moved["pixel_values"].to(torch.bfloat16)  # fmt: skip
+        moved["pixel_values"] = (
+            [x.to(torch.bfloat16) for x in moved["pixel_values"]]
+            if isinstance(moved["pixel_values"], list)
+            else moved["pixel_values"].to(torch.bfloat16)
+        )
         loss = model(**moved).loss
         loss.backward()
         opt.step()
@@ -127,8 +130,11 @@ def check_7b(dev: str) -> dict:
     batch = processor.prompts(["Describe the image."], [photo])
     torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        inputs = {"input_ids": batch["input_ids"].to(dev), "attention_mask": batch["attention_mask"].to(dev),
-                  "pixel_values": batch["pixel_values"].to(dev, torch.bfloat16)}  # fmt: skip
+        inputs = {
+            "input_ids": batch["input_ids"].to(dev),
+            "attention_mask": batch["attention_mask"].to(dev),
+            "pixel_values": batch["pixel_values"].to(dev, torch.bfloat16),
+        }
         t = time.perf_counter()
         logits = model(**inputs).logits
         torch.cuda.synchronize()
@@ -171,8 +177,12 @@ def main() -> None:
     parser.add_argument("--out", default="gpu_check.json")
     args = parser.parse_args()
     dev = "cuda"
-    result = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
-              "transformers": transformers.__version__, "timm": timm.__version__}  # fmt: skip
+    result = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "timm": timm.__version__,
+    }
     for name, fn in (("tiny", check_tiny), ("tower", check_tower), ("convllava_1536", check_7b)):
         t = time.perf_counter()
         try:

@@ -73,9 +73,9 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from jobs.plan import plan_json, plan_stage
-    from jobs.stage_config import CONFIG_DIR, StageConfig
-    from jobs.train import run_stage
+    from jobs.train.config import CONFIG_DIR, StageConfig
+    from jobs.train.driver import run_stage
+    from jobs.train.plan import plan_json, plan_stage
     from pipelines.config import Mixture, PreprocessConfig
     from pipelines.demo_data import generate_demo_data
     from pipelines.preprocess import run_preprocess
@@ -85,12 +85,24 @@ def main() -> None:
         args.tokenizer = "tiny" if args.tiny else str(vicuna_shaped_tokenizer(work / "tokenizer"))
     resolution = 256 if args.tiny else 768
     generate_demo_data(work / "data", seed=0, n_caption=64, n_instruct=64, n_eval=8)
-    run_preprocess(Mixture.from_yaml(work / "data" / "mixture.yaml"), PreprocessConfig(resolution=resolution,
-                   mode="bucket" if args.tiny else "square", tokenizer=args.tokenizer), str(work / "shards"))  # fmt: skip
+    run_preprocess(
+        Mixture.from_yaml(work / "data" / "mixture.yaml"),
+        PreprocessConfig(resolution=resolution, mode="bucket" if args.tiny else "square", tokenizer=args.tokenizer),
+        str(work / "shards"),
+    )
     gpu = not args.tiny
-    common = [f"data={work / 'shards'}", f"tokenizer={args.tokenizer}", f"max_steps={args.steps}", "workers=1",
-              f"use_gpu={str(gpu).lower()}", "checkpoint_every=1", "keep_last=2", "micro_batch_size=2",
-              "global_batch_size=4", "gradient_checkpointing=true"]  # fmt: skip
+    common = [
+        f"data={work / 'shards'}",
+        f"tokenizer={args.tokenizer}",
+        f"max_steps={args.steps}",
+        "workers=1",
+        f"use_gpu={str(gpu).lower()}",
+        "checkpoint_every=1",
+        "keep_last=2",
+        "micro_batch_size=2",
+        "global_batch_size=4",
+        "gradient_checkpointing=true",
+    ]
     preset = "tiny" if args.tiny else "convllava-768"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
@@ -127,7 +139,7 @@ def main() -> None:
                 "loss": m["train/loss"],
                 "steps": out.steps,
                 "wall_s": wall,
-            },  # fmt: skip
+            },
             "plan": plan_json(plan),
             "attn_implementation": config.attn_implementation,
         }
@@ -135,8 +147,12 @@ def main() -> None:
         if stage == 1:  # resume: the same config and run name restart from the latest checkpoint, not from step 0
             start = time.perf_counter()
             resumed = run_stage(config, str(work / "runs"), tracking_uri=tracking, run_name="check-stage1")
-            results["resume"] = {"steps_before": out.steps, "steps_after": resumed.steps,
-                                 "checkpoint": resumed.checkpoint_uri, "wall_s": time.perf_counter() - start}  # fmt: skip
+            results["resume"] = {
+                "steps_before": out.steps,
+                "steps_after": resumed.steps,
+                "checkpoint": resumed.checkpoint_uri,
+                "wall_s": time.perf_counter() - start,
+            }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -33,14 +33,18 @@ def prepare(n: int) -> tuple[Path, Path, Path]:
     if not (data / "metadata.json").is_file():
         generate_demo_data(data, seed=0, n_caption=8, n_instruct=8, n_eval=max(50, n // 2))
     if not (ckpt / "model.safetensors").is_file():
-        subprocess.run([str(Path(sys.executable).parent / "convllava"), "init", "--preset", "tiny", "--output", str(ckpt)],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [str(Path(sys.executable).parent / "convllava"), "init", "--preset", "tiny", "--output", str(ckpt)],
+            check=True,
+            capture_output=True,
+        )
     rows = []
     for name in ("open", "pope"):
         rows += [json.loads(line) for line in (data / "eval" / f"{name}.jsonl").read_text().splitlines()]
     questions = WORK / "questions.jsonl"
-    questions.write_text("".join(json.dumps({"id": r["id"], "question": r["question"], "image": r["image"]}) + "\n"
-                                 for r in rows[:n]))  # fmt: skip
+    questions.write_text(
+        "".join(json.dumps({"id": r["id"], "question": r["question"], "image": r["image"]}) + "\n" for r in rows[:n])
+    )
     return data, ckpt, questions
 
 
@@ -82,22 +86,38 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray_init_s = time.perf_counter() - t
     t = time.perf_counter()
-    summary = run_predict(str(ckpt), str(questions), str(WORK / "answers.jsonl"), image_root=str(data),
-                          max_new_tokens=args.max_new_tokens, batch_size=16, workers=2)  # fmt: skip
+    summary = run_predict(
+        str(ckpt),
+        str(questions),
+        str(WORK / "answers.jsonl"),
+        image_root=str(data),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=16,
+        workers=2,
+    )
     predict_s = time.perf_counter() - t
     answers = [json.loads(line) for line in (WORK / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == n and all("answer" in a for a in answers), summary
     result = {
-        "questions": n, "max_new_tokens": args.max_new_tokens,
-        "plain_loop_s": loop_s, "plain_loop_answers_per_s": n / loop_s, "plain_loop_generated_tokens": loop_tokens,
-        "predict_s": predict_s, "predict_answers_per_s": n / predict_s, "ray_init_s": ray_init_s,
-        "speedup": (n / predict_s) / (n / loop_s), "load_avg": os.getloadavg(), "summary": summary,
-    }  # fmt: skip
+        "questions": n,
+        "max_new_tokens": args.max_new_tokens,
+        "plain_loop_s": loop_s,
+        "plain_loop_answers_per_s": n / loop_s,
+        "plain_loop_generated_tokens": loop_tokens,
+        "predict_s": predict_s,
+        "predict_answers_per_s": n / predict_s,
+        "ray_init_s": ray_init_s,
+        "speedup": (n / predict_s) / (n / loop_s),
+        "load_avg": os.getloadavg(),
+        "summary": summary,
+    }
     print("| | seconds | answers/s |\n|---|---|---|")
     print(f"| plain loop, one `generate` per sample (2 threads) | {loop_s:.1f} | {n / loop_s:.2f} |")
     print(f"| `convllava predict` (2 actors, batches of 16) | {predict_s:.1f} | {n / predict_s:.2f} |")
-    print(f"\nspeedup {result['speedup']:.2f}× on {n} questions, {args.max_new_tokens} new tokens; "
-          f"ray.init {ray_init_s:.1f}s not counted; load average {result['load_avg'][0]:.1f}")  # fmt: skip
+    print(
+        f"\nspeedup {result['speedup']:.2f}× on {n} questions, {args.max_new_tokens} new tokens; "
+        f"ray.init {ray_init_s:.1f}s not counted; load average {result['load_avg'][0]:.1f}"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 

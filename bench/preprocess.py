@@ -55,26 +55,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import argparse  # noqa: E402
-import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from collections import Counter  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import numpy as np  # noqa: E402
-from _common import system_cpu, wait_quiet  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
+from _common import wait_quiet  # noqa: E402
+from _preprocess_data import dataset_stats, ensure_dataset  # noqa: E402
+from _preprocess_timing import pipeline, plain_loop, start_ray, warm_page_cache  # noqa: E402
+from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "preprocess.json"
-CACHE_ROOT = REPO / "work" / "bench-preprocess"
-GENERATOR_VERSION = 1
 RESOLUTION = 768
 WORKERS = 2
 RAY_CPUS = 2
@@ -84,326 +79,9 @@ GOAL_PADDED = 0.05
 # core, or when other processes kept more than 0.25 cores busy on average while the pipeline (which wants both) ran.
 PLAIN_MIN_CORES = 0.95
 CONTENDED_CORES = 0.25
-SIDE_MIN, SIDE_MAX, MAX_ASPECT = 640, 2048, 3.0
-COMMON_RATIOS = (1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
-PNG_FRACTION, EXIF_FRACTION = 0.10, 0.05
-NOISE_SIGMA, NOISE_TILE = 5.0, 512
-PROMPTS = (
-    "Describe the image briefly.",
-    "What is in this image?",
-    "Give a short description of the picture.",
-    "Write a caption for this image.",
-)
-FOLLOW_UPS = ("How many shapes are there?", "Which colour dominates?", "Is there a line in the picture?")
 
 
-# ---------------------------------------------------------------------------------------------- data set
-def plan(n: int, seed: int) -> list[dict[str, Any]]:
-    """Per image: upright size, format, EXIF rotation and its conversation — a pure function of (n, seed)."""
-    rng = np.random.default_rng([seed, 0])
-    items = []
-    for i in range(n):
-        if rng.random() < 0.5:
-            aspect = float(COMMON_RATIOS[rng.integers(len(COMMON_RATIOS))])  # width / height
-        else:
-            aspect = float(math.exp(rng.uniform(-math.log(MAX_ASPECT), math.log(MAX_ASPECT))))
-        r = max(aspect, 1 / aspect)  # short side drawn so that the long side stays within SIDE_MAX
-        short = int(rng.integers(SIDE_MIN, int(SIDE_MAX / r) + 1))
-        long = min(SIDE_MAX, max(SIDE_MIN, round(short * r)))
-        width, height = (long, short) if aspect >= 1 else (short, long)
-        fmt = "png" if rng.random() < PNG_FRACTION else "jpg"
-        rotated = fmt == "jpg" and rng.random() < EXIF_FRACTION
-        n_shapes = int(rng.integers(5, 26))
-        turns = [(f"<image>\n{PROMPTS[rng.integers(len(PROMPTS))]}", f"A picture of {n_shapes} shapes on a gradient.")]
-        if rng.random() < 0.5:
-            turns.append((FOLLOW_UPS[rng.integers(len(FOLLOW_UPS))], f"There are {n_shapes} shapes; look closely."))
-        conversations = [m for q, a in turns for m in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
-        items.append(
-            {
-                "id": f"img-{i:06d}",
-                "image": f"images/img_{i:06d}.{fmt}",
-                "width": width,
-                "height": height,
-                "fmt": fmt,
-                "exif_rotated": rotated,
-                "n_shapes": n_shapes,
-                "conversations": conversations,
-            }
-        )
-    return items
-
-
-def render(args: tuple[dict[str, Any], int, int, str]) -> int:
-    """Write one image; returns its file size. Stored rotated (EXIF orientation 6) when `exif_rotated`."""
-    item, seed, index, root = args
-    rng = np.random.default_rng([seed, 1, index])
-    w, h = (item["height"], item["width"]) if item["exif_rotated"] else (item["width"], item["height"])
-    y = np.linspace(0.0, 1.0, h, dtype=np.float32)[:, None, None]
-    x = np.linspace(0.0, 1.0, w, dtype=np.float32)[None, :, None]
-    c0, cx, cy = rng.uniform(40, 215, 3), rng.uniform(-100, 100, 3), rng.uniform(-100, 100, 3)
-    base = (c0 + cx * x + cy * y).clip(0, 255).astype(np.uint8)
-    image = Image.fromarray(base)
-    draw = ImageDraw.Draw(image)
-    for _ in range(item["n_shapes"]):
-        x1, x2 = sorted(int(v) for v in rng.integers(0, w, 2))
-        y1, y2 = sorted(int(v) for v in rng.integers(0, h, 2))
-        colour = tuple(int(v) for v in rng.integers(0, 256, 3))
-        kind = int(rng.integers(3))
-        if kind == 0:
-            draw.ellipse((x1, y1, x2, y2), fill=colour)
-        elif kind == 1:
-            draw.rectangle((x1, y1, x2, y2), fill=colour)
-        else:
-            draw.line((x1, y1, x2, y2), fill=colour, width=int(rng.integers(2, 24)))
-    path = Path(root) / item["image"]
-    if item["fmt"] == "png":
-        image.save(path, "PNG")
-    else:
-        # Tiled Gaussian noise (a random offset into one 512² tile): JPEG codes 8×8 blocks independently, so
-        # this compresses like full-frame noise at a fraction of the cost of drawing it.
-        tile = np.random.default_rng([seed, 2]).normal(0.0, NOISE_SIGMA, (NOISE_TILE, NOISE_TILE, 3))
-        oy, ox = (int(v) for v in rng.integers(0, NOISE_TILE, 2))
-        reps = (h // NOISE_TILE + 2, w // NOISE_TILE + 2, 1)
-        noise = np.tile(tile.astype(np.int16), reps)[oy : oy + h, ox : ox + w]
-        pixels = (np.asarray(image, dtype=np.int16) + noise).clip(0, 255).astype(np.uint8)
-        exif = Image.Exif()
-        if item["exif_rotated"]:
-            exif[0x0112] = 6  # display rotated 90° clockwise: stored h×w becomes upright w×h
-        Image.fromarray(pixels).save(path, "JPEG", quality=int(rng.integers(80, 96)), exif=exif)
-    return path.stat().st_size
-
-
-def ensure_dataset(n: int, seed: int) -> tuple[Path, list[dict[str, Any]], float | None]:
-    """The cached data set for (n, seed), generated on first use. Returns (root, plan, seconds spent generating)."""
-    root = CACHE_ROOT / f"data-n{n}-seed{seed}-v{GENERATOR_VERSION}"
-    items = plan(n, seed)
-    done = root / "done.json"
-    if done.exists() and json.loads(done.read_text()).get("images") == n:
-        return root, items, None
-    start = time.perf_counter()
-    if root.exists():
-        shutil.rmtree(root)
-    (root / "images").mkdir(parents=True)
-    with ProcessPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        sizes = list(pool.map(render, [(it, seed, i, str(root)) for i, it in enumerate(items)], chunksize=16))
-    with (root / "annotations.jsonl").open("w") as f:
-        for it in items:
-            f.write(json.dumps({"id": it["id"], "image": it["image"], "conversations": it["conversations"]}) + "\n")
-    seconds = time.perf_counter() - start
-    done.write_text(json.dumps({"images": n, "seed": seed, "bytes": sum(sizes), "seconds": round(seconds, 1)}) + "\n")
-    return root, items, seconds
-
-
-def dataset_stats(root: Path, items: list[dict[str, Any]]) -> dict[str, Any]:
-    sizes = [(root / it["image"]).stat().st_size for it in items]
-    jpg = [(s, it) for s, it in zip(sizes, items, strict=True) if it["fmt"] == "jpg"]
-    aspects = [it["width"] / it["height"] for it in items]
-    return {
-        "images": len(items),
-        "png": sum(it["fmt"] == "png" for it in items),
-        "exif_rotated": sum(it["exif_rotated"] for it in items),
-        "bytes_total": sum(sizes),
-        "bytes_mean": sum(sizes) / len(sizes),
-        "jpeg_bytes_per_pixel": sum(s for s, _ in jpg) / sum(it["width"] * it["height"] for _, it in jpg),
-        "megapixels_mean": sum(it["width"] * it["height"] for it in items) / len(items) / 1e6,
-        "side_range": [
-            min(min(it["width"], it["height"]) for it in items),
-            max(max(it["width"], it["height"]) for it in items),
-        ],
-        "aspect_range": [min(aspects), max(aspects)],
-    }
-
-
-# ---------------------------------------------------------------------------------------------- measuring
-class CpuMeter:
-    """Busy CPU cores over an interval: the whole machine (/proc/stat), ours, and everybody else's.
-
-    Ours = this process and all its descendants — on a local Ray instance the GCS, raylet, idle workers, Ray
-    Data's helper actors and our actors. A thread samples the process tree every `interval` s and keeps each
-    process's last CPU time, so processes that end (actors do, and some are re-parented first) still count.
-    """
-
-    def __init__(self, interval: float = 0.25) -> None:
-        import threading
-
-        import psutil
-
-        self._me, self._interval = psutil.Process(), interval
-        self._first: dict[int, float] = {}
-        self._last: dict[int, float] = {}
-        self._sample(initial=True)
-        self.system, self.t0 = system_cpu(), time.perf_counter()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _sample(self, initial: bool = False) -> None:
-        import psutil
-
-        for p in [self._me, *self._me.children(recursive=True)]:
-            try:
-                t = p.cpu_times()
-            except psutil.Error:
-                continue
-            self._first.setdefault(p.pid, t.user + t.system if initial else 0.0)
-            self._last[p.pid] = t.user + t.system
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            self._sample()
-
-    def read(self) -> dict[str, float | None]:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-        system, wall = system_cpu(), time.perf_counter() - self.t0
-        ours = sum(self._last[pid] - self._first[pid] for pid in self._last) / wall
-        if self.system is None or system is None or system[1] == self.system[1]:
-            return {"machine": None, "ours": ours, "others": None}
-        machine = (system[0] - self.system[0]) / (system[1] - self.system[1]) * (os.cpu_count() or 1)
-        return {"machine": machine, "ours": ours, "others": max(0.0, machine - ours)}
-
-
-def warm_page_cache(root: Path, items: list[dict[str, Any]]) -> None:
-    (root / "annotations.jsonl").read_bytes()
-    for it in items:
-        (root / it["image"]).read_bytes()
-
-
-def plain_loop(root: Path, items: list[dict[str, Any]], config) -> dict[str, Any]:
-    """The per-sample work of one epoch of a lazy LLaVA dataset, in this process, stage by stage."""
-    from convllava.image_processing import load_image
-    from pipelines.worker import build_processor
-
-    t = time.perf_counter()
-    processor = build_processor(config)  # tokenizer + template + image processor, as the pipeline's actors do
-    build_s = time.perf_counter() - t
-    ip = processor.image_processor
-    stages = dict.fromkeys(("read", "decode", "resize", "encode", "tokenize"), 0.0)
-    buckets: Counter[str] = Counter()
-    visual_tokens = total_length = 0
-    meter, cpu0 = CpuMeter(), time.process_time()
-    start = time.perf_counter()
-    for it in items:
-        t0 = time.perf_counter()
-        data = (root / it["image"]).read_bytes()
-        t1 = time.perf_counter()
-        image = load_image(data, max_pixels=config.max_pixels, background=ip.fill)
-        if min(image.size) < config.min_image_side:
-            raise RuntimeError(f"{it['image']} is too small")
-        t2 = time.perf_counter()
-        resized, p = ip.resize(image)
-        t3 = time.perf_counter()
-        buf = io.BytesIO()
-        resized.save(buf, format="JPEG", quality=config.jpeg_quality)
-        t4 = time.perf_counter()
-        sample = processor.tokenize(it["conversations"], [(p.canvas_height, p.canvas_width)], sample_id=it["id"])
-        t5 = time.perf_counter()
-        for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
-            stages[name] += dt
-        buckets[f"{p.canvas_height}x{p.canvas_width}"] += 1
-        visual_tokens += sample.num_image_tokens
-        total_length += len(sample.input_ids)
-    seconds = time.perf_counter() - start
-    return {
-        "images": len(items),
-        "seconds": seconds,
-        "images_per_s": len(items) / seconds,
-        "cpu_s": time.process_time() - cpu0,
-        "cpu_ms_per_image": (time.process_time() - cpu0) / len(items) * 1e3,
-        "cpu_cores": meter.read(),
-        "processor_build_s": build_s,
-        "stage_ms_per_image": {k: v / len(items) * 1e3 for k, v in stages.items()},
-        "buckets": dict(sorted(buckets.items())),
-        "visual_tokens": visual_tokens,
-        "mean_length": total_length / len(items),
-    }
-
-
-def start_ray() -> tuple[float, float]:
-    """Start a local Ray instance; then wait (at most 30 s) until its processes are idle — `ray.init` returns
-    while the workers it prestarts are still importing. Returns (init seconds, settle seconds)."""
-    import psutil
-    import ray
-    import ray.data
-
-    start = time.perf_counter()
-    ray.init(num_cpus=RAY_CPUS, include_dashboard=False, log_to_driver=False)
-    init_s = time.perf_counter() - start
-    ray.data.DataContext.get_current().enable_progress_bars = False
-
-    def tree_cpu() -> float:
-        total = 0.0
-        for p in psutil.Process().children(recursive=True):
-            try:
-                t = p.cpu_times()
-                total += t.user + t.system
-            except psutil.Error:
-                pass
-        return total
-
-    settle = time.perf_counter()
-    before = tree_cpu()
-    while time.perf_counter() - settle < 30.0:
-        time.sleep(1.0)
-        now = tree_cpu()
-        if now - before < 0.1:  # Ray's processes used under 0.1 cores over the last second
-            break
-        before = now
-    return init_s, time.perf_counter() - settle
-
-
-def pipeline(root: Path, n: int, config) -> dict[str, Any]:
-    """`run_preprocess` end to end into a fresh directory (deleted afterwards); Ray must already be running."""
-    import pipelines.preprocess as pp
-    from pipelines.config import Mixture, Source
-
-    ray_stage = {}
-    original = pp._process
-
-    def timed_process(*args, **kwargs):  # the Ray Data stage alone, to split driver work from the job
-        t = time.perf_counter()
-        try:
-            return original(*args, **kwargs)
-        finally:
-            ray_stage["seconds"] = time.perf_counter() - t
-
-    output = CACHE_ROOT / "runs" / f"out-{os.getpid()}-{int(time.time())}"
-    if output.exists():
-        shutil.rmtree(output)
-    mixture = Mixture((Source("bench", str(root / "annotations.jsonl"), str(root)),))
-    lines: list[str] = []
-    pp._process = timed_process
-    try:
-        meter = CpuMeter()
-        start = time.perf_counter()
-        result = pp.run_preprocess(mixture, config, str(output), echo=lines.append)
-        seconds = time.perf_counter() - start
-        cores = meter.read()
-    finally:
-        pp._process = original
-    output_bytes = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
-    shutil.rmtree(output)
-    m = result.manifest
-    return {
-        "images": m["written"],
-        "seconds": seconds,
-        "images_per_s": n / seconds,
-        "cpu_cores": cores,
-        "cpu_s": cores["ours"] * seconds,  # driver + GCS, raylet, workers and actors (this process tree)
-        "cpu_ms_per_image": cores["ours"] * seconds / n * 1e3,
-        "ray_data_stage_s": ray_stage.get("seconds"),
-        "driver_other_s": seconds - ray_stage.get("seconds", 0.0),
-        "manifest": {
-            k: m[k] for k in ("read", "written", "quarantined", "reconciled", "buckets", "visual_tokens", "mean_length")
-        }
-        | {"padded_pixel_fraction": m["padded_pixel_fraction"], "shards": len(m["shards"])},
-        "output_bytes": output_bytes,
-        "units": math.ceil(n / config.unit_size),
-        "unit_size": config.unit_size,
-    }
-
-
+# ---------------------------------------------------------------------------------------------- padded pixels
 def padded(sizes: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
     """Padded fraction per mode over (width, height) sizes: plain mean, and weighted by canvas pixels."""
     from convllava.image_processing import ConvLlavaImageProcessor
@@ -520,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {plain['images_per_s']:.2f} images/s", flush=True)
     quiet["pipeline"] = wait_quiet(args.wait_quiet, threshold=0.2)
     print(f"ray.init + pipeline ({_quiet_note(quiet['pipeline'])}) ...", flush=True)
-    ray_init_s, ray_settle_s = start_ray()
+    ray_init_s, ray_settle_s = start_ray(RAY_CPUS)
     print(f"ray.init: {ray_init_s:.1f} s (+ {ray_settle_s:.1f} s until Ray was idle); pipeline ...", flush=True)
     try:
         pipe = pipeline(root, args.images, config)

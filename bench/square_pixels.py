@@ -106,7 +106,7 @@ def measure() -> list[dict]:
         for r in RESOLUTIONS:
             ref = reference(image, r)
             candidates = {
-                "ours": ConvLlavaImageProcessor(resolution=r, mode="square")(image),
+                "ours": ConvLlavaImageProcessor(resolution=r, mode="square").transform(image),
                 "png-shard": shard_round_trip(image, r, "png"),
                 "jpeg95-shard": shard_round_trip(image, r, "jpeg"),
                 "jpeg95-444-shard": shard_round_trip(image, r, "jpeg-444"),
@@ -114,22 +114,28 @@ def measure() -> list[dict]:
                 "fast-vs-reference": reference(image, r, CLIPImageProcessor),
             }
             for variant, x in candidates.items():
-                rows.append({"photo": name, "size": list(image.size), "resolution": r, "variant": variant,
-                             **stats(x, ref)})  # fmt: skip
+                rows.append(
+                    {"photo": name, "size": list(image.size), "resolution": r, "variant": variant, **stats(x, ref)}
+                )
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
-    lines = ["| photo (w×h) | R | " + " | ".join(f"{v} max / mean" for v in variants) + " |",
-             "|---|---|" + "---|" * len(variants)]  # fmt: skip
+    lines = [
+        "| photo (w×h) | R | " + " | ".join(f"{v} max / mean" for v in variants) + " |",
+        "|---|---|" + "---|" * len(variants),
+    ]
     keys = list(dict.fromkeys((r["photo"], tuple(r["size"]), r["resolution"]) for r in rows))
     for photo, size, res in keys:
         cells = [
             next(r for r in rows if (r["photo"], r["resolution"], r["variant"]) == (photo, res, v)) for v in variants
         ]
-        lines.append(f"| {photo} ({size[0]}×{size[1]}) | {res} | "
-                     + " | ".join(f"{c['max_abs']:.3g} / {c['mean_abs']:.2g}" for c in cells) + " |")  # fmt: skip
+        lines.append(
+            f"| {photo} ({size[0]}×{size[1]}) | {res} | "
+            + " | ".join(f"{c['max_abs']:.3g} / {c['mean_abs']:.2g}" for c in cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ sets, global batch 16, micro-batch 4), with `max_steps=--steps`, one checkpoint 
 - job: `jobs.train.run_stage`, Ray Train with 2 CPU workers (one thread each), DeepSpeed over gloo, rank 0 logging
   every step to MLflow (SQLite). Steady state from the logged `train/step_time_s`; start-up from the logged
   timestamps: call → step 1 done, last step done → return.
-- baseline: `jobs.local.run_local`, the same `StageRecipe` in this process (2 torch threads, no Ray, no MLflow, a
+- baseline: `jobs.train.local.run_local`, the same `StageRecipe` in this process (2 torch threads, no Ray, no MLflow, a
   gloo group of one): the same global batches (grad_accum 4 instead of 2 per worker), the same ZeRO stage.
   For the ZeRO-3 stages a second baseline runs them with ZeRO-2: what ZeRO-3's partitioning costs by itself.
 
@@ -39,6 +39,8 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import wait_quiet  # noqa: E402
 
+from convllava.shards import MANIFEST  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "train_step.json"
 DATA_ROOT = REPO / "work" / "bench-train"
@@ -55,7 +57,7 @@ def ensure_data() -> tuple[dict[str, Path], float | None]:
     shards = {"captions": DATA_ROOT / "shards-stage1", "mix": DATA_ROOT / "shards-mix"}
     stamp = DATA_ROOT / "params.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == DATA_PARAMS:
-        if all((p / "manifest.json").is_file() for p in shards.values()):
+        if all((p / MANIFEST).is_file() for p in shards.values()):
             return shards, None
     import ray
 
@@ -83,7 +85,7 @@ def ensure_data() -> tuple[dict[str, Path], float | None]:
 
 
 def stage_config(stage: str, shards: Path, steps: int, **overrides):
-    from jobs.stage_config import StageConfig
+    from jobs.train.config import StageConfig
 
     c = StageConfig.from_yaml(REPO / "jobs" / "configs" / "tiny" / f"{stage}.yaml")
     return c.replace(
@@ -124,8 +126,8 @@ def job(config, steps: int, warmup: int) -> dict[str, Any]:
     """`run_stage` end to end (Ray started first, shut down after); steps from what rank 0 logged to MLflow."""
     import ray
 
-    from jobs.tracking import client, default_tracking_uri
-    from jobs.train import run_stage
+    from jobs.tracking.runs import client, default_tracking_uri
+    from jobs.train.driver import run_stage
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-job-"))
     try:
@@ -165,7 +167,7 @@ def local(config, steps: int, warmup: int) -> dict[str, Any]:
     """`run_local` in this process; steps from its metrics.jsonl (each row stamped when it was written)."""
     import torch
 
-    from jobs.local import METRICS_FILE, run_local
+    from jobs.train.local import METRICS_FILE, run_local
 
     torch.set_num_threads(BASELINE_THREADS)
     work = Path(tempfile.mkdtemp(prefix="bench-train-local-"))
@@ -190,7 +192,7 @@ def local(config, steps: int, warmup: int) -> dict[str, Any]:
 def padding(shards: Path) -> dict[str, Any]:
     """Text padding per micro-batch (padded / all positions, right-padded to the longest), grouped by length or not."""
     from convllava.data import plan_epoch
-    from jobs.shards import ShardSet
+    from convllava.shards import ShardSet
 
     s = ShardSet(str(shards))
     lengths = np.asarray([i.length for i in s.infos], dtype=np.int64)

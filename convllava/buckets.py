@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 STRIDE = 64
 MAX_ASPECT = 4.0
+# How an image meets the token budget: resized to R×R (the paper's), into its aspect-ratio bucket, or short side to R.
+Mode = Literal["square", "bucket", "short-side"]
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 def check_size(height: int, width: int, stride: int = STRIDE) -> None:

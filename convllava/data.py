@@ -23,7 +23,7 @@ import torch
 
 from convllava.buckets import Bucket, num_visual_tokens
 from convllava.image_processing import CLIP_MEAN, CLIP_STD, ConvLlavaImageProcessor, ImageProcessorConfig, load_image
-from convllava.processor import IGNORE_INDEX
+from convllava.labels import IGNORE_INDEX, pad_batch
 
 
 @dataclass(frozen=True)
@@ -281,19 +281,13 @@ def collate(
         visual_tokens = per_image * len(rows)
 
     lengths = [len(r["input_ids"]) for r in rows]
-    width = max(lengths)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = lengths[i]
+    for r, n in zip(rows, lengths, strict=True):
         if len(r["labels"]) != n:
             raise ValueError(
                 f"collate: sample {r.get('key', '?')} has {n} input_ids but {len(r['labels'])} labels; re-run preprocess"
             )
-        input_ids[i, :n] = torch.as_tensor(r["input_ids"], dtype=torch.long)
-        labels[i, :n] = torch.as_tensor(r["labels"], dtype=torch.long)
-        attention_mask[i, :n] = 1
+    padded = pad_batch([r["input_ids"] for r in rows], [r["labels"] for r in rows], pad_token_id)
+    input_ids, labels, attention_mask = padded["input_ids"], padded["labels"], padded["attention_mask"]
 
     return {
         "input_ids": input_ids,

@@ -14,22 +14,31 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from transformers import BaseImageProcessor, BatchFeature
 
-from convllava.buckets import STRIDE, Bucket, Placement, check_resolution, fit_in_canvas, make_buckets, nearest_bucket
+from convllava.buckets import (
+    MODES,
+    STRIDE,
+    Bucket,
+    Mode,
+    Placement,
+    check_resolution,
+    fit_in_canvas,
+    make_buckets,
+    nearest_bucket,
+)
 
 # OpenAI CLIP normalisation, used by the laion CLIP ConvNeXt the paper starts from.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-Mode = Literal["square", "bucket", "short-side"]
-MODES = ("square", "bucket", "short-side")
 
 
 class ImageError(ValueError):
@@ -109,12 +118,35 @@ class ImageProcessorConfig:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
 
 
-class ConvLlavaImageProcessor:
-    """Resize/pad to a stride-aligned size and normalise to a (3, H, W) float tensor."""
+class ConvLlavaImageProcessor(BaseImageProcessor):
+    """Resize/pad to a stride-aligned size and normalise to a (3, H, W) float tensor.
+
+    A transformers image processor: `processor(images, return_tensors="pt")` gives a `BatchFeature` whose
+    `pixel_values` is a (B, 3, H, W) tensor when all images land on one size, else a list of (3, H, W) tensors (the
+    model batches equal sizes). `transform(image)` is the one-image tensor that everything else builds on.
+    """
+
+    model_input_names = ["pixel_values"]
 
     def __init__(self, config: ImageProcessorConfig | None = None, **kwargs) -> None:
-        self.config = config or ImageProcessorConfig(**kwargs)
+        # `image_processor_type` is what `to_dict` writes for AutoImageProcessor; the other keys are the config's.
+        kwargs.pop("image_processor_type", None)
+        if config is not None and kwargs:
+            raise TypeError(f"pass either an ImageProcessorConfig or its fields, not both (got {sorted(kwargs)})")
+        super().__init__()
+        self.config = config or ImageProcessorConfig(**_config_fields(kwargs))
         self.buckets = make_buckets(self.config.resolution, STRIDE, self.config.max_aspect)
+
+    @property
+    def image_mean(self) -> tuple[float, float, float]:
+        return self.config.mean
+
+    @property
+    def image_std(self) -> tuple[float, float, float]:
+        return self.config.std
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image_processor_type": type(self).__name__, **asdict(self.config)}
 
     @property
     def fill(self) -> tuple[int, int, int]:
@@ -186,6 +218,44 @@ class ConvLlavaImageProcessor:
         std = torch.tensor(self.config.std).view(3, 1, 1)
         return (x - mean) / std
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        """One image at its model-input size, normalised: (3, H, W) float32."""
         resized, _ = self.resize(image)
         return self.normalize(resized)
+
+    def preprocess(
+        self, images: Image.Image | Sequence[Image.Image], return_tensors: str | None = None, **kwargs
+    ) -> BatchFeature:
+        """`pixel_values` of one image or a list: stacked (B, 3, H, W) when all sizes agree, else a list.
+
+        Raises:
+            TypeError: an unknown keyword (the resolution and mode are the processor's configuration).
+            ValueError: `return_tensors` other than None or "pt".
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}; set them in the ImageProcessorConfig instead")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
+        images = [images] if isinstance(images, Image.Image) else list(images)
+        return BatchFeature({"pixel_values": stack_images([self.transform(image) for image in images])})
+
+
+def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor] | None:
+    """One (B, 3, H, W) tensor when all sizes agree, else the list (the model batches equal sizes); None for none."""
+    if not images:
+        return None
+    if len({tuple(x.shape) for x in images}) == 1:
+        return torch.stack(list(images))
+    return list(images)
+
+
+def _config_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """ImageProcessorConfig fields from keyword arguments or a saved dict (JSON gives lists for mean/std).
+
+    Raises:
+        TypeError: a key that is not a field, so a misspelt option is never silently dropped.
+    """
+    unknown = set(kwargs) - {f.name for f in fields(ImageProcessorConfig)}
+    if unknown:
+        raise TypeError(f"unknown image processor option(s) {sorted(unknown)}")
+    return {k: tuple(v) if k in ("mean", "std") else v for k, v in kwargs.items()}

@@ -10,7 +10,6 @@ from PIL import Image
 
 from convllava.modeling import ConvLlavaForCausalLM
 from convllava.processor import ConvLlavaProcessor
-from convllava.templates import IMAGE_TOKEN
 
 
 @dataclass(frozen=True)
@@ -76,19 +75,5 @@ def chat_reply(
     options: GenerationOptions | None = None,
 ) -> str:
     """The assistant's next reply to a multi-turn conversation (the image belongs to the first user turn)."""
-    messages = [dict(m) for m in messages]
-    sizes = []
-    pixels = []
-    if image is not None:
-        first_user = next(m for m in messages if m.get("role", m.get("from")) in ("user", "human"))
-        key = "content" if "content" in first_user else "value"
-        if IMAGE_TOKEN not in first_user[key]:
-            first_user[key] = f"{IMAGE_TOKEN}\n{first_user[key]}"
-        x = processor.image_processor(image)
-        pixels.append(x)
-        sizes.append(tuple(x.shape[-2:]))
-    sample = processor.tokenize(messages, sizes, sample_id="chat", add_generation_prompt=True, check=False)
-    batch = processor.collate([sample], padding_side="left")
-    del batch["labels"]
-    batch["pixel_values"] = processor.stack_images(pixels)
+    batch = processor.generation_batch([(messages, image)], sample_ids=["chat"])
     return processor.decode(_generate_ids(model, processor, batch, options or GenerationOptions())[0])

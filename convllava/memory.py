@@ -171,5 +171,7 @@ def _total(tracker, kind: str) -> int:
 
 def largest_layer_params(model: nn.Module) -> int:
     """Parameters held directly by the largest single module (what ZeRO-3 gathers at once, DeepSpeed's estimator)."""
-    return max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters(recurse=False)) for m in model.modules()),
-               default=0)  # fmt: skip
+    return max(
+        (sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters(recurse=False)) for m in model.modules()),
+        default=0,
+    )

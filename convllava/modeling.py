@@ -13,7 +13,7 @@ import torch
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -53,12 +53,8 @@ class ConvLlavaPreTrainedModel(PreTrainedModel):
         # timm's layer scale is a bare parameter the generic initializer does not know.
         if isinstance(module, ConvNeXtBlock) and module.gamma is not None:
             init.constant_(module.gamma, self.config.vision_ls_init_value)
-        # The projector keeps the tower's feature scale (fan-in init, std 1/sqrt(in_features)) instead of the LM's
-        # `initializer_range`: with std 0.02 on a narrow projector the visual tokens enter the LM at a few percent
-        # of a text embedding's norm, drowned by the first layer's residual update, and a model trained from
-        # scratch learns to ignore the image (the tiny preset answered every demo question with one constant).
-        # For the paper's widths (1536 → 4096) the two rules nearly agree (0.026 vs 0.02); released checkpoints
-        # overwrite the projector either way.
+        # The projector keeps the tower's feature scale (fan-in init) rather than the LM's `initializer_range`:
+        # with std 0.02 a narrow projector's visual tokens are too small next to text embeddings to be learnt from.
         if isinstance(module, nn.Linear) and getattr(module, "_convllava_projector", False):
             init.normal_(module.weight, mean=0.0, std=module.in_features**-0.5)
             if module.bias is not None:
@@ -66,6 +62,13 @@ class ConvLlavaPreTrainedModel(PreTrainedModel):
 
 
 class ConvLlavaForCausalLM(ConvLlavaPreTrainedModel, GenerationMixin):
+    """ConvNeXt tower (with the fifth stage) → MLP projector → any causal LM.
+
+    The processor expands each `<image>` into (H/64)·(W/64) placeholder tokens; `forward` scatters the projected
+    visual features into those positions and raises with both counts when they differ. Loads with transformers'
+    `AutoModelForCausalLM` / `AutoModelForImageTextToText` after `import convllava`.
+    """
+
     def __init__(self, config: ConvLlavaConfig) -> None:
         super().__init__(config)
         self.vision_tower = ConvNeXtTower(
@@ -149,7 +152,8 @@ class ConvLlavaForCausalLM(ConvLlavaPreTrainedModel, GenerationMixin):
                 # Data-parallel training needs every rank to run the same modules on every micro-batch: ZeRO-3
                 # gathers the tower's and projector's parameters with collectives, and gradient reduction expects
                 # a gradient for every trainable parameter. A text-only batch therefore runs one blank
-                # STRIDE×STRIDE image (one visual token) through tower and projector and adds it times zero.
+                # STRIDE×STRIDE image (one visual token) through tower and projector and adds it times zero. It
+                # stays inside forward: run from the recipe after the engine's forward, ZeRO-3 ranks desynchronise.
                 blank = torch.zeros(1, 3, STRIDE, STRIDE, dtype=self.dtype, device=inputs_embeds.device)
                 inputs_embeds = inputs_embeds + 0.0 * self.get_image_features(blank).sum().to(inputs_embeds.dtype)
             return inputs_embeds
@@ -209,11 +213,13 @@ class ConvLlavaForCausalLM(ConvLlavaPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_llava_checkpoint(cls, path, **kwargs) -> ConvLlavaForCausalLM:
-        """Load a released ConvLLaVA checkpoint (LLaVA layout); see `convllava.checkpoint.from_llava_checkpoint`."""
-        from convllava.checkpoint import from_llava_checkpoint  # that module imports this one
+        """Load a released ConvLLaVA checkpoint (LLaVA layout); see `convllava.llava_checkpoint`."""
+        from convllava.llava_checkpoint import from_llava_checkpoint  # that module imports this one
 
         model, _ = from_llava_checkpoint(path, **kwargs)
         return model
 
 
+# Both Auto classes a user may reach for: a causal LM that also reads images.
 AutoModelForCausalLM.register(ConvLlavaConfig, ConvLlavaForCausalLM, exist_ok=True)
+AutoModelForImageTextToText.register(ConvLlavaConfig, ConvLlavaForCausalLM, exist_ok=True)

@@ -14,86 +14,50 @@ Two tokenizations of the rendered text:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal
 
 import torch
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
 from convllava.buckets import num_visual_tokens
-from convllava.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig
+from convllava.config import ConvLlavaConfig
+from convllava.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig, stack_images
+from convllava.labels import IGNORE_INDEX, PreflightError, SequenceTooLongError, TokenizedSample, pad_batch
+from convllava.processor_config import ProcessorConfig, read_processor_config
 from convllava.templates import IMAGE_TOKEN, ConversationError, ConversationTemplate, get_template
-from convllava.tokenizer import encode_with_offsets, ensure_special_tokens, load_tokenizer
+from convllava.tokenizer import encode_llava, ensure_special_tokens, load_tokenizer
 
-IGNORE_INDEX = -100
-PROCESSOR_CONFIG = "processor_config.json"
-Truncation = Literal["truncate", "error"]
-Tokenization = Literal["one_pass", "llava"]
-TOKENIZATIONS: tuple[str, ...] = get_args(Tokenization)
+Images = Image.Image | Sequence[Image.Image] | None  # one sample's images
 
 
-class SequenceTooLongError(ValueError):
-    """A sample longer than max_length under the `error` policy, or one whose image would be cut."""
+class ConvLlavaProcessor(ProcessorMixin):
+    """Tokenizer + `ConvLlavaImageProcessor` + conversation template: the one place prompts and batches are built.
 
-
-class PreflightError(ValueError):
-    """A sample that would train on nothing or whose labels disagree with its template."""
-
-
-@dataclass
-class TokenizedSample:
-    input_ids: list[int]
-    labels: list[int]
-    num_image_tokens: int
-    truncated: bool = False
-    sample_id: str = "?"
-    # (token index, token text) pairs whose character span crosses a reply boundary.
-    boundary_conflicts: list[tuple[int, str]] = field(default_factory=list)
-    # The learned text the template rendered (for the decode check).
-    learned_text: str = ""
-
-    @property
-    def num_label_tokens(self) -> int:
-        return sum(label != IGNORE_INDEX for label in self.labels)
-
-
-@dataclass(frozen=True)
-class ProcessorConfig:
-    """Args:
-    template: conversation template (`convllava.templates.TEMPLATES`).
-    max_length: maximum tokens per sample, visual tokens included.
-    truncation: `truncate` (never through an image) or `error`.
-    tokenization: `one_pass` (our models) or `llava` (LLaVA's `tokenizer_image_token`, for released checkpoints).
-    image: how images become pixel tensors.
+    A transformers processor: after `import convllava`, `AutoProcessor.from_pretrained(checkpoint_dir)` loads it, and
+    `processor(images=..., text=..., return_tensors="pt")` gives input_ids, attention_mask and pixel_values.
     """
 
-    template: str = "vicuna_v1"
-    max_length: int = 2048
-    truncation: Truncation = "truncate"
-    tokenization: Tokenization = "one_pass"
-    image: ImageProcessorConfig = ImageProcessorConfig()
-
-    def __post_init__(self) -> None:
-        get_template(self.template)
-        if self.max_length < 8:
-            raise ValueError(f"max_length must be at least 8, got {self.max_length}")
-        if self.truncation not in ("truncate", "error"):
-            raise ValueError(f"truncation: expected 'truncate' or 'error', got {self.truncation!r}")
-        if self.tokenization not in TOKENIZATIONS:
-            raise ValueError(f"tokenization: expected one of {TOKENIZATIONS}, got {self.tokenization!r}")
-
-
-class ConvLlavaProcessor:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, config: ProcessorConfig | None = None) -> None:
-        self.tokenizer = ensure_special_tokens(tokenizer)
-        self.config = config or ProcessorConfig()
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        config: ProcessorConfig | None = None,
+        image_processor: ConvLlavaImageProcessor | None = None,
+    ) -> None:
+        config = config or ProcessorConfig()
+        if image_processor is not None and image_processor.config != config.image:
+            raise ValueError(f"image_processor {image_processor.config} disagrees with the config's {config.image}")
+        super().__init__(
+            tokenizer=ensure_special_tokens(tokenizer),
+            image_processor=image_processor or ConvLlavaImageProcessor(config.image),
+        )
+        self.config = config
         self.template: ConversationTemplate = get_template(self.config.template)
-        self.image_processor = ConvLlavaImageProcessor(self.config.image)
+        self.image_token = IMAGE_TOKEN
         self.image_token_id: int = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
     @classmethod
@@ -139,20 +103,28 @@ class ConvLlavaProcessor:
         """
         segments = self.template.render(messages, add_generation_prompt=add_generation_prompt, sample_id=sample_id)
         text = "".join(t for t, _ in segments)
+        spans, pos = [], 0
+        for t, learned in segments:
+            if learned:
+                spans.append((pos, pos + len(t)))
+            pos += len(t)
+        sample = self._tokenize_text(text, spans, image_sizes, sample_id)
+        if check and not add_generation_prompt:
+            self.preflight(sample)
+        return sample
+
+    def _tokenize_text(
+        self, text: str, spans: list[tuple[int, int]], image_sizes: Sequence[tuple[int, int]], sample_id: str
+    ) -> TokenizedSample:
+        """Tokenize rendered `text`, label the tokens inside `spans` (character ranges), expand and truncate."""
         n_tags = text.count(IMAGE_TOKEN)
         if n_tags != len(image_sizes):
             raise ConversationError(
                 f"sample {sample_id}: {n_tags} {IMAGE_TOKEN} tag(s) in the conversation but {len(image_sizes)} "
                 "image(s); each image needs exactly one tag"
             )
-        spans, pos = [], 0
-        for t, learned in segments:
-            if learned:
-                spans.append((pos, pos + len(t)))
-            pos += len(t)
-
         if self.config.tokenization == "llava":
-            ids, offsets = self._encode_llava(text)
+            ids, offsets = encode_llava(self.tokenizer, text, self.image_token_id)
         else:
             enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
             ids, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -200,7 +172,7 @@ class ConvLlavaProcessor:
                 True,
             )
 
-        sample = TokenizedSample(
+        return TokenizedSample(
             input_ids=input_ids,
             labels=out_labels,
             num_image_tokens=n_image_tokens,
@@ -209,29 +181,6 @@ class ConvLlavaProcessor:
             boundary_conflicts=conflicts,
             learned_text="".join(text[a:b] for a, b in spans),
         )
-        if check and not add_generation_prompt:
-            self.preflight(sample)
-        return sample
-
-    def _encode_llava(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """LLaVA's `tokenizer_image_token` on `text`, with character offsets into `text`: one image index per tag."""
-        chunks, start = [], 0
-        for chunk in text.split(IMAGE_TOKEN):
-            chunk_ids, chunk_offsets = encode_with_offsets(self.tokenizer, chunk)
-            chunks.append((chunk_ids, [(a + start, b + start) for a, b in chunk_offsets], start))
-            start += len(chunk) + len(IMAGE_TOKEN)
-        first_ids, first_offsets, _ = chunks[0]
-        # As LLaVA: when the first chunk starts with BOS, keep that one and drop the first token of every chunk.
-        drop = 1 if first_ids and first_ids[0] == self.tokenizer.bos_token_id else 0
-        ids, offsets = first_ids[:drop], first_offsets[:drop]
-        for i, (chunk_ids, chunk_offsets, chunk_start) in enumerate(chunks):
-            if i:
-                tag_start = chunk_start - len(IMAGE_TOKEN)
-                ids.append(self.image_token_id)
-                offsets.append((tag_start, chunk_start))
-            ids.extend(chunk_ids[drop:])
-            offsets.extend(chunk_offsets[drop:])
-        return ids, offsets
 
     def preflight(self, sample: TokenizedSample) -> None:
         """Refuse a training sample that would teach nothing or teach the wrong tokens.
@@ -263,73 +212,139 @@ class ConvLlavaProcessor:
         self, samples: Sequence[TokenizedSample], padding_side: Literal["left", "right"] = "right"
     ) -> dict[str, torch.Tensor]:
         """Pad token lists into (B, T) input_ids / attention_mask / labels."""
-        width = max(len(s.input_ids) for s in samples)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(samples), width), pad, dtype=torch.long)
-        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, s in enumerate(samples):
-            n = len(s.input_ids)
-            cols = slice(width - n, width) if padding_side == "left" else slice(0, n)
-            input_ids[row, cols] = torch.tensor(s.input_ids)
-            labels[row, cols] = torch.tensor(s.labels)
-            attention_mask[row, cols] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return pad_batch(
+            [s.input_ids for s in samples], [s.labels for s in samples], self.tokenizer.pad_token_id, padding_side
+        )
 
-    @staticmethod
-    def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor] | None:
-        """One (B, 3, H, W) tensor when all sizes agree, else the list (the model batches equal sizes)."""
-        if not images:
-            return None
-        if len({tuple(x.shape) for x in images}) == 1:
-            return torch.stack(list(images))
-        return list(images)
+    stack_images = staticmethod(stack_images)
+
+    def _images(self, images: Images) -> list[torch.Tensor]:
+        images = [] if images is None else [images] if isinstance(images, Image.Image) else list(images)
+        return [self.image_processor.transform(image) for image in images]
 
     def __call__(
         self,
-        conversations: Sequence[list[dict[str, str]]],
-        images: Sequence[Image.Image | None],
+        images: Images | Sequence[Images] = None,
+        text: str | Sequence[str] | None = None,
+        *,
+        conversations: Sequence[list[dict[str, str]]] | None = None,
         sample_ids: Sequence[str] | None = None,
-    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """A training batch: one conversation and at most one image per sample (None for text-only)."""
-        if len(conversations) != len(images):
-            raise ValueError(f"{len(conversations)} conversations but {len(images)} images (use None for none)")
-        sample_ids = sample_ids or [str(i) for i in range(len(conversations))]
+        return_tensors: str | None = None,
+        padding_side: Literal["left", "right"] = "right",
+        **kwargs,
+    ) -> BatchFeature:
+        """A right-padded batch, from raw `text` (as transformers processors) or from `conversations`.
+
+        Args:
+            images: with `text`: all images in the order of the `<image>` tags over the texts (or one list per text);
+                with `conversations`: one entry per conversation, None, an image or a list of images.
+            text: prompts already in the template's format, each `<image>` tag expanded into the image's visual
+                tokens; no labels.
+            conversations: LLaVA or chat turns, rendered with the template; `labels` mask all but the replies and
+                every sample passes `preflight` (a training batch).
+            return_tensors: None or "pt" (the batch is always torch tensors).
+            padding_side: "left" for generation from raw `text`.
+
+        Raises:
+            ValueError: both or neither of text and conversations, images that do not pair with the samples, or
+                an unsupported `return_tensors`; the errors of `tokenize`.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected arguments {sorted(kwargs)}; the processor's options are its ProcessorConfig")
+        if return_tensors not in (None, "pt"):
+            raise ValueError(f"return_tensors: only 'pt' is supported, got {return_tensors!r}")
+        if (text is None) == (conversations is None):
+            raise ValueError("pass exactly one of text (raw prompts) and conversations (templated, with labels)")
+        if conversations is not None:
+            per_sample = [None] * len(conversations) if images is None else list(images)
+            if len(per_sample) != len(conversations):
+                raise ValueError(f"{len(conversations)} conversations but {len(per_sample)} images (None for none)")
+            sample_ids = sample_ids or [str(i) for i in range(len(conversations))]
+            samples, pixels = [], []
+            for conv, sample_images, sid in zip(conversations, per_sample, sample_ids, strict=True):
+                x = self._images(sample_images)
+                pixels.extend(x)
+                samples.append(self.tokenize(conv, [tuple(t.shape[-2:]) for t in x], sample_id=sid))
+            return BatchFeature({**self.collate(samples), "pixel_values": stack_images(pixels)})
+        texts = [text] if isinstance(text, str) else list(text)
+        flat = (
+            []
+            if images is None
+            else [images]
+            if isinstance(images, Image.Image)
+            else [image for item in images for image in (item if isinstance(item, (list, tuple)) else [item])]
+        )
+        n_tags = [t.count(IMAGE_TOKEN) for t in texts]
+        if sum(n_tags) != len(flat):
+            raise ValueError(f"{sum(n_tags)} {IMAGE_TOKEN} tag(s) in the texts but {len(flat)} image(s)")
+        pixels = self._images(flat)
+        sizes = [tuple(x.shape[-2:]) for x in pixels]
+        samples, start = [], 0
+        for i, (t, n) in enumerate(zip(texts, n_tags, strict=True)):
+            samples.append(
+                self._tokenize_text(t, [], sizes[start : start + n], sample_ids[i] if sample_ids else str(i))
+            )
+            start += n
+        batch = self.collate(samples, padding_side)
+        del batch["labels"]
+        return BatchFeature({**batch, "pixel_values": stack_images(pixels)})
+
+    # ------------------------------------------------------------------ generation prompts
+    def generation_sample(
+        self,
+        prompt: str | list[dict[str, str]],
+        images: Images = None,
+        system: str | None = None,
+        sample_id: str = "?",
+    ) -> tuple[TokenizedSample, list[torch.Tensor]]:
+        """One generation prompt (ending with the assistant prefix) and its processed images, (3, H, W) each.
+
+        `prompt` is one user question or a conversation that ends with a user turn. The images fill the `<image>`
+        tags in order; when no turn has a tag, one per image is prepended to the first user turn
+        (`"<image>\n" * n + text`, LLaVA's layout for one image).
+        """
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+        pixels = self._images(images)
+        tagged = any(IMAGE_TOKEN in str(m.get("content", m.get("value", ""))) for m in messages)
+        first_user = next((m for m in messages if m.get("role", m.get("from")) in ("user", "human")), None)
+        if pixels and not tagged and first_user is not None:
+            key = "content" if "content" in first_user else "value"
+            first_user[key] = f"{IMAGE_TOKEN}\n" * len(pixels) + first_user[key]
+        if system is not None:
+            messages.insert(0, {"role": "system", "content": system})
+        sizes = [tuple(x.shape[-2:]) for x in pixels]
+        return self.tokenize(messages, sizes, sample_id=sample_id, add_generation_prompt=True, check=False), pixels
+
+    def generation_batch(
+        self,
+        prompts: Sequence[tuple[str | list[dict[str, str]], Images]],
+        system: str | None = None,
+        sample_ids: Sequence[str] | None = None,
+    ) -> BatchFeature:
+        """A left-padded generation batch of (prompt, images) pairs; see `generation_sample`.
+
+        Raises:
+            ConversationError: a prompt's `<image>` tags do not match its images one to one, or its text is empty.
+        """
+        sample_ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(prompts))]
+        if len(sample_ids) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sample_ids)} sample ids")
         samples, pixels = [], []
-        for conv, image, sid in zip(conversations, images, sample_ids, strict=True):
-            sizes = []
-            if image is not None:
-                x = self.image_processor(image)
-                pixels.append(x)
-                sizes.append(tuple(x.shape[-2:]))
-            samples.append(self.tokenize(conv, sizes, sample_id=sid))
-        batch = self.collate(samples)
-        batch["pixel_values"] = self.stack_images(pixels)
-        return batch
+        for (prompt, images), sample_id in zip(prompts, sample_ids, strict=True):
+            sample, sample_pixels = self.generation_sample(prompt, images, system, sample_id)
+            samples.append(sample)
+            pixels.extend(sample_pixels)
+        batch = self.collate(samples, padding_side="left")
+        del batch["labels"]
+        return BatchFeature({**batch, "pixel_values": stack_images(pixels)})
 
     def prompts(
         self, questions: Sequence[str], images: Sequence[Image.Image | None], system: str | None = None
-    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-        """A left-padded generation batch. A question with an image but no `<image>` tag gets one prepended."""
+    ) -> BatchFeature:
+        """A left-padded generation batch of questions with at most one image each (None for none)."""
         if len(questions) != len(images):
             raise ValueError(f"{len(questions)} questions but {len(images)} images (use None for none)")
-        samples, pixels = [], []
-        for i, (question, image) in enumerate(zip(questions, images, strict=True)):
-            sizes = []
-            if image is not None:
-                if IMAGE_TOKEN not in question:
-                    question = f"{IMAGE_TOKEN}\n{question}"
-                x = self.image_processor(image)
-                pixels.append(x)
-                sizes.append(tuple(x.shape[-2:]))
-            messages = [{"role": "user", "content": question}]
-            if system is not None:
-                messages.insert(0, {"role": "system", "content": system})
-            samples.append(self.tokenize(messages, sizes, sample_id=str(i), add_generation_prompt=True, check=False))
-        batch = self.collate(samples, padding_side="left")
-        del batch["labels"]
-        batch["pixel_values"] = self.stack_images(pixels)
-        return batch
+        return self.generation_batch(list(zip(questions, images, strict=True)), system)
 
     def stop_token_ids(self) -> list[int]:
         """Token ids that end a reply: the template's stop marker (when it is one token) and eos."""
@@ -346,20 +361,26 @@ class ConvLlavaProcessor:
         return text.strip()
 
     # ------------------------------------------------------------------ persistence
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save_pretrained(str(directory))
-        cfg = asdict(self.config)
-        (directory / PROCESSOR_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    def to_dict(self) -> dict[str, Any]:
+        """processor_config.json: the ProcessorConfig, its image part nested as transformers nests image processors."""
+        fields = asdict(self.config)
+        del fields["image"]
+        return {"processor_class": type(self).__name__, **fields, "image_processor": self.image_processor.to_dict()}
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> ConvLlavaProcessor:
-        directory = Path(directory)
-        raw = json.loads((directory / PROCESSOR_CONFIG).read_text())
-        image = raw.pop("image", {})
-        for key in ("mean", "std"):
-            if key in image:
-                image[key] = tuple(image[key])
-        config = ProcessorConfig(**raw, image=ImageProcessorConfig(**image))
-        return cls(load_tokenizer(directory), config)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> ConvLlavaProcessor:
+        """Load from a local checkpoint directory (what `AutoProcessor.from_pretrained` calls).
+
+        AutoProcessor's hub options (`cache_dir`, `revision`, ...) are accepted and unused: nothing is downloaded.
+        """
+        directory = Path(pretrained_model_name_or_path)
+        return cls(load_tokenizer(directory), read_processor_config(directory))
+
+
+AutoProcessor.register(ConvLlavaConfig, ConvLlavaProcessor, exist_ok=True)
+# One class for both of transformers' backend names: it resizes with PIL, as the released models' preprocessing did.
+AutoImageProcessor.register(
+    ConvLlavaConfig,
+    image_processor_classes=dict.fromkeys(("pil", "torchvision"), ConvLlavaImageProcessor),
+    exist_ok=True,
+)

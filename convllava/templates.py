@@ -9,8 +9,13 @@ rendered template and the labels cannot drift apart silently.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 IMAGE_TOKEN = "<image>"
+# How a rendered prompt becomes tokens: in one pass with character offsets (ours), or per chunk around each image
+# tag as LLaVA's `tokenizer_image_token` does (the tokens the released LLaVA-trained checkpoints saw).
+Tokenization = Literal["one_pass", "llava"]
+TOKENIZATIONS: tuple[str, ...] = get_args(Tokenization)
 
 # LLaVA-style records say "human"/"gpt"; chat APIs say "user"/"assistant".
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -88,13 +93,6 @@ class ConversationTemplate:
                 raise ConversationError(f"sample {sample_id}: a generation prompt must end with a user turn")
             segments.append((self.assistant_prefix, False))
         return [(text, learned) for text, learned in segments if text]
-
-    def prompt(self, question: str, system: str | None = None) -> str:
-        """The generation prompt for a single user question."""
-        messages = [{"role": "user", "content": question}]
-        if system is not None:
-            messages.insert(0, {"role": "system", "content": system})
-        return "".join(text for text, _ in self.render(messages, add_generation_prompt=True))
 
 
 def normalize_messages(messages: list[dict[str, str]], sample_id: str = "?") -> list[tuple[str, str]]:

@@ -85,3 +85,28 @@ def encode_with_offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[
     enc = tokenizer(" " * shift + text, add_special_tokens=True, return_offsets_mapping=True)
     offsets = [(max(a - shift, 0), max(b - shift, 0)) for a, b in enc["offset_mapping"]]
     return enc["input_ids"], offsets
+
+
+def encode_llava(
+    tokenizer: PreTrainedTokenizerBase, text: str, image_token_id: int
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """LLaVA's `tokenizer_image_token` on `text`, with character offsets into `text`: one image index per tag.
+
+    The text is split at each `<image>` and every chunk tokenized on its own (`encode_with_offsets`); as LLaVA does,
+    when the first chunk starts with BOS that one is kept and the first token of every chunk dropped.
+    """
+    chunks, start = [], 0
+    for chunk in text.split(IMAGE_TOKEN):
+        chunk_ids, chunk_offsets = encode_with_offsets(tokenizer, chunk)
+        chunks.append((chunk_ids, [(a + start, b + start) for a, b in chunk_offsets], start))
+        start += len(chunk) + len(IMAGE_TOKEN)
+    first_ids, first_offsets, _ = chunks[0]
+    drop = 1 if first_ids and first_ids[0] == tokenizer.bos_token_id else 0
+    ids, offsets = first_ids[:drop], first_offsets[:drop]
+    for i, (chunk_ids, chunk_offsets, chunk_start) in enumerate(chunks):
+        if i:
+            ids.append(image_token_id)
+            offsets.append((chunk_start - len(IMAGE_TOKEN), chunk_start))
+        ids.extend(chunk_ids[drop:])
+        offsets.extend(chunk_offsets[drop:])
+    return ids, offsets

@@ -73,9 +73,14 @@ class Progress:
         self._steps_seen.append((now, step))
         (t0, s0) = self._steps_seen[0]
         per_step = (now - t0) / (step - s0) if step > s0 else metrics.get("train/step_time_s", 0.0)
-        self.step_state = {"step": step, "total": total, "loss": metrics.get("train/loss"),
-                           "samples_per_s": metrics.get("train/samples_per_s"), "eta": per_step * (total - step),
-                           "at": now}  # fmt: skip
+        self.step_state = {
+            "step": step,
+            "total": total,
+            "loss": metrics.get("train/loss"),
+            "samples_per_s": metrics.get("train/samples_per_s"),
+            "eta": per_step * (total - step),
+            "at": now,
+        }
         self.on_step()
 
     def on_step(self) -> None:

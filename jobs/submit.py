@@ -32,8 +32,9 @@ def entrypoint(command: list[str]) -> str:
     return "convllava " + shlex.join(command)
 
 
-def submit(address: str, command: list[str], working_dir: str = ".", wait: bool = False,
-           env: dict[str, str] | None = None) -> str:  # fmt: skip
+def submit(
+    address: str, command: list[str], working_dir: str = ".", wait: bool = False, env: dict[str, str] | None = None
+) -> str:
     """Submit `convllava <command>`; returns the job id (or, with `wait`, follows it and returns its final status)."""
     import os
 
@@ -41,8 +42,9 @@ def submit(address: str, command: list[str], working_dir: str = ".", wait: bool 
     env_vars.update(env or {})
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env_vars}
     client = _client(address)
-    job_id = client.submit_job(entrypoint=entrypoint(command), runtime_env=runtime_env,
-                               metadata={"submitted_by": "convllava"})  # fmt: skip
+    job_id = client.submit_job(
+        entrypoint=entrypoint(command), runtime_env=runtime_env, metadata={"submitted_by": "convllava"}
+    )
     if not wait:
         return job_id
     status = wait_for(address, job_id)

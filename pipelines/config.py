@@ -16,20 +16,23 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-import yaml
-
-from convllava.buckets import check_resolution
-from convllava.image_processing import MODES
-from convllava.processor import TOKENIZATIONS
+from convllava.buckets import MODES, Mode, check_resolution
+from convllava.config_loader import ConfigLoadError, load, load_yaml_mapping
 from convllava.storage import is_s3
-from convllava.templates import TEMPLATES
+from convllava.templates import TEMPLATES, TOKENIZATIONS, Tokenization
+
+TooLong = Literal["truncate", "quarantine"]
+TOO_LONG: tuple[str, ...] = get_args(TooLong)
+ImageFormat = Literal["jpeg", "png"]
+IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigLoadError):
     """A configuration value or key that is not accepted; the message names it and the file."""
 
 
@@ -57,15 +60,15 @@ class PreprocessConfig:
     """
 
     resolution: int = 768
-    mode: Literal["bucket", "square", "short-side"] = "bucket"
+    mode: Mode = "bucket"
     tokenizer: str = "tiny"
     template: str = "vicuna_v1"
-    tokenization: Literal["one_pass", "llava"] = "one_pass"
+    tokenization: Tokenization = "one_pass"
     max_length: int = 2048
-    too_long: Literal["truncate", "quarantine"] = "truncate"
+    too_long: TooLong = "truncate"
     max_pixels: int = 64_000_000
     min_image_side: int = 32
-    image_format: Literal["jpeg", "png"] = "jpeg"
+    image_format: ImageFormat = "jpeg"
     jpeg_quality: int = 95
     max_quarantine_fraction: float = 0.1
     unit_size: int = 256
@@ -88,14 +91,14 @@ class PreprocessConfig:
             fail("tokenization", f"must be one of {TOKENIZATIONS}, got {self.tokenization!r}")
         if self.max_length < 8:
             fail("max_length", f"must be >= 8, got {self.max_length}")
-        if self.too_long not in ("truncate", "quarantine"):
-            fail("too_long", f"must be 'truncate' or 'quarantine', got {self.too_long!r}")
+        if self.too_long not in TOO_LONG:
+            fail("too_long", f"must be one of {TOO_LONG}, got {self.too_long!r}")
         if self.max_pixels < 64 * 64:
             fail("max_pixels", f"must be >= 4096, got {self.max_pixels}")
         if self.min_image_side < 1:
             fail("min_image_side", f"must be >= 1, got {self.min_image_side}")
-        if self.image_format not in ("jpeg", "png"):
-            fail("image_format", f"must be 'jpeg' or 'png', got {self.image_format!r}")
+        if self.image_format not in IMAGE_FORMATS:
+            fail("image_format", f"must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
             fail("jpeg_quality", f"must be in 1..100, got {self.jpeg_quality}")
         if not 0.0 <= self.max_quarantine_fraction <= 1.0:
@@ -119,17 +122,15 @@ class PreprocessConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> PreprocessConfig:
-        data = load_yaml_mapping(path)
+        """A preprocess YAML, or the `preprocess` section of a mixture YAML; `overrides` that are not None win."""
+        data = load_yaml_mapping(path, ConfigError)
+        where = f"{path}: preprocess" if "preprocess" in data else str(path)
         data = data.get("preprocess", data)
-        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}}, where=str(path))
+        return cls.from_dict({**data, **{k: v for k, v in overrides.items() if v is not None}}, where=where)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "config") -> PreprocessConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown preprocess key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> PreprocessConfig:
+        return load(cls, data, where, ConfigError)
 
 
 @dataclass(frozen=True)
@@ -164,25 +165,19 @@ class Mixture:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Mixture:
-        data = load_yaml_mapping(path)
-        unknown = sorted(set(data) - {"sources", "preprocess"})
-        if unknown:
-            raise ConfigError(f"{path}: unknown mixture key(s) {unknown}; expected 'sources' (and 'preprocess')")
-        base = Path(path).parent
-        sources = []
-        for i, raw in enumerate(data.get("sources") or []):
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{path}: sources[{i}] must be a mapping")
-            known = {f.name for f in dataclasses.fields(Source)}
-            bad = sorted(set(raw) - known)
-            if bad:
-                raise ConfigError(f"{path}: sources[{i}]: unknown key(s) {bad}; known keys: {sorted(known)}")
-            for key in ("name", "annotations", "image_root"):
-                if key not in raw:
-                    raise ConfigError(f"{path}: sources[{i}] is missing {key!r}")
-            resolved = {k: _resolve(base, raw[k]) if k in ("annotations", "image_root") else raw[k] for k in raw}
-            sources.append(Source(**resolved))
-        return cls(tuple(sources))
+        """A mixture YAML (`sources`, and optionally a `preprocess` section that PreprocessConfig reads); relative
+        paths are relative to the YAML's folder."""
+        data = load_yaml_mapping(path, ConfigError)
+        data.pop("preprocess", None)
+        return load(cls, data, str(path), ConfigError).resolved(Path(path).parent)
+
+    def resolved(self, base: Path) -> Mixture:
+        """The sources' relative `annotations` and `image_root` made absolute under `base`; s3:// URIs stay."""
+        sources = (
+            dataclasses.replace(s, annotations=_resolve(base, s.annotations), image_root=_resolve(base, s.image_root))
+            for s in self.sources
+        )
+        return Mixture(tuple(sources))
 
     @classmethod
     def from_files(cls, annotations: list[str], image_root: str) -> Mixture:
@@ -199,19 +194,3 @@ class Mixture:
 
 def _resolve(base: Path, value: str) -> str:
     return value if is_s3(value) or Path(value).is_absolute() else str((base / value).resolve())
-
-
-def load_yaml_mapping(path: str | Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (every config file of the project); failures raise `error` naming
-    the file."""
-    try:
-        data = yaml.safe_load(Path(path).read_text())  # safe_load: config is data, never code
-    except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
-    except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML ({e})") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise error(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    return data

@@ -56,6 +56,41 @@ MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("red", "blue
 
 
 @dataclass(frozen=True)
+class DemoDataConfig:
+    """How much demo data to generate: the defaults of `generate_demo_data`, `convllava demo-data` and a pipeline
+    config's `demo_data` section.
+
+    Args:
+        seed: every file is a pure function of the seed and the counts.
+        captions: caption records on rendered scenes (each photo adds one more).
+        instruct: instruct records, ~2% of them text-only (each photo adds one more).
+        eval: records in each eval file (open, pope, grounding, detail); even, so POPE is exactly 50% yes.
+        with_photos: copy the sample photos and add a caption and a subject Q/A record for each.
+    """
+
+    seed: int = 0
+    captions: int = 1200
+    instruct: int = 1200
+    eval: int = 200
+    with_photos: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("captions", "instruct", "eval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"demo data: {name} must be >= 0, got {getattr(self, name)}")
+        if self.eval % 2:
+            why = "POPE pairs one yes with one no question per scene"
+            raise ValueError(f"demo data: eval must be even ({why}), got {self.eval}")
+
+    def generate(self, output: str | Path) -> DemoDataSummary:
+        """Write this demo data set into `output` (see `generate_demo_data`)."""
+        return generate_demo_data(output, self.seed, self.captions, self.instruct, self.eval, self.with_photos)
+
+
+DEFAULTS = DemoDataConfig()
+
+
+@dataclass(frozen=True)
 class DemoDataSummary:
     """What `generate_demo_data` wrote; `metadata.json` holds every field but `output` (so seeds compare)."""
 
@@ -286,31 +321,24 @@ def _type_counts(records: list[dict], key: str) -> dict[str, int]:
 
 def generate_demo_data(
     output: str | Path,
-    seed: int = 0,
-    n_caption: int = 1200,
-    n_instruct: int = 1200,
-    n_eval: int = 200,
-    with_photos: bool = True,
+    seed: int = DEFAULTS.seed,
+    n_caption: int = DEFAULTS.captions,
+    n_instruct: int = DEFAULTS.instruct,
+    n_eval: int = DEFAULTS.eval,
+    with_photos: bool = DEFAULTS.with_photos,
 ) -> DemoDataSummary:
     """Write the demo data set into `output` (see the module docstring for layout and conventions).
 
     Args:
         output: a new or empty folder, or one holding an earlier demo data set (replaced).
-        seed: every file is a pure function of the seed and the counts.
-        n_caption: caption records on rendered scenes (each photo adds one more).
-        n_instruct: instruct records, ~2% of them text-only (each photo adds one more).
-        n_eval: records in each eval file (open, pope, grounding, detail); even, so POPE is exactly 50% yes.
-        with_photos: copy the sample photos and add a caption and a subject Q/A record for each.
+        seed, n_caption, n_instruct, n_eval, with_photos: as `DemoDataConfig`'s seed, captions, instruct, eval and
+            with_photos.
 
     Raises:
-        ValueError: a negative count or an odd n_eval.
+        ValueError: a negative count or an odd n_eval (named as DemoDataConfig's field).
         FileExistsError: `output` is not empty and is not an earlier demo data set.
     """
-    for name, value in (("n_caption", n_caption), ("n_instruct", n_instruct), ("n_eval", n_eval)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if n_eval % 2:
-        raise ValueError(f"n_eval must be even (POPE pairs one yes with one no question per scene), got {n_eval}")
+    DemoDataConfig(seed, n_caption, n_instruct, n_eval, with_photos)  # the checks, in one place
     output = Path(output)
     _prepare(output)
     builder = _Builder(output, seed)

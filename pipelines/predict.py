@@ -17,9 +17,9 @@ from typing import Any
 
 from PIL import Image
 
-from convllava.storage import is_s3
+from convllava.storage import is_s3, read_bytes, write_bytes
 from pipelines.ray_runtime import adopt_secrets, ensure_ray, share_secrets, worker_runtime_env
-from pipelines.sources import read_bytes, resolve_image
+from pipelines.sources import resolve_image
 
 
 @dataclass
@@ -100,8 +100,9 @@ class Predictor:
             except (ImageError, OSError) as e:
                 results.append({"index": q["index"], "error": f"image: {e}"})
         if ok:
-            answers = generate(self.model, self.processor, [q["question"] for q, _ in ok], [im for _, im in ok],
-                               self.options)  # fmt: skip
+            answers = generate(
+                self.model, self.processor, [q["question"] for q, _ in ok], [im for _, im in ok], self.options
+            )
             results += [{"index": q["index"], "answer": a} for (q, _), a in zip(ok, answers, strict=True)]
         return {"results": json.dumps(results)}
 
@@ -110,8 +111,9 @@ def image_bucket(processor_config: dict[str, Any]):
     """A function uri → bucket name that reads only the image header."""
     from convllava.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig
 
-    proc = ConvLlavaImageProcessor(ImageProcessorConfig(resolution=processor_config["resolution"],
-                                                        mode=processor_config["mode"]))  # fmt: skip
+    proc = ConvLlavaImageProcessor(
+        ImageProcessorConfig(resolution=processor_config["resolution"], mode=processor_config["mode"])
+    )
 
     def bucket_of(uri: str) -> str:
         import io
@@ -160,8 +162,10 @@ def run_predict(
         gpu = bool(ray.available_resources().get("GPU"))
         replicas = workers or max(1, int(ray.available_resources().get("GPU" if gpu else "CPU", 1)))
         replicas = min(replicas, len(batches))
-        items = [{"batch": json.dumps([{"index": q.index, "question": q.question, "image_uri": q.image_uri}
-                                       for q in b])} for b in batches]  # fmt: skip
+        items = [
+            {"batch": json.dumps([{"index": q.index, "question": q.question, "image_uri": q.image_uri} for q in b])}
+            for b in batches
+        ]
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
             Predictor,
             fn_constructor_kwargs={
@@ -169,7 +173,7 @@ def run_predict(
                 "max_new_tokens": max_new_tokens,
                 "threads": 1,
                 "secrets": share_secrets(),
-            },  # fmt: skip
+            },
             compute=ActorPoolStrategy(size=replicas),
             num_cpus=0 if gpu else 1,
             num_gpus=1 if gpu else 0,
@@ -189,18 +193,9 @@ def run_predict(
             record["error"] = r["error"]
             failed += 1
         lines.append(json.dumps(record, ensure_ascii=False))
-    _write_text(output, "".join(line + "\n" for line in lines))
+    write_bytes(output, "".join(line + "\n" for line in lines).encode())
     elapsed = time.time() - start
-    return (f"predict: {len(questions)} questions → {answered} answered, {failed} errors, {len(batches)} batches, "
-            f"{elapsed:.1f}s ({answered / elapsed:.2f} answers/s) → {output}")  # fmt: skip
-
-
-def _write_text(uri: str, text: str) -> None:
-    if is_s3(uri):
-        from convllava.storage import s3_client, split_s3
-
-        bucket, key = split_s3(uri)
-        s3_client().put_object(Bucket=bucket, Key=key, Body=text.encode())
-        return
-    Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    Path(uri).write_text(text)
+    return (
+        f"predict: {len(questions)} questions → {answered} answered, {failed} errors, {len(batches)} batches, "
+        f"{elapsed:.1f}s ({answered / elapsed:.2f} answers/s) → {output}"
+    )

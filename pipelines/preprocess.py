@@ -17,15 +17,29 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from convllava.shards import (
+    ENTRY_COLUMNS,
+    QUARANTINE,
+    SHARDS_DIR,
+    Manifest,
+    RunCounts,
+    ShardFile,
+    SourceCounts,
+    read_index,
+    shard_bucket,
+    shard_path,
+    write_index,
+    write_quarantine,
+    write_shard,
+    written_entry,
+)
+from convllava.storage import OutputError, Store
 from pipelines.config import Mixture, PreprocessConfig
 from pipelines.report import bucket_histogram_png, code_version, length_histogram, summary_table
 from pipelines.sources import Record, assign_content_hashes, image_fingerprints, read_records, select
-from pipelines.store import OutputError, OutputStore
 from pipelines.worker import UnitProcessor
 
 log = logging.getLogger(__name__)
-
-INDEX, QUARANTINE, MANIFEST = "index.jsonl", "quarantine.jsonl", "manifest.json"
 
 
 class QuarantineLimitExceeded(RuntimeError):
@@ -34,12 +48,12 @@ class QuarantineLimitExceeded(RuntimeError):
 
 @dataclass
 class PreprocessResult:
-    manifest: dict[str, Any]
+    manifest: Manifest
     summary: str
 
     @property
     def ok(self) -> bool:
-        return self.manifest["quarantine_fraction"] <= self.manifest["config"]["max_quarantine_fraction"]
+        return self.manifest.quarantine_fraction <= self.manifest.config["max_quarantine_fraction"]
 
 
 def run_preprocess(
@@ -53,15 +67,15 @@ def run_preprocess(
         QuarantineLimitExceeded: after writing everything, when the quarantined fraction is over the limit.
     """
     start = time.time()
-    store = OutputStore(output)
+    store = Store(output)
     store.check_writable()
     config_hash = config.output_hash()
 
     records, per_source = read_mixture(mixture, config)
 
-    previous = _load_index(store)
+    previous = read_index(store)
     current = {r.key: r for r in records}
-    on_disk = set(store.list_files("shards"))
+    on_disk = set(store.list_files(SHARDS_DIR))
     # Unchanged samples are reused, unless their shard went missing since (then they are redone).
     reused = {
         k: e
@@ -73,34 +87,44 @@ def run_preprocess(
     removed = [e for k, e in previous.items() if k not in reused]
     resumed = _recover_from_shards(store, on_disk, current, previous, reused)
     todo = sorted((r for r in records if r.key not in reused and r.key not in resumed), key=lambda r: r.key)
-    echo(f"preprocess: {len(records)} samples read, {len(reused)} unchanged, {len(todo)} to process"
-         + (f" ({len(resumed)} more finished by an interrupted run)" if resumed else "")
-         + f", {len(removed)} removed or changed since the last run")  # fmt: skip
+    echo(
+        f"preprocess: {len(records)} samples read, {len(reused)} unchanged, {len(todo)} to process"
+        + (f" ({len(resumed)} more finished by an interrupted run)" if resumed else "")
+        + f", {len(removed)} removed or changed since the last run"
+    )
 
     new_entries, failures = _process(todo, config, output, address) if todo else ([], [])
     new_entries += resumed.values()
     if failures:
-        _stop(store, len(new_entries), failures, len(todo) + len(resumed),
-              "The previous index and manifest are unchanged.")  # fmt: skip
+        _stop(
+            store,
+            len(new_entries),
+            failures,
+            len(todo) + len(resumed),
+            "The previous index and manifest are unchanged.",
+        )
     try:
         _drop_stale_rows(store, removed, reused)
         entries = sorted([*reused.values(), *new_entries], key=lambda e: e["key"])
         if len(entries) != len(records):
             raise RuntimeError(f"internal error: {len(records)} samples read but {len(entries)} accounted for")
-        store.write_text(INDEX, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
-        quarantined = sorted((e for e in entries if e["status"] == "quarantined"),
-                             key=lambda e: (e["source"], e["line"]))  # fmt: skip
-        store.write_text(QUARANTINE,
-                         "".join(json.dumps(_quarantine_row(e), sort_keys=True) + "\n" for e in quarantined))  # fmt: skip
-        manifest = _manifest(entries, per_source, config, config_hash, len(todo), len(reused), len(removed), start,
-                             len(resumed))  # fmt: skip
-        store.write_text(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_index(store, entries)
+        quarantined = [e for e in entries if e["status"] == "quarantined"]
+        write_quarantine(store, sorted(quarantined, key=lambda e: (e["source"], e["line"])))
+        run = RunCounts(len(todo), len(reused), len(removed), len(resumed), round(time.time() - start, 2))
+        manifest = _manifest(entries, per_source, config, config_hash, run)
+        manifest.save(store)
         store.write_bytes("buckets.png", bucket_histogram_png(entries))
     except OSError as e:
         if isinstance(e, OutputError):
             raise
-        _stop(store, len(new_entries), [f"writing the index and manifest failed: {type(e).__name__}: {e}"],
-              len(new_entries), "The output is not usable until a rerun finishes it.")  # fmt: skip
+        _stop(
+            store,
+            len(new_entries),
+            [f"writing the index and manifest failed: {type(e).__name__}: {e}"],
+            len(new_entries),
+            "The output is not usable until a rerun finishes it.",
+        )
     try:
         _delete_unreferenced_shards(store, entries)
     except OSError as e:
@@ -109,22 +133,22 @@ def run_preprocess(
     echo(result.summary)
     if not result.ok:
         raise QuarantineLimitExceeded(
-            f"{manifest['quarantined']} of {manifest['read']} samples quarantined "
-            f"({manifest['quarantine_fraction']:.1%}), over the limit {config.max_quarantine_fraction:.1%}; "
+            f"{manifest.quarantined} of {manifest.read} samples quarantined "
+            f"({manifest.quarantine_fraction:.1%}), over the limit {config.max_quarantine_fraction:.1%}; "
             f"see {output.rstrip('/')}/{QUARANTINE}"
         )
     return result
 
 
-def read_mixture(mixture: Mixture, config: PreprocessConfig) -> tuple[list[Record], dict[str, dict[str, int]]]:
+def read_mixture(mixture: Mixture, config: PreprocessConfig) -> tuple[list[Record], dict[str, SourceCounts]]:
     """Every selected record of every source, with its content hash (cheap: JSON + image fingerprints)."""
     records: list[Record] = []
-    per_source: dict[str, dict[str, int]] = {}
+    per_source: dict[str, SourceCounts] = {}
     for source in mixture.sources:
         found = read_records(source)
         chosen = select(found, source, config.seed)
         assign_content_hashes(chosen, image_fingerprints(chosen, source.image_root), config.output_hash())
-        per_source[source.name] = {"available": len(found), "read": len(chosen)}
+        per_source[source.name] = SourceCounts(available=len(found), read=len(chosen))
         records.extend(chosen)
     return records, per_source
 
@@ -177,66 +201,67 @@ def _units(todo: list[Record], unit_size: int) -> list[list[Record]]:
 
 def _unit_record(r: Record) -> dict[str, Any]:
     return {
-        "key": r.key, "id": r.id, "source": r.source, "line": r.line, "raw": r.raw, "error": r.error,
-        "conversations": (r.data or {}).get("conversations"), "image": r.image, "image_uri": r.image_uri,
+        "key": r.key,
+        "id": r.id,
+        "source": r.source,
+        "line": r.line,
+        "raw": r.raw,
+        "error": r.error,
+        "conversations": (r.data or {}).get("conversations"),
+        "image": r.image,
+        "image_uri": r.image_uri,
         "content_hash": r.content_hash,
-    }  # fmt: skip
+    }
 
 
-def _recover_from_shards(store: OutputStore, on_disk: set[str], current: dict[str, Record],
-                         previous: dict[str, dict], reused: dict[str, dict]) -> dict[str, dict]:  # fmt: skip
+def _recover_from_shards(
+    store: Store, on_disk: set[str], current: dict[str, Record], previous: dict[str, dict], reused: dict[str, dict]
+) -> dict[str, dict]:
     """Samples an interrupted run finished: shard files the index does not know, whose every row is a sample still
     to do with the same content. A full disk may leave no room for any record of progress; the shards are it."""
-    import pyarrow.parquet as pq
-
-    from pipelines.worker import ENTRY_COLUMNS, written_entry
-
     known = {e.get("shard") for e in previous.values()}
     found: dict[str, dict] = {}
     for path in sorted(on_disk - known):
         if not path.endswith(".parquet"):
             continue
         try:
-            rows = pq.read_table(f"{store.root}/{path}", columns=list(ENTRY_COLUMNS), filesystem=store.fs).to_pylist()
+            rows = store.read_table(path, columns=list(ENTRY_COLUMNS)).to_pylist()
         except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for a truncated file
             log.warning("ignoring unreadable shard %s from an interrupted run: %s", path, e)
             continue
-        usable = all(r["key"] in current and r["key"] not in reused and r["key"] not in found
-                     and current[r["key"]].content_hash == r["content_hash"] for r in rows)  # fmt: skip
+        usable = all(
+            r["key"] in current
+            and r["key"] not in reused
+            and r["key"] not in found
+            and current[r["key"]].content_hash == r["content_hash"]
+            for r in rows
+        )
         if usable:
             found.update({r["key"]: {**written_entry(r), "shard": path} for r in rows})
     return found
 
 
-def _delete_unreferenced_shards(store: OutputStore, entries: list[dict]) -> None:
+def _delete_unreferenced_shards(store: Store, entries: list[dict]) -> None:
     """Shard files no entry points at (left by an interrupted run, or replaced): they only take space."""
     referenced = {e.get("shard") for e in entries}
-    for path in store.list_files("shards"):
+    for path in store.list_files(SHARDS_DIR):
         if path not in referenced:
             store.delete(path)
 
 
-def _stop(store: OutputStore, done: int, failures: list[str], total: int, after: str) -> None:
+def _stop(store: Store, done: int, failures: list[str], total: int, after: str) -> None:
     more = f" (and {len(failures) - 1} more failed units)" if len(failures) > 1 else ""
-    raise OutputError(f"output {store.uri}: preprocessing stopped, {total - done} of {total} samples not done: "
-                      f"{failures[0]}{more}; the {done} samples finished are kept in their shard files and a rerun "
-                      f"processes only the rest. {after}")  # fmt: skip
+    raise OutputError(
+        f"output {store.uri}: preprocessing stopped, {total - done} of {total} samples not done: "
+        f"{failures[0]}{more}; the {done} samples finished are kept in their shard files and a rerun "
+        f"processes only the rest. {after}"
+    )
 
 
-def _load_index(store: OutputStore) -> dict[str, dict]:
-    data = store.read_bytes(INDEX)
-    if data is None:
-        return {}
-    entries = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
-    return {e["key"]: e for e in entries}
-
-
-def _drop_stale_rows(store: OutputStore, removed: list[dict], reused: dict[str, dict]) -> None:
+def _drop_stale_rows(store: Store, removed: list[dict], reused: dict[str, dict]) -> None:
     """Rewrite each shard that holds a removed/changed sample without it; other shards stay untouched."""
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from pipelines.worker import shard_path
 
     affected = sorted({e["shard"] for e in removed if e.get("shard")})
     for path in affected:
@@ -244,9 +269,8 @@ def _drop_stale_rows(store: OutputStore, removed: list[dict], reused: dict[str, 
         if keep:
             table = store.read_table(path)
             table = table.filter(pc.is_in(table["key"], value_set=pa.array(keep)))
-            bucket = path.split("bucket=")[1].split("/")[0]
-            new_path = shard_path(bucket, table["content_hash"].to_pylist())
-            store.write_table(new_path, table)
+            new_path = shard_path(shard_bucket(path), table["content_hash"].to_pylist())
+            write_shard(store, new_path, table)
             for k in keep:
                 reused[k]["shard"] = new_path
             if new_path == path:
@@ -254,45 +278,35 @@ def _drop_stale_rows(store: OutputStore, removed: list[dict], reused: dict[str, 
         store.delete(path)
 
 
-def _quarantine_row(e: dict) -> dict:
-    return {k: e.get(k) for k in ("id", "source", "line", "category", "reason", "record")}
-
-
-def _manifest(entries, per_source, config, config_hash, processed, reused, removed, start, resumed=0) -> dict[str, Any]:
+def _manifest(
+    entries: list[dict], per_source: dict[str, SourceCounts], config: PreprocessConfig, config_hash: str, run: RunCounts
+) -> Manifest:
     written = [e for e in entries if e["status"] == "written"]
     quarantined = [e for e in entries if e["status"] == "quarantined"]
     for name, counts in per_source.items():
-        counts["written"] = sum(e["source"] == name for e in written)
-        counts["quarantined"] = sum(e["source"] == name for e in quarantined)
+        counts.written = sum(e["source"] == name for e in written)
+        counts.quarantined = sum(e["source"] == name for e in quarantined)
     shards = Counter(e["shard"] for e in written)
     pixels = sum(e.get("pixels") or 0 for e in written)
     padded = sum((e.get("padded_fraction") or 0) * (e.get("pixels") or 0) for e in written)
     read = len(entries)
-    return {
-        "read": read,
-        "written": len(written),
-        "quarantined": len(quarantined),
-        "reconciled": len(written) + len(quarantined) == read,
-        "quarantine_fraction": len(quarantined) / read if read else 0.0,
-        "buckets": dict(sorted(Counter(e["bucket"] for e in written).items())),
-        "sources": per_source,
-        "quarantine_reasons": dict(sorted(Counter(e["category"] for e in quarantined).items())),
-        "input_fingerprint": input_fingerprint({e["key"]: e["content_hash"] for e in entries}),
-        "config": config.to_dict(),
-        "config_hash": config_hash,
-        "code_version": code_version(),
-        "padded_pixel_fraction": padded / pixels if pixels else 0.0,
-        "token_length_histogram": length_histogram([e["length"] for e in written], config.max_length),
-        "visual_tokens": sum(e["num_image_tokens"] for e in written),
-        "shards": [
-            {"path": p, "bucket": p.split("bucket=")[1].split("/")[0], "rows": n} for p, n in sorted(shards.items())
-        ],
-        "run": {
-            "processed": processed,
-            "reused": reused,
-            "removed": removed,
-            "resumed": resumed,
-            "seconds": round(time.time() - start, 2),
-        },
-        "mean_length": math.fsum(e["length"] for e in written) / len(written) if written else 0.0,
-    }
+    return Manifest(
+        read=read,
+        written=len(written),
+        quarantined=len(quarantined),
+        reconciled=len(written) + len(quarantined) == read,
+        quarantine_fraction=len(quarantined) / read if read else 0.0,
+        buckets=dict(sorted(Counter(e["bucket"] for e in written).items())),
+        sources=per_source,
+        quarantine_reasons=dict(sorted(Counter(e["category"] for e in quarantined).items())),
+        input_fingerprint=input_fingerprint({e["key"]: e["content_hash"] for e in entries}),
+        config=config.to_dict(),
+        config_hash=config_hash,
+        code_version=code_version(),
+        padded_pixel_fraction=padded / pixels if pixels else 0.0,
+        token_length_histogram=length_histogram([e["length"] for e in written], config.max_length),
+        visual_tokens=sum(e["num_image_tokens"] for e in written),
+        shards=[ShardFile(p, shard_bucket(p), n) for p, n in sorted(shards.items())],
+        run=run,
+        mean_length=math.fsum(e["length"] for e in written) / len(written) if written else 0.0,
+    )

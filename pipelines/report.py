@@ -10,6 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from convllava.shards import Manifest
+
 
 def code_version() -> str:
     """Package version plus the git commit of the checkout when there is one."""
@@ -18,8 +20,13 @@ def code_version() -> str:
     except PackageNotFoundError:
         v = "unknown"
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
-                                capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
     return f"{v}+{commit}" if commit else v
@@ -41,25 +48,23 @@ def length_histogram(lengths: list[int], max_length: int) -> dict[str, list[int]
     return {"edges": edges, "counts": counts}
 
 
-def summary_table(m: dict[str, Any]) -> str:
+def summary_table(m: Manifest) -> str:
     lines = [
         f"{'source':24s} {'available':>9s} {'read':>7s} {'written':>8s} {'quarant.':>8s}",
-        *(f"{name:24s} {s['available']:9d} {s['read']:7d} {s['written']:8d} {s['quarantined']:8d}"
-          for name, s in m["sources"].items()),
+        *(f"{n:24s} {s.available:9d} {s.read:7d} {s.written:8d} {s.quarantined:8d}" for n, s in m.sources.items()),
         "",
         f"{'bucket':12s} {'samples':>8s}",
-        *(f"{b:12s} {n:8d}" for b, n in m["buckets"].items()),
-    ]  # fmt: skip
-    if m["quarantine_reasons"]:
-        lines += ["", "quarantined: " + ", ".join(f"{k} {v}" for k, v in m["quarantine_reasons"].items())]
-    ok = "✓" if m["reconciled"] else "✗ MISMATCH"
+        *(f"{b:12s} {n:8d}" for b, n in m.buckets.items()),
+    ]
+    if m.quarantine_reasons:
+        lines += ["", "quarantined: " + ", ".join(f"{k} {v}" for k, v in m.quarantine_reasons.items())]
+    ok = "✓" if m.reconciled else "✗ MISMATCH"
     lines += [
         "",
-        f"read {m['read']} = written {m['written']} + quarantined {m['quarantined']} {ok}   "
-        f"(this run: processed {m['run']['processed']}, reused {m['run']['reused']}, removed {m['run']['removed']}, "
-        f"{m['run']['seconds']}s)",
-        f"padded pixels {m['padded_pixel_fraction']:.2%}, visual tokens {m['visual_tokens']}, "
-        f"mean length {m['mean_length']:.1f} tokens",
+        f"read {m.read} = written {m.written} + quarantined {m.quarantined} {ok}   "
+        f"(this run: processed {m.run.processed}, reused {m.run.reused}, removed {m.run.removed}, {m.run.seconds}s)",
+        f"padded pixels {m.padded_pixel_fraction:.2%}, visual tokens {m.visual_tokens}, "
+        f"mean length {m.mean_length:.1f} tokens",
     ]
     return "\n".join(lines)
 

@@ -1,8 +1,8 @@
 """Reading annotation files into records, resolving image paths safely and fingerprinting content.
 
 Every record read gets a stable key (`source/id`) and a content hash over the preprocessing config, the
-record's JSON and its image's fingerprint (size + mtime for local files, the ETag for S3 objects). Records
-that cannot even be parsed still become records — with an error — so that nothing is dropped silently.
+record's JSON and its image's fingerprint (size + modification time from the listing, local or S3). Records that
+cannot even be parsed still become records — with an error — so that nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
-from convllava.storage import is_s3, s3_client, split_s3
+from convllava import storage
+from convllava.storage import is_s3
 from pipelines.config import Source
 
 MAX_RECORD_BYTES = 1_000_000  # one annotation record; anything bigger is hostile or broken
@@ -41,21 +42,10 @@ class Record:
         return f"{self.source}/{self.id}"
 
 
-def read_bytes(uri: str) -> bytes:
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        client = s3_client()
-        try:
-            return client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            raise FileNotFoundError(f"{uri}: no such object") from None
-    return Path(uri).read_bytes()
-
-
 def read_records(source: Source) -> list[Record]:
     """All records of one annotation file. JSON lists and JSONL are told apart by the first character."""
     try:
-        data = read_bytes(source.annotations)
+        data = storage.read_bytes(source.annotations)
     except FileNotFoundError:
         raise SourceError(f"source {source.name}: annotation file {source.annotations} not found") from None
     if data.lstrip()[:1] == b"[":
@@ -87,8 +77,12 @@ def read_records(source: Source) -> list[Record]:
 
 def _parse_line(n: int, line: bytes) -> tuple[int, str, object, tuple[str, str] | None]:
     if len(line) > MAX_RECORD_BYTES:
-        return n, line[:2000].decode("utf-8", "replace"), None, (
-            "malformed_record", f"line is {len(line)} bytes, over the {MAX_RECORD_BYTES}-byte limit")  # fmt: skip
+        return (
+            n,
+            line[:2000].decode("utf-8", "replace"),
+            None,
+            ("malformed_record", f"line is {len(line)} bytes, over the {MAX_RECORD_BYTES}-byte limit"),
+        )
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -136,17 +130,15 @@ def resolve_image(root: str, relative: str) -> str:
 
 
 def image_fingerprints(records: list[Record], root: str) -> dict[str, str]:
-    """A cheap content fingerprint per image: S3 ETag (one listing of the root), or local size + mtime."""
+    """A cheap content fingerprint per image: S3 size + last-modified time (one listing of the root), or local
+    size + mtime."""
     wanted = {r.image_uri for r in records if r.image_uri}
     prints: dict[str, str] = {}
     if is_s3(root):
-        bucket, prefix = split_s3(root.rstrip("/"))
-        paginator = s3_client().get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
-            for obj in page.get("Contents", []):
-                uri = f"s3://{bucket}/{obj['Key']}"
-                if uri in wanted:
-                    prints[uri] = f"etag:{obj['ETag'].strip(chr(34))}:{obj['Size']}"
+        base = root.rstrip("/")
+        for rel, info in storage.Store(base).listing().items():
+            if f"{base}/{rel}" in wanted:
+                prints[f"{base}/{rel}"] = f"s3:{info.size}:{info.mtime_ns}"
         return prints
     for uri in wanted:
         try:

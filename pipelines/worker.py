@@ -9,49 +9,22 @@ Every record ends as exactly one index entry: `written` (with its shard) or `qua
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from typing import Any
 
-import pyarrow as pa
 from PIL import Image
 
 from convllava.image_processing import ImageError, ImageProcessorConfig, load_image
-from convllava.processor import ConvLlavaProcessor, PreflightError, ProcessorConfig, SequenceTooLongError
+from convllava.labels import PreflightError, SequenceTooLongError
+from convllava.processor import ConvLlavaProcessor
+from convllava.processor_config import ProcessorConfig
+from convllava.shards import TEXT_BUCKET, write_shards, written_entry
+from convllava.storage import Store, read_bytes
 from convllava.templates import ConversationError
 from convllava.tokenizer import load_tokenizer
 from pipelines.config import PreprocessConfig
 from pipelines.ray_runtime import adopt_secrets
-from pipelines.sources import read_bytes
-from pipelines.store import OutputStore
-
-TEXT_BUCKET = "text"
-
-SHARD_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("id", pa.string()),
-        ("source", pa.string()),
-        ("line", pa.int32()),
-        ("bucket", pa.string()),
-        ("image", pa.binary()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("orig_height", pa.int32()),
-        ("orig_width", pa.int32()),
-        # x, y, w, h of the image inside the padded canvas (square mode: rounded; the edges are resampled)
-        ("content_box", pa.list_(pa.int32())),
-        ("padded_fraction", pa.float32()),
-        ("input_ids", pa.list_(pa.int32())),
-        ("labels", pa.list_(pa.int32())),
-        ("num_image_tokens", pa.int32()),
-        ("length", pa.int32()),
-        ("num_label_tokens", pa.int32()),
-        ("truncated", pa.bool_()),
-        ("content_hash", pa.string()),
-    ]
-)
 
 
 class Quarantined(Exception):
@@ -81,7 +54,7 @@ class UnitProcessor:
         adopt_secrets(secrets)  # credentials for an s3:// output or image root; see pipelines.ray_runtime
         self.config = PreprocessConfig(**config)
         self.processor = build_processor(self.config)
-        self.store = OutputStore(output)
+        self.store = Store(output)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         records = json.loads(row["unit"])
@@ -97,10 +70,13 @@ class UnitProcessor:
                 entry.update(written_entry(sample))
             entries.append(entry)
         try:
-            shard_of = self.write_shards(rows)
+            shard_of = write_shards(self.store, rows)
         except OSError as e:  # a full disk, lost permissions, a storage outage: this unit is not done
-            return {"entries": "[]", "failed": f"writing the shards of {len(records)} samples ({records[0]['key']} …) "
-                                              f"to {self.store.uri} failed: {type(e).__name__}: {e}"}  # fmt: skip
+            return {
+                "entries": "[]",
+                "failed": f"writing the shards of {len(records)} samples ({records[0]['key']} …) "
+                f"to {self.store.uri} failed: {type(e).__name__}: {e}",
+            }
         for entry in entries:
             if entry["status"] == "written":
                 entry["shard"] = shard_of[entry["key"]]
@@ -161,8 +137,11 @@ class UnitProcessor:
             image = load_image(data, max_pixels=self.config.max_pixels, background=self.processor.image_processor.fill)
         except ImageError as e:
             reason = str(e).replace("<bytes>", relative)
-            category = "decompression_bomb" if "exceeds the limit" in reason or "bomb" in reason else (
-                "empty_file" if "empty" in reason else "unreadable_image")  # fmt: skip
+            category = (
+                "decompression_bomb"
+                if "exceeds the limit" in reason or "bomb" in reason
+                else ("empty_file" if "empty" in reason else "unreadable_image")
+            )
             raise Quarantined(category, reason) from None
         if min(image.size) < self.config.min_image_side:
             raise Quarantined(
@@ -174,34 +153,6 @@ class UnitProcessor:
     def encode(self, image: Image.Image) -> bytes:
         return encode_image(image, self.config.image_format, self.config.jpeg_quality)
 
-    def write_shards(self, rows: list[dict[str, Any]]) -> dict[str, str]:
-        """One Parquet file per bucket, rows sorted by key; returns key → shard path (relative)."""
-        by_bucket: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
-            by_bucket.setdefault(r["bucket"], []).append(r)
-        shard_of = {}
-        for bucket, group in sorted(by_bucket.items()):
-            group.sort(key=lambda r: r["key"])
-            path = shard_path(bucket, [r["content_hash"] for r in group])
-            self.store.write_table(path, pa.Table.from_pylist(group, schema=SHARD_SCHEMA))
-            shard_of.update({r["key"]: path for r in group})
-        return shard_of
-
-
-ENTRY_COLUMNS = ("key", "id", "source", "line", "content_hash", "bucket", "length", "num_image_tokens",
-                 "padded_fraction", "orig_width", "orig_height", "height", "width")  # fmt: skip
-
-
-def written_entry(row: dict[str, Any]) -> dict[str, Any]:
-    """The index entry of a written sample, from its shard row (only ENTRY_COLUMNS are read)."""
-    return {
-        **{k: row[k] for k in ("key", "id", "source", "line", "content_hash", "bucket", "length", "num_image_tokens")},
-        "status": "written",
-        "padded_fraction": row["padded_fraction"],
-        "orig_aspect": row["orig_width"] / row["orig_height"] if row["orig_height"] else None,
-        "pixels": row["height"] * row["width"],
-    }
-
 
 def encode_image(image: Image.Image, image_format: str, jpeg_quality: int = 95) -> bytes:
     """The bytes a shard stores for a model-input-sized image. `png` is lossless: training reads back exactly the
@@ -212,8 +163,3 @@ def encode_image(image: Image.Image, image_format: str, jpeg_quality: int = 95) 
     else:
         image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def shard_path(bucket: str, content_hashes: list[str]) -> str:
-    digest = hashlib.sha256("".join(sorted(content_hashes)).encode()).hexdigest()[:20]
-    return f"shards/bucket={bucket}/part-{digest}.parquet"

@@ -4,8 +4,8 @@
 
 SPEC: {"config": ConvLlavaConfig dict, "trainable": [...], "micro_batch_size": B, "seq_len": T,
 "image_size": [H, W] or null, "gradient_checkpointing": bool}. The model is built with real fp32 weights, the batch
-is B sequences whose first (H/64)·(W/64) tokens are the image placeholder, and one forward + backward runs through
-`ConvLlavaForCausalLM.forward` as training does. Weight gradients are dropped as they are accumulated (they are
+is B sequences whose first (H/64)·(W/64) tokens are the image placeholder, and forward + backward run through
+`ConvLlavaForCausalLM.forward` as training does, twice: the second step is measured. Weight gradients are dropped as they are accumulated (they are
 model states, planned apart). What is measured is the process's anonymous resident memory (RssAnon, sampled every
 millisecond) above its value just before the forward; glibc is told to map every allocation over 64 KiB on its own
 (MALLOC_MMAP_THRESHOLD_, set by the caller) so that freed activations leave the resident set at once.
@@ -53,6 +53,16 @@ def main() -> None:
     labels = ids.clone()
     labels[:, :n_visual] = -100
     pixels = None if size is None else torch.randn(b, 3, *size)
+
+    def step():
+        return model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, labels=labels, use_cache=False
+        )
+
+    # The same step once, unmeasured: a first step also allocates what stays for the process's lifetime (oneDNN
+    # primitives and their scratchpads, sized by the CPU's kernels and the inputs; lazily imported modules), which is
+    # not activation memory and differs from one CPU to another.
+    step().loss.backward()
     baseline, peak, done = _rss_anon(), [0], threading.Event()
 
     def sample() -> None:
@@ -62,7 +72,7 @@ def main() -> None:
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, labels=labels, use_cache=False)
+    out = step()
     forward = _rss_anon() - baseline
     out.loss.backward()
     done.set()

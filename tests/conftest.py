@@ -17,6 +17,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Fixtures that a topic's unit and integration tests share live beside its helpers.
+pytest_plugins = [
+    "checkpoint_harness",
+    "eval_gate_harness",
+    "integrations_harness",
+    "released_harness",
+    "tracking_harness",
+]
+
 
 @pytest.fixture(scope="session")
 def tiny_config():
@@ -114,8 +123,12 @@ def build_demo_shards(root, captions: int, instruct: int, evaluation: int):
     from pipelines.preprocess import run_preprocess
 
     generate_demo_data(root / "data", seed=0, n_caption=captions, n_instruct=instruct, n_eval=evaluation)
-    run_preprocess(Mixture.from_yaml(root / "data" / "mixture.yaml"), PreprocessConfig(resolution=256),
-                   str(root / "shards"), echo=lambda *_: None)  # fmt: skip
+    run_preprocess(
+        Mixture.from_yaml(root / "data" / "mixture.yaml"),
+        PreprocessConfig(resolution=256),
+        str(root / "shards"),
+        echo=lambda *_: None,
+    )
     return root / "shards"
 
 
@@ -189,11 +202,24 @@ def vicuna_tokenizer_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("vicuna-tokenizer")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(vicuna_corpus()), model_writer=model, model_type="bpe", vocab_size=800,
-        byte_fallback=True, add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", character_coverage=1.0,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(vicuna_corpus()),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=800,
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
     (directory / "tokenizer.model").write_bytes(model.getvalue())
 
     def added(content: str) -> dict:
@@ -227,7 +253,7 @@ def executed_pipeline(ray_local, tmp_path_factory):
     """One small pipeline run (`dag-test`), shared by the DAG tests and the MLflow UI tests: (root, config, result)."""
     from pipeline_harness import small_config
 
-    from jobs.pipeline import run_pipeline
+    from jobs.dag.runner import run_pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
     config = small_config(root / "pipeline.yaml", "dag-test")

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import yaml
 
-from jobs.tracking import client
+from jobs.tracking.runs import client
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = ["preprocess", "stage1", "stage2", "stage3", "eval"]
+
+
+def pipeline_cli(config: Path, workdir: Path, command: str = "pipeline run") -> list[str]:
+    """The `convllava` command line that runs (or retrains) `config` in `workdir`, as a user types it."""
+    exe = str(Path(sys.executable).parent / "convllava")
+    return [exe, *command.split(), "--config", str(config), "--workdir", str(workdir)]
 
 
 def small_config(path: Path, name: str, steps: int = 2, checkpoint_every: int = 0, epochs: int = 1) -> Path:

@@ -70,14 +70,20 @@ def _spy(seen: list[dict]) -> None:
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))  # fmt: skip
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from jobs.recipe import StageRecipe
-    from jobs.shards import ShardSet
-    from jobs.stage_config import StageConfig
-    from jobs.strategy import DeepSpeedStrategy
+    from convllava.shards import ShardSet
+    from jobs.train.config import StageConfig
+    from jobs.train.recipe import StageRecipe
+    from jobs.train.strategy import DeepSpeedStrategy
 
     config = StageConfig.from_dict(json.loads(Path(args.config).read_text()))
     recipe = StageRecipe(config, rank, world, checkpoints=None)  # checkpoints are never written here
@@ -114,8 +120,14 @@ def _rank(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
         recipe.setup(None)
         trainable = {n: p for n, p in recipe.engine.module.named_parameters() if p.requires_grad}
         metrics = recipe.train()
-        out.update(engine_device=str(recipe.engine.device), collectives=seen, metrics=metrics, step=recipe.step,
-                   trainable=len(trainable), attn_implementation=recipe.attn_implementation)  # fmt: skip
+        out.update(
+            engine_device=str(recipe.engine.device),
+            collectives=seen,
+            metrics=metrics,
+            step=recipe.step,
+            trainable=len(trainable),
+            attn_implementation=recipe.attn_implementation,
+        )
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(out))
     dist.barrier()
     dist.destroy_process_group()

@@ -50,9 +50,23 @@ def mlflow_server(tracking_uri: str, port: int | None = None, ready_s: float = 1
     """`mlflow server` on 127.0.0.1 over `tracking_uri` (one worker); yields its base URL, stops it after."""
     port = port or _free_port()
     mlflow = str(Path(sys.executable).parent / "mlflow")
-    proc = subprocess.Popen([mlflow, "server", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            mlflow,
+            "server",
+            "--backend-store-uri",
+            tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + ready_s
@@ -86,10 +100,12 @@ def api(base: str, endpoint: str, **params) -> dict:
 def pipeline_runs(base: str, experiment: str) -> tuple[str, dict, dict[str, dict]]:
     """The experiment id, the latest pipeline parent run and its node runs by node name, from the REST API."""
     exp = api(base, "experiments/get-by-name", experiment_name=experiment)["experiment"]
-    body = json.dumps({"experiment_ids": [exp["experiment_id"]], "max_results": 200,
-                       "order_by": ["attributes.start_time DESC"]}).encode()  # fmt: skip
-    req = urllib.request.Request(f"{base}/api/2.0/mlflow/runs/search", data=body,
-                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    body = json.dumps(
+        {"experiment_ids": [exp["experiment_id"]], "max_results": 200, "order_by": ["attributes.start_time DESC"]}
+    ).encode()
+    req = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         runs = json.loads(r.read()).get("runs", [])
 
@@ -97,8 +113,9 @@ def pipeline_runs(base: str, experiment: str) -> tuple[str, dict, dict[str, dict
         return {t["key"]: t["value"] for t in run["data"].get("tags", [])}
 
     parent = next(r for r in runs if "convllava.node" not in tags(r) and "convllava.pipeline" in tags(r))
-    nodes = {tags(r)["convllava.node"]: r for r in runs
-             if tags(r).get("mlflow.parentRunId") == parent["info"]["run_id"]}  # fmt: skip
+    nodes = {
+        tags(r)["convllava.node"]: r for r in runs if tags(r).get("mlflow.parentRunId") == parent["info"]["run_id"]
+    }
     return exp["experiment_id"], parent, nodes
 
 

@@ -23,8 +23,7 @@ from convllava.checkpoint import load_model
 from convllava.image_processing import load_image, to_rgb
 from convllava.inference import GenerationOptions, _generate_ids
 from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor, TokenizedSample
-from convllava.templates import IMAGE_TOKEN
+from convllava.processor import ConvLlavaProcessor
 
 LMMS_EVAL_MODEL_NAME = "convllava"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,9 +82,9 @@ def generate_interleaved(
 ) -> list[str]:
     """Answer a batch of single-turn prompts, each with any number of images.
 
-    Each prompt's images fill its `<image>` tags in order. A prompt with images but no tag gets one tag per image
-    prepended (`"<image>\\n" * n + text`), which for one image is exactly what `convllava.inference.generate` builds,
-    so both give the same answer.
+    The prompts are built by `ConvLlavaProcessor.generation_batch`, as `convllava.inference.generate` builds them:
+    each prompt's images fill its `<image>` tags in order, and a prompt with images but no tag gets one tag per image
+    prepended, so both give the same answer for one image.
 
     Args:
         prompts: (text, images) pairs; text-only prompts have no images.
@@ -94,39 +93,8 @@ def generate_interleaved(
     Raises:
         ConversationError: a prompt's `<image>` tags do not match its images one to one, or its text is empty.
     """
-    sample_ids = list(sample_ids) if sample_ids is not None else [str(i) for i in range(len(prompts))]
-    if len(sample_ids) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(sample_ids)} sample ids")
-    samples, pixels = [], []
-    for (text, images), sample_id in zip(prompts, sample_ids, strict=True):
-        sample, sample_pixels = tokenize_prompt(processor, text, images, system, sample_id)
-        samples.append(sample)
-        pixels.extend(sample_pixels)
-    batch = processor.collate(samples, padding_side="left")
-    del batch["labels"]
-    batch["pixel_values"] = processor.stack_images(pixels)
+    batch = processor.generation_batch(prompts, system=system, sample_ids=sample_ids)
     return [processor.decode(ids) for ids in _generate_ids(model, processor, batch, options or GenerationOptions())]
-
-
-def tokenize_prompt(
-    processor: ConvLlavaProcessor,
-    text: str,
-    images: Sequence[Image.Image],
-    system: str | None = None,
-    sample_id: str = "?",
-) -> tuple[TokenizedSample, list[torch.Tensor]]:
-    """One generation prompt (ending with the assistant prefix) and its processed images, (3, H, W) each.
-
-    The images fill the text's `<image>` tags in order; text without tags gets one per image prepended.
-    """
-    if images and IMAGE_TOKEN not in text:
-        text = f"{IMAGE_TOKEN}\n" * len(images) + text
-    pixels = [processor.image_processor(image) for image in images]
-    messages = [{"role": "user", "content": text}]
-    if system is not None:
-        messages.insert(0, {"role": "system", "content": system})
-    sizes = [tuple(x.shape[-2:]) for x in pixels]
-    return processor.tokenize(messages, sizes, sample_id=sample_id, add_generation_prompt=True, check=False), pixels
 
 
 def lmms_eval_manifest():

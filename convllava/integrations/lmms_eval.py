@@ -39,7 +39,6 @@ from convllava.integrations import (
     as_image,
     generate_interleaved,
     load_for_eval,
-    tokenize_prompt,
 )
 
 try:
@@ -219,7 +218,7 @@ class ConvLlavaLmms(lmms):
 
     def _score(self, context: str, continuation: str, images: list[Image.Image], where: str) -> tuple[float, bool]:
         processor = self.processor
-        prompt, pixels = tokenize_prompt(processor, context, images, self.system, sample_id=where)
+        prompt, pixels = processor.generation_sample(context, images, self.system, sample_id=where)
         target = processor.tokenizer(continuation, add_special_tokens=False)["input_ids"]
         if not target:
             raise ValueError(f"{where}: the continuation {continuation!r} tokenizes to nothing")

@@ -3,8 +3,8 @@
 Replies are read as lmms-eval's offline ("static") MMBench evaluation reads them (`lmms_eval.tasks.mmbench`):
 first `MMBench_Evaluator.can_infer`, VLMEvalKit's deterministic matching that also runs before the GPT judge behind
 published MMBench / SEED scores; where it finds nothing, `extract_mcq_answer`
-(`lmms_eval.tasks._task_utils.mcq_extract`), which lmms-eval uses instead of the judge. tests/test_metrics.py checks
-`extract_choice` against both on hand-written and generated replies.
+(`lmms_eval.tasks._task_utils.mcq_extract`), which lmms-eval uses instead of the judge.
+tests/unit/test_metrics_choice.py checks `extract_choice` against both on hand-written and generated replies.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ compute them.
   (`lmms_eval.api.metrics.anls`).
 
 Both are reproduced with their quirks, so that our numbers equal theirs answer for answer; each quirk is named where
-it is implemented. tests/test_metrics.py checks both against lmms-eval on hand-written and generated answers.
+it is implemented. tests/unit/test_metrics_text.py checks both against lmms-eval on hand-written and generated
+answers.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Each reads free text as the script behind its published scores does: POPE as LLaVA's `llava/eval/eval_pope.py`, MME
 as lmms-eval's `mme` task (`lmms_eval.tasks.mme.utils.parse_pred_ans`, which ConvLLaVA's `scripts/eval-lmms.sh`
-runs). tests/test_metrics.py checks both against those references.
+runs). tests/unit/test_metrics_yes_no.py checks both against those references.
 """
 
 from __future__ import annotations

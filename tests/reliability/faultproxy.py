@@ -32,10 +32,21 @@ from xml.sax.saxutils import escape
 
 Methods = Iterable[str] | None
 MAX_BODY = 256 << 20  # requests larger than this are refused (tests upload small checkpoints)
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "proxy-authorization", "te", "trailer",
-              "transfer-encoding", "upgrade", "expect"}  # fmt: skip
-ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
-          503: ("SlowDown", "Please reduce your request rate.")}  # fmt: skip
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+}
+ERRORS = {
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+    503: ("SlowDown", "Please reduce your request rate."),
+}
 
 
 @dataclass
@@ -121,8 +132,9 @@ class FaultProxy:
         with self.lock:
             self.rules.append(Rule(_methods(methods), path, status, every=k))
 
-    def set_down(self, down: bool = True, status: int | None = 503, methods: Methods = None,
-                 path: str | None = None) -> None:  # fmt: skip
+    def set_down(
+        self, down: bool = True, status: int | None = 503, methods: Methods = None, path: str | None = None
+    ) -> None:
         """While down, every matching request fails; `set_down(False)` brings the endpoint back."""
         with self.lock:
             self.down_rule = Rule(_methods(methods), path, status) if down else None
@@ -235,8 +247,10 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _error(self, status: int) -> None:
             code, message = ERRORS.get(status, ("ServiceUnavailable", "The service is unavailable."))
             resource = escape(self.path)
-            xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-                   f"<Resource>{resource}</Resource><RequestId>faultproxy</RequestId></Error>").encode()  # fmt: skip
+            xml = (
+                f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+                f"<Resource>{resource}</Resource><RequestId>faultproxy</RequestId></Error>"
+            ).encode()
             self._reply(status, xml, {"Content-Type": "application/xml"})
 
         def _reply(self, status: int, data: bytes, headers: dict[str, str]) -> None:

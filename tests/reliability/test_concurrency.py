@@ -11,8 +11,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 CLI = str(Path(sys.executable).parent / "convllava")
-HOLD = "from pathlib import Path; import time, sys; from jobs.pipeline import workdir_lock\n" \
-       "with workdir_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(600)\n"  # fmt: skip
+HOLD = (
+    "from pathlib import Path; import time, sys; from jobs.dag.runner import workdir_lock\n"
+    "with workdir_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(600)\n"
+)
 
 
 def _holder(workdir: Path) -> subprocess.Popen:
@@ -26,9 +28,12 @@ def test_second_pipeline_run_refuses_and_touches_nothing(tmp_path):
     holder = _holder(workdir)
     try:
         before = sorted(p.relative_to(workdir) for p in workdir.rglob("*"))
-        second = subprocess.run([CLI, "pipeline", "run", "--config", str(ROOT / "jobs/configs/demo.yaml"),
-                                 "--workdir", str(workdir)], capture_output=True, text=True,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        second = subprocess.run(
+            [CLI, "pipeline", "run", "--config", str(ROOT / "jobs/configs/demo.yaml"), "--workdir", str(workdir)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         assert second.returncode != 0
         assert f"{workdir} is in use by another pipeline run (pid {holder.pid})" in second.stderr
         assert sorted(p.relative_to(workdir) for p in workdir.rglob("*")) == before  # nothing written
@@ -38,7 +43,7 @@ def test_second_pipeline_run_refuses_and_touches_nothing(tmp_path):
 
 
 def test_lock_is_released_when_its_holder_is_killed(tmp_path):
-    from jobs.pipeline import workdir_lock
+    from jobs.dag.runner import workdir_lock
 
     holder = _holder(tmp_path)
     os.kill(holder.pid, signal.SIGKILL)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.stage_config import CONFIG_DIR, StageConfig
+from jobs.train.config import CONFIG_DIR, StageConfig
 
 
 @contextmanager
@@ -24,8 +24,10 @@ def disk(path: Path, size: str, read_only: bool = False):
     options = f"size={size}" + (",ro" if read_only else "")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
     if done.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs at {path} to simulate the disk ({done.stderr.strip()}); "
-                    "these tests need root (CAP_SYS_ADMIN)")  # fmt: skip
+        pytest.fail(
+            f"cannot mount a tmpfs at {path} to simulate the disk ({done.stderr.strip()}); "
+            "these tests need root (CAP_SYS_ADMIN)"
+        )
     try:
         yield path
     finally:
@@ -54,16 +56,16 @@ def _index(output: Path) -> dict[str, str]:
 
 
 def test_preprocessing_onto_a_full_disk_keeps_what_it_finished_and_a_rerun_completes(ray_local, raw, tmp_path):
-    from jobs.shards import ShardSet
+    from convllava.shards import MANIFEST, ShardSet
+    from convllava.storage import OutputError
     from pipelines.config import Mixture, PreprocessConfig
     from pipelines.preprocess import run_preprocess
-    from pipelines.store import OutputError
 
     mixture = Mixture.from_yaml(raw / "mixture.yaml")
     config = PreprocessConfig(resolution=256, unit_size=4, workers=2)
     reference = run_preprocess(mixture, config, str(tmp_path / "reference"), echo=lambda *_: None).manifest
     sizes = sorted(p.stat().st_size for p in (tmp_path / "reference").rglob("*.parquet"))
-    assert len(sizes) >= 6 and reference["read"] == 48
+    assert len(sizes) >= 6 and reference.read == 48
 
     # Room for about half of the shards: several units finish (two are written at a time, a unit writes one shard
     # per bucket it touches), the rest do not fit. A fixed 64k left no room when two large units came first.
@@ -76,43 +78,53 @@ def test_preprocessing_onto_a_full_disk_keeps_what_it_finished_and_a_rerun_compl
         print(f"\nfull disk: {message}")
         assert f"output {output}: preprocessing stopped" in message and "No space left on device" in message
         assert "previous index and manifest are unchanged" in message
-        done = int(re.search(r"the (\d+) samples finished are kept in their shard files and a rerun processes "
-                             r"only the rest", message).group(1))  # fmt: skip
+        done = int(
+            re.search(
+                r"the (\d+) samples finished are kept in their shard files and a rerun processes "
+                r"only the rest",
+                message,
+            ).group(1)
+        )
         assert 0 < done < 48  # some units finished before the disk filled
         assert not list(output.rglob("*.tmp-*"))  # no half-written file left to fill the disk further
-        assert not (output / "manifest.json").exists()  # nothing claims to be a finished output
+        assert not (output / MANIFEST).exists()  # nothing claims to be a finished output
 
         resize(output, "16m")  # space freed: the same command finishes the job
         lines: list[str] = []
         manifest = run_preprocess(mixture, config, str(output), echo=lines.append).manifest
         # Every finished unit is recovered from its shards, and so is each shard a failed unit wrote before the one
         # that did not fit (a unit writes one shard per bucket it touches).
-        resumed = manifest["run"]["resumed"]
+        resumed = manifest.run.resumed
         assert resumed >= done and f"({resumed} more finished by an interrupted run)" in lines[0]
-        assert manifest["run"]["processed"] == 48 - resumed
-        assert manifest["reconciled"] and manifest["read"] == 48
-        assert manifest["written"] == reference["written"] and manifest["quarantined"] == reference["quarantined"]
+        assert manifest.run.processed == 48 - resumed
+        assert manifest.reconciled and manifest.read == 48
+        assert manifest.written == reference.written and manifest.quarantined == reference.quarantined
         assert _index(output) == _index(tmp_path / "reference")  # nothing lost, nothing twice
-        assert len(ShardSet(str(output))) == reference["written"]
+        assert len(ShardSet(str(output))) == reference.written
         on_disk = sorted(str(p.relative_to(output)) for p in output.rglob("*.parquet"))
-        assert on_disk == sorted(s["path"] for s in manifest["shards"])  # no stray shard left behind
+        assert on_disk == sorted(s.path for s in manifest.shards)  # no stray shard left behind
 
 
 def test_preprocessing_into_a_read_only_disk_fails_before_any_work(ray_local, raw, tmp_path):
+    from convllava.storage import OutputError
     from pipelines.config import Mixture, PreprocessConfig
     from pipelines.preprocess import run_preprocess
-    from pipelines.store import OutputError
 
     with disk(tmp_path / "ro", "1m", read_only=True) as output:
-        with pytest.raises(OutputError, match=f"output {output}/shards is not writable .*Read-only file system.*"
-                                              "nothing was processed"):  # fmt: skip
-            run_preprocess(Mixture.from_yaml(raw / "mixture.yaml"), PreprocessConfig(resolution=256),
-                           str(output / "shards"), echo=lambda *_: None)  # fmt: skip
+        with pytest.raises(
+            OutputError, match=f"output {output}/shards is not writable .*Read-only file system.*nothing was processed"
+        ):
+            run_preprocess(
+                Mixture.from_yaml(raw / "mixture.yaml"),
+                PreprocessConfig(resolution=256),
+                str(output / "shards"),
+                echo=lambda *_: None,
+            )
 
 
 def test_checkpoint_storage_without_room_or_write_access_fails_before_training(shards, tmp_path):
-    from jobs.tracking import client, default_tracking_uri
-    from jobs.train import CheckpointStorageError, check_storage, checkpoint_bytes, run_stage
+    from jobs.tracking.runs import client, default_tracking_uri
+    from jobs.train.driver import CheckpointStorageError, check_storage, checkpoint_bytes, run_stage
 
     tracking = default_tracking_uri(tmp_path)
     config = tiny(shards, max_steps=2, keep_last=2)
@@ -126,8 +138,11 @@ def test_checkpoint_storage_without_room_or_write_access_fails_before_training(s
         message = str(failure.value)
         print(f"\nsmall disk: {message}")
         assert f"checkpoint storage {storage} has 8.0 MiB free but stage1 needs about" in message
-        assert "for 3 more checkpoints of" in message and "(keep_last=2, plus the one being written, less 0 " \
-            "already there)" in message and "nothing was trained" in message  # fmt: skip
+        assert (
+            "for 3 more checkpoints of" in message
+            and "(keep_last=2, plus the one being written, less 0 already there)" in message
+            and "nothing was trained" in message
+        )
         assert not any(storage.iterdir())  # no run directory, no partial checkpoint
 
     with disk(tmp_path / "resume", "16m") as storage:  # room for one more checkpoint, not for three
@@ -138,11 +153,14 @@ def test_checkpoint_storage_without_room_or_write_access_fails_before_training(s
         check_storage(str(storage), str(storage), None, config, "stage1")
 
     with disk(tmp_path / "ro", "64m", read_only=True) as storage:
-        with pytest.raises(CheckpointStorageError, match=f"checkpoint storage {storage}/runs cannot be created"
-                                                         ".*Read-only file system.*nothing was trained"):  # fmt: skip
+        with pytest.raises(
+            CheckpointStorageError,
+            match=f"checkpoint storage {storage}/runs cannot be created.*Read-only file system.*nothing was trained",
+        ):
             run_stage(config, str(storage / "runs"), tracking_uri=tracking)
-        with pytest.raises(CheckpointStorageError, match=f"checkpoint storage {storage} is not writable"
-                                                         ".*nothing was trained"):  # fmt: skip
+        with pytest.raises(
+            CheckpointStorageError, match=f"checkpoint storage {storage} is not writable.*nothing was trained"
+        ):
             run_stage(config, str(storage), tracking_uri=tracking)
 
     assert client(tracking).get_experiment_by_name("convllava") is None  # no MLflow run was ever opened

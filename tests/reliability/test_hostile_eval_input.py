@@ -7,7 +7,7 @@ import math
 
 from PIL import Image
 
-from jobs.benchmarks import Benchmark
+from jobs.evaluate.benchmarks import Benchmark
 
 
 def test_nan_and_inf_boxes_score_as_misses(tmp_path):
@@ -21,7 +21,11 @@ def test_nan_and_inf_boxes_score_as_misses(tmp_path):
     (tmp_path / "refcoco.json").write_text(json.dumps(rows))  # json writes NaN / Infinity, as broken dumps do
     bench = Benchmark("refcoco", "refcoco", tmp_path, options={"frame": "original"})
     items = bench.items()
-    answers = {"1": "[0.0, 0.0, 0.5, 1.0]", "2": "[0.0, 0.0, 0.05, 0.1]", "3": "[0, 0, 1, 0.1]",
-               "4": "[nan, 0, inf, 1]"}  # fmt: skip
+    answers = {
+        "1": "[0.0, 0.0, 0.5, 1.0]",
+        "2": "[0.0, 0.0, 0.05, 0.1]",
+        "3": "[0, 0, 1, 0.1]",
+        "4": "[nan, 0, inf, 1]",
+    }
     scores = bench.score(items, answers)
     assert scores == {"precision@0.5": 0.25}  # only sample 1 is a hit; NaN/inf on either side is a miss

@@ -1,9 +1,9 @@
 """Storage faults: S3 errors, dropped connections and outages between the platform and its object store.
 
-Every test puts `FaultProxy` between the clients (pyarrow inside Ray Train's workers and controller, boto3) and moto's
-server by pointing `AWS_ENDPOINT_URL` at the proxy, injects faults, and asserts what a user relies on: transient
-faults are retried and lose nothing, a checkpoint whose upload failed is never recorded, a store that stays down
-fails the run with a clear error instead of hanging.
+Every test puts `FaultProxy` between the clients (pyarrow: `convllava.storage`, inside Ray Train's workers and
+controller too) and moto's server by pointing `AWS_ENDPOINT_URL` at the proxy, injects faults, and asserts what a
+user relies on: transient faults are retried and lose nothing, a checkpoint whose upload failed is never recorded, a
+store that stays down fails the run with a clear error instead of hanging.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from jobs.recipe import CheckpointIncomplete, verify_checkpoint
-from jobs.stage_config import CONFIG_DIR, StageConfig
+from jobs.train.checkpoints import CheckpointIncomplete, verify_checkpoint
+from jobs.train.config import CONFIG_DIR, StageConfig
 
 from .faultproxy import FaultProxy
 
@@ -77,7 +77,7 @@ def _recorded(moto, bucket: str, run: str) -> list[str]:
 
 @pytest.mark.integration
 def test_transient_upload_failures_are_retried_and_lose_nothing(shards, proxy, moto, s3_bucket, tmp_path):
-    from jobs.train import run_stage
+    from jobs.train.driver import run_stage
 
     # The first checkpoint's model loses its connection twice in a row; every 4th object/part upload fails with
     # SlowDown, every 9th multipart create/complete with InternalError. No request fails more than twice: pyarrow's
@@ -94,8 +94,11 @@ def test_transient_upload_failures_are_retried_and_lose_nothing(shards, proxy, m
     assert result.checkpoint_uri == f"s3://{s3_bucket}/runs/flaky/checkpoint_000002"
     assert proxy.injected["PUT drop"] == 2 and proxy.injected["PUT 503"] > 0 and proxy.injected["POST 500"] > 0
     print(f"\nfaults injected: {dict(proxy.injected)} in {proxy.requests} requests ({dict(proxy.seen)})")
-    assert _checkpoints(moto, s3_bucket, "runs/flaky") == _recorded(moto, s3_bucket, "runs/flaky") == [
-        "checkpoint_000001", "checkpoint_000002"]  # fmt: skip
+    assert (
+        _checkpoints(moto, s3_bucket, "runs/flaky")
+        == _recorded(moto, s3_bucket, "runs/flaky")
+        == ["checkpoint_000001", "checkpoint_000002"]
+    )
     for step in (1, 2):  # every byte of every checkpoint arrived: both ranks' markers verify
         local = _download(moto, s3_bucket, f"runs/flaky/checkpoint_{step:06d}", tmp_path / f"ckpt{step}")
         assert verify_checkpoint(local, config.workers)["step"] == step
@@ -103,8 +106,8 @@ def test_transient_upload_failures_are_retried_and_lose_nothing(shards, proxy, m
 
 @pytest.mark.integration
 def test_an_upload_that_fails_for_good_is_never_recorded(shards, proxy, moto, s3_bucket, tmp_path):
-    from jobs.tracking import client, default_tracking_uri
-    from jobs.train import run_stage
+    from jobs.tracking.runs import client, default_tracking_uri
+    from jobs.train.driver import run_stage
 
     # The final checkpoint's consolidated model can never be uploaded: its multipart upload starts, every attempt at
     # its part fails. Everything else (the checkpoint's other files, the first checkpoint, Ray's records) goes through.
@@ -136,8 +139,8 @@ def test_an_upload_that_fails_for_good_is_never_recorded(shards, proxy, moto, s3
 
 @pytest.mark.integration
 def test_a_store_that_stays_down_fails_the_run_cleanly(shards, proxy, s3_bucket, tmp_path):
-    from jobs.tracking import client, default_tracking_uri
-    from jobs.train import CheckpointStorageError, run_stage
+    from jobs.tracking.runs import client, default_tracking_uri
+    from jobs.train.driver import CheckpointStorageError, run_stage
 
     proxy.set_down(status=None)  # every connection is dropped without a response
     config = tiny(shards, max_steps=2, checkpoint_every=1, max_failures=1)
@@ -157,10 +160,10 @@ def test_a_store_that_stays_down_fails_the_run_cleanly(shards, proxy, s3_bucket,
 
 
 def test_preprocessing_to_a_down_store_fails_before_processing(proxy, s3_bucket, tmp_path):
+    from convllava.storage import OutputError
     from pipelines.config import Mixture, PreprocessConfig
     from pipelines.demo_data import generate_demo_data
     from pipelines.preprocess import run_preprocess
-    from pipelines.store import OutputError
 
     generate_demo_data(tmp_path / "data", seed=0, n_caption=4, n_instruct=4, n_eval=0, with_photos=False)
     proxy.set_down(status=503)
@@ -168,14 +171,18 @@ def test_preprocessing_to_a_down_store_fails_before_processing(proxy, s3_bucket,
     lines: list[str] = []
 
     with pytest.raises(OutputError, match=f"output {output} is not writable.*nothing was processed"):
-        run_preprocess(Mixture.from_yaml(tmp_path / "data" / "mixture.yaml"), PreprocessConfig(resolution=256), output,
-                       echo=lines.append)  # fmt: skip
+        run_preprocess(
+            Mixture.from_yaml(tmp_path / "data" / "mixture.yaml"),
+            PreprocessConfig(resolution=256),
+            output,
+            echo=lines.append,
+        )
 
     assert lines == []  # failed before reading a single sample
     assert proxy.faults > 0 and proxy.forwarded == 0
 
 
-def test_boto3_reads_survive_transient_errors(proxy, moto, s3_bucket, tmp_path):
+def test_storage_reads_survive_transient_errors(proxy, moto, s3_bucket, tmp_path):
     from convllava.storage import download_prefix
     from convllava.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
@@ -187,7 +194,8 @@ def test_boto3_reads_survive_transient_errors(proxy, moto, s3_bucket, tmp_path):
     proxy.fail_next(1, status=None, methods=["GET"], path="tokenizer")  # one dropped connection on a file
     local = download_prefix(f"s3://{s3_bucket}/tok", tmp_path / "tok")
     assert sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file()) == [
-        p.relative_to(TINY_TOKENIZER_DIR) for p in files]  # fmt: skip
+        p.relative_to(TINY_TOKENIZER_DIR) for p in files
+    ]
     assert all((local / p.relative_to(TINY_TOKENIZER_DIR)).read_bytes() == p.read_bytes() for p in files)
     first = proxy.faults
 

@@ -1,0 +1,145 @@
+"""The pipeline configuration: data sets, preprocessing, the three stage configs, the eval suite, the model gate.
+
+Paths: `stages.*.config` are relative to jobs/configs; dataset source paths are relative to `data_root`
+(default: WORKDIR/data, where `demo_data` is generated when set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from convllava.config_loader import (
+    ConfigLoadError,
+    apply_overrides,
+    dump,
+    load,
+    load_yaml_mapping,
+    parse_overrides,
+)
+from jobs.evaluate.suite import fixed_metric_names, load_suite
+from jobs.train.config import CONFIG_DIR, StageConfig
+from pipelines.config import Mixture, PreprocessConfig
+from pipelines.demo_data import DemoDataConfig
+
+NODES = ("preprocess", "stage1", "stage2", "stage3", "eval")
+ModelMode = Literal["copy", "reference"]
+MODEL_MODES: tuple[str, ...] = get_args(ModelMode)
+
+
+class PipelineConfigError(ConfigLoadError):
+    """A pipeline configuration key or value that is not accepted; the message names it."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A stage node: its stage YAML (relative to jobs/configs), the data set it trains on, and overrides of the YAML
+    (`key: value`, dotted keys as on the command line)."""
+
+    config: str
+    data: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The eval node: a suite (name or YAML), at most `limit` questions per benchmark, and the suite's data root
+    (default: the pipeline's data root)."""
+
+    suite: str
+    limit: int | None = None
+    max_new_tokens: int = 32
+    data_root: str | None = None
+
+    def key(self) -> dict[str, Any]:
+        """The fields that are set, for the eval node's key: a field left unset does not change a finished node's."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    registered_model: str
+    datasets: dict[str, Mixture]
+    stages: dict[str, StageSpec]
+    eval: EvalSpec
+    primary_metric: str
+    higher_is_better: bool = True
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    demo_data: DemoDataConfig | None = None
+    data_root: str | None = None
+    storage: str | None = None
+    init_from_champion: bool = False
+    model_mode: ModelMode = "copy"  # the registered MLflow model holds the checkpoint (copy) or its URI (reference)
+    source_path: str = ""
+
+    def __post_init__(self) -> None:
+        if self.model_mode not in MODEL_MODES:
+            raise PipelineConfigError(
+                f"{self.source_path}: model_mode must be one of {MODEL_MODES}, got {self.model_mode!r}"
+            )
+        if set(self.stages) != {"stage1", "stage2", "stage3"}:
+            raise PipelineConfigError(
+                f"{self.source_path}: stages must be stage1, stage2 and stage3, got {sorted(self.stages)}"
+            )
+        for name, spec in self.stages.items():
+            if spec.data not in self.datasets:
+                raise PipelineConfigError(
+                    f"{self.source_path}: stages.{name}.data: unknown dataset {spec.data!r}; "
+                    f"datasets are {sorted(self.datasets)}"
+                )
+            if not (CONFIG_DIR / spec.config).is_file():
+                raise PipelineConfigError(
+                    f"{self.source_path}: stages.{name}.config: {CONFIG_DIR / spec.config} not found"
+                )
+        self._check_primary_metric()
+
+    def _check_primary_metric(self) -> None:
+        """The gate's metric must be one the eval suite reports: a typo fails here, not after three stages."""
+        try:
+            suite, benches = load_suite(self.eval.suite, self.eval.data_root)
+        except ValueError as e:
+            raise PipelineConfigError(f"{self.source_path}: eval.suite: {e}") from None
+        offered = fixed_metric_names(benches)
+        bench, _, rest = self.primary_metric.partition("/")
+        per_group = "/" in rest and bench in {b.name for b in benches}  # e.g. mme/<subtask>/score: the data decides
+        if self.primary_metric not in offered and not per_group:
+            raise PipelineConfigError(
+                f"{self.source_path}: primary_metric: {self.primary_metric!r} is not reported by eval.suite {suite!r}; "
+                f"it reports {offered}, plus BENCHMARK/GROUP/METRIC per subtask or question type in its data"
+            )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PipelineConfig:
+        raw = load_yaml_mapping(path, PipelineConfigError)
+        return load(cls, raw, str(path), PipelineConfigError, source_path=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dump(self)
+        d.pop("source_path")
+        return d
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def preprocess_config(self) -> PreprocessConfig:
+        return self.preprocess
+
+    def mixture(self, dataset: str, data_root: Path) -> Mixture:
+        """The data set's sources with relative paths under `data_root`."""
+        return self.datasets[dataset].resolved(data_root)
+
+    def stage_config(self, node: str, data: str, init_from: str | None, extra: list[str] | None = None) -> StageConfig:
+        """The node's stage YAML with the pipeline's overrides, then `extra` (`key=value`), then the data and the
+        checkpoint the DAG hands it."""
+        spec = self.stages[node]
+        overrides = {**spec.overrides, **parse_overrides(extra or [], PipelineConfigError), "data": data}
+        if init_from is not None:
+            overrides["init_from"] = init_from
+        base = StageConfig.from_yaml(CONFIG_DIR / spec.config)
+        resolved = apply_overrides(StageConfig, base.to_dict(), overrides)
+        return StageConfig.from_dict(resolved, where=f"{self.source_path}: stages.{node}.overrides")

@@ -1,0 +1,208 @@
+"""The DAG's three kinds of node (preprocess, stage, eval) as work on one execution skeleton.
+
+A node says what identifies it (its key: a hash of its resolved configuration and of what it consumes), how it
+is tagged, when a recorded output is still usable, and how to run; `run_node` does the rest the same way for
+every node: reuse a finished run with the same key, else open (or reopen) the node's child run, execute, record
+the outcome, and mark the run FAILED when anything goes wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from jobs.dag.runbook import NodeOutcome, RunBook
+
+if TYPE_CHECKING:
+    from jobs.dag.runner import TrainingDag
+
+
+def node_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Executed:
+    """What a node's work produced: its output URI, the metrics for its run, the figure it is summarised by."""
+
+    output: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    key_metric: tuple[str, float] | None = None
+
+
+@dataclass
+class NodeWork:
+    name: str
+    key: str
+    tags: dict[str, str]
+    execute: Callable[[str], Executed]  # run_id → outcome
+    valid: Callable[[str], bool] = lambda output: True
+
+
+def run_node(runs: RunBook, parent: str, work: NodeWork, force: bool) -> NodeOutcome:
+    """Reuse, or run and record, one node (see the module's docstring)."""
+    if not force:
+        done = runs.reuse(parent, work.name, work.key, work.tags, work.valid)
+        if done is not None:
+            return done
+    run_id = runs.child_run(parent, work.name, work.key, work.tags)
+    start = time.time()
+    try:
+        out = work.execute(run_id)
+        runs.finish(run_id, out.metrics, out.output)
+    except BaseException:
+        runs.client.set_terminated(run_id, "FAILED")
+        raise
+    return NodeOutcome(work.name, "ran", time.time() - start, out.output, run_id, out.key_metric)
+
+
+def preprocess_node(dag: TrainingDag) -> tuple[NodeWork, dict[str, str], dict[str, str]]:
+    """Ray Data preprocessing of every data set; also returns the shard URIs and input fingerprints by data set."""
+    from pipelines.preprocess import fingerprint_mixture, run_preprocess
+
+    pconfig = dag.config.preprocess_config()
+    mixtures = {name: dag.config.mixture(name, dag.data_root) for name in sorted(dag.config.datasets)}
+    fingerprints = {name: fingerprint_mixture(m, pconfig) for name, m in mixtures.items()}
+    shards = {name: dag.shards_uri(name) for name in mixtures}
+
+    def execute(run_id: str) -> Executed:
+        from jobs.tracking.runs import log_dataset, log_params
+
+        log_params(dag.tracking_uri, run_id, pconfig.to_dict())
+        metrics = {}
+        for name, mixture in mixtures.items():
+            manifest = run_preprocess(mixture, pconfig, shards[name], address=dag.address).manifest
+            profile = manifest.input_profile()
+            annotations = ",".join(s.annotations for s in mixture.sources)
+            log_dataset(dag.tracking_uri, run_id, name, annotations, fingerprints[name][:32], profile, context="raw")
+            metrics.update({f"{name}/{k}": getattr(manifest, k) for k in ("read", "written", "quarantined")})
+            dag.runs.client.log_text(run_id, json.dumps(manifest.to_dict(), indent=2), f"manifests/{name}.json")
+        written = sum(v for k, v in metrics.items() if k.endswith("/written"))
+        return Executed(",".join(f"{k}={v}" for k, v in shards.items()), metrics, ("written", written))
+
+    work = NodeWork(
+        "preprocess",
+        node_key("preprocess", pconfig.to_dict(), fingerprints, shards),
+        {"convllava.input_fingerprint": node_key(fingerprints), "convllava.config_hash": pconfig.output_hash()},
+        execute,
+        valid=lambda _: all(_manifest_matches(shards[n], fingerprints[n]) for n in shards),
+    )
+    return work, shards, fingerprints
+
+
+def stage_node(
+    dag: TrainingDag, node: str, shards: dict[str, str], fingerprints: dict[str, str], init_from: str | None
+) -> NodeWork:
+    """One training stage on Ray Train; its output is the consolidated model's URI."""
+    spec = dag.config.stages[node]
+    stage = dag.config.stage_config(node, shards[spec.data], init_from)
+    key = node_key(node, stage.to_dict(), fingerprints[spec.data])
+
+    def execute(run_id: str) -> Executed:
+        from jobs.tracking.runs import log_params
+        from jobs.train.driver import run_stage
+
+        log_params(dag.tracking_uri, run_id, stage.to_dict())
+        dag.runs.client.log_text(run_id, stage.to_yaml(), "stage_config.yaml")
+        out = run_stage(
+            stage,
+            dag.storage_uri("runs"),
+            tracking_uri=dag.tracking_uri,
+            run_id=run_id,
+            run_name=f"{node}-{key[:10]}-{dag.parent[:8]}",
+            address=dag.address,
+            on_step=dag.progress.step,
+        )
+        dag.runs.client.log_text(run_id, json.dumps(checkpoint_reference(out.model_uri), indent=2), "checkpoint.json")
+        dag.runs.client.set_tag(run_id, "convllava.checkpoint_uri", out.checkpoint_uri)
+        loss = out.metrics.get("train/loss")
+        return Executed(out.model_uri, key_metric=("train/loss", loss) if loss is not None else None)
+
+    tags = {
+        "convllava.stage": str(stage.stage),
+        "convllava.config_hash": stage.config_hash(),
+        "convllava.input_fingerprint": fingerprints[spec.data],
+        "convllava.parent_checkpoint": init_from or "",
+    }
+    return NodeWork(node, key, tags, execute, valid=_still_there)
+
+
+def eval_node(dag: TrainingDag, model_uri: str, gate: dict[str, Any]) -> NodeWork:
+    """Evaluate `model_uri` on the suite, log it as an MLflow model, register it and apply the champion gate.
+    The gate decision lands in `gate` (and on the run's and the parent's tags)."""
+    ev = dag.config.eval
+    key = node_key("eval", ev.key(), model_uri)
+
+    def execute(run_id: str) -> Executed:
+        from jobs.evaluate.suite import run_eval
+        from jobs.tracking import registry
+        from jobs.tracking.model import example_image, log_model
+
+        max_new_tokens = ev.max_new_tokens
+        out = run_eval(
+            model_uri,
+            ev.suite,
+            dag.workdir / "eval" / key[:12],
+            tracking_uri=dag.tracking_uri,
+            run_id=run_id,
+            address=dag.address,
+            limit=ev.limit,
+            data_root=ev.data_root or str(dag.data_root),
+            max_new_tokens=max_new_tokens,
+        )
+        primary = dag.config.primary_metric
+        value = out.metrics[primary]
+        # The version is an MLflow model (loads with mlflow.pyfunc, serves with `mlflow models serve`), logged
+        # into this eval run: from a metric to the model it measured, from the model to its checkpoint.
+        mlflow_model = log_model(
+            dag.tracking_uri, run_id, model_uri, example_image(), dag.config.model_mode, max_new_tokens=max_new_tokens
+        )
+        decision = registry.register_and_gate(
+            dag.tracking_uri,
+            dag.config.registered_model,
+            mlflow_model,
+            run_id,
+            primary,
+            value,
+            dag.config.higher_is_better,
+            checkpoint_uri=model_uri,
+        )
+        for run in (run_id, dag.parent):
+            dag.runs.client.set_tag(run, "convllava.gate", json.dumps(decision))
+        gate.update(decision)
+        return Executed(str(out.output), key_metric=(primary, value))
+
+    tags = {"convllava.parent_checkpoint": model_uri, "convllava.config_hash": node_key(ev.key())}
+    return NodeWork("eval", key, tags, execute)
+
+
+def _manifest_matches(shards_uri: str, fingerprint: str) -> bool:
+    from convllava.shards import Manifest
+
+    manifest = Manifest.find(shards_uri)
+    return manifest is not None and manifest.input_fingerprint == fingerprint
+
+
+def _still_there(uri: str) -> bool:
+    if not uri or uri.startswith("s3://"):
+        return bool(uri)
+    return (Path(uri) / "model.safetensors").is_file()
+
+
+def checkpoint_reference(model_uri: str) -> dict[str, Any]:
+    """The checkpoint a stage run produced: its URI and, on a local disk, its size and weights' sha256."""
+    ref: dict[str, Any] = {"uri": model_uri}
+    if not model_uri.startswith("s3://"):
+        weights = Path(model_uri) / "model.safetensors"
+        ref["size"] = sum(p.stat().st_size for p in Path(model_uri).rglob("*") if p.is_file())
+        h = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        ref["sha256"] = h.hexdigest()
+    return ref

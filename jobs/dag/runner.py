@@ -1,0 +1,205 @@
+"""`convllava pipeline run`: preprocess → stage 1 → stage 2 → stage 3 → eval, as plain Python on Ray.
+
+Every node has a key: a hash of its resolved configuration and of what it consumes (the data's input
+fingerprint, the upstream checkpoint). MLflow is the record: one parent run per execution, one child run per
+node, tagged with that key. A node whose key already has a FINISHED run is skipped and its recorded output
+reused. An execution that was interrupted (driver killed) is resumed by running the same command: its parent
+run is picked up again, and each unfinished stage restarts Ray Train under the same run name, which resumes from
+the stage's latest checkpoint. `--from NODE` re-runs that node and everything after it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.dag.config import NODES, PipelineConfig
+from jobs.dag.nodes import eval_node, node_key, preprocess_node, run_node, stage_node
+from jobs.dag.report import describe, summary
+from jobs.dag.runbook import TAG_RAW_FINGERPRINT, NodeOutcome, RunBook
+from jobs.progress import Progress
+from jobs.tracking.runs import artifact_root, default_tracking_uri, ensure_experiment
+
+STAGES = ("stage1", "stage2", "stage3")
+
+
+class PipelineLocked(RuntimeError):
+    """Another `pipeline run` holds this work dir."""
+
+
+@dataclass
+class PipelineResult:
+    ok: bool
+    parent_run_id: str
+    nodes: list[NodeOutcome] = field(default_factory=list)
+    gate: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+    experiment_id: str = ""
+
+
+@contextmanager
+def workdir_lock(workdir: Path, wait_s: float = 0.0):
+    """One pipeline per work dir at a time. `pipeline run` refuses at once (wait_s=0) rather than corrupt a running
+    execution; `retrain` waits its turn. The lock is the kernel's (flock), so a killed driver never leaves it held."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / ".pipeline.lock", "a+") as f:
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.time() >= deadline:
+                    f.seek(0)
+                    holder = f.read().strip() or "unknown pid"
+                    raise PipelineLocked(
+                        f"{workdir} is in use by another pipeline run ({holder}); "
+                        "wait for it to finish or use another --workdir"
+                    ) from None
+                time.sleep(1.0)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class TrainingDag:
+    """One pipeline config executed in one work dir: runs the nodes in order, each through `run_node`, and keeps
+    the execution's parent run, progress view and gate decision."""
+
+    def __init__(
+        self,
+        config: PipelineConfig,
+        workdir: Path,
+        tracking_uri: str,
+        address: str | None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.config, self.workdir, self.tracking_uri, self.address = config, workdir, tracking_uri, address
+        self.progress = progress or Progress(len(NODES))
+        self.storage = config.storage or str(workdir)
+        self.data_root = Path(config.data_root) if config.data_root else workdir / "data"
+        experiment_id = ensure_experiment(tracking_uri, config.name, artifact_root(tracking_uri, workdir))
+        self.runs = RunBook(tracking_uri, experiment_id, config.name, config.primary_metric)
+        self.parent = ""
+
+    def storage_uri(self, *parts: str) -> str:
+        return "/".join([self.storage.rstrip("/"), *parts])
+
+    def shards_uri(self, dataset: str) -> str:
+        return self.storage_uri("shards", dataset)
+
+    def run(self, from_node: str | None) -> PipelineResult:
+        from pipelines.report import code_version
+
+        force_from = NODES.index(from_node) if from_node else len(NODES)
+        self.parent = self.runs.parent_run(
+            self.config.config_hash(),
+            fresh=from_node is not None,
+            params=self.config.to_dict(),
+            code_version=code_version(),
+        )
+        result = PipelineResult(ok=False, parent_run_id=self.parent, experiment_id=self.runs.experiment_id)
+        client = self.runs.client
+        try:
+            self.preflight()
+            self.ensure_demo_data()
+            if self.progress.live:  # one live view: Ray Data's own bars would fight it for the line
+                import ray.data
+                from ray.util.debug import log_once
+
+                ray.data.DataContext.get_current().enable_progress_bars = False
+                log_once("ray_data_progress_manager_disabled")  # taken: Ray Data's "Progress bars disabled" warning
+            work, shards, fingerprints = preprocess_node(self)
+            self._run(result, work, force_from <= 0)
+            client.set_tag(self.parent, TAG_RAW_FINGERPRINT, node_key(fingerprints))
+            init = self._champion_model() if self.config.init_from_champion else None
+            for i, node in enumerate(STAGES, start=1):
+                init = self._run(result, stage_node(self, node, shards, fingerprints, init), force_from <= i).output
+            done = self._run(result, eval_node(self, init, result.gate), force_from <= 4)
+            if done.status != "ran":
+                result.gate = json.loads(self.runs.source_tags(done.run_id).get("convllava.gate", "{}"))
+            result.ok = True
+        finally:
+            # The parent run's description (MLflow's note): what ran, how long, the key figures, the gate.
+            client.set_tag(self.parent, "mlflow.note.content", describe(self.config.name, result))
+            client.set_terminated(self.parent, "FINISHED" if result.ok else "FAILED")
+        return result
+
+    def _run(self, result: PipelineResult, work, force: bool) -> NodeOutcome:
+        """One node, shown in the progress view and appended to `result`."""
+        with self.progress.node(NODES.index(work.name) + 1, work.name):
+            outcome = run_node(self.runs, self.parent, work, force)
+            result.nodes.append(outcome)
+            self.progress.finished(outcome.status, outcome.seconds, outcome.metric)
+        return outcome
+
+    def preflight(self) -> None:
+        """Every stage's memory plan before the first image is read: a stage that cannot fit its GPUs stops the
+        pipeline now, not after preprocessing and the stages before it. Shards that do not exist yet are planned at
+        the preprocess config's resolution and max_length; stages 2 and 3 have stage 1's architecture. Each plan
+        goes into the parent run (`STAGE/plan/...`, `STAGE/plan.txt`); `run_stage` plans again on the real shards."""
+        from jobs.train.preflight import preflight
+
+        pconfig = self.config.preprocess_config()
+        assumed = (pconfig.max_length, (pconfig.resolution, pconfig.resolution))
+        first = None
+        for node in STAGES:
+            init = self._champion_model() if node == "stage1" and self.config.init_from_champion else None
+            stage = self.config.stage_config(node, self.shards_uri(self.config.stages[node].data), init)
+            first = first or stage
+            if stage.init_from is None and stage.preset is None:
+                stage = stage.replace(init_from=first.init_from, preset=first.preset)
+            preflight(stage, self.tracking_uri, self.parent, assumed=assumed, prefix=f"{node}/")
+
+    def ensure_demo_data(self) -> None:
+        spec = self.config.demo_data
+        if not spec:
+            return
+        meta = self.data_root / "metadata.json"
+        if meta.is_file() and json.loads(meta.read_text()).get("seed") == spec.seed:
+            return
+        spec.generate(self.data_root)
+
+    def _champion_model(self) -> str | None:
+        from jobs.tracking import registry
+
+        return registry.champion_source(self.tracking_uri, self.config.registered_model)
+
+
+def raw_fingerprint(config: PipelineConfig, data_root: Path) -> str:
+    """One hash over every data set's input fingerprint (records + image fingerprints), as the parent run records."""
+    from pipelines.preprocess import fingerprint_mixture
+
+    pconfig = config.preprocess_config()
+    return node_key(
+        {name: fingerprint_mixture(config.mixture(name, data_root), pconfig) for name in sorted(config.datasets)}
+    )
+
+
+def run_pipeline(
+    config_path: str,
+    workdir: str = "work/pipeline",
+    tracking_uri: str | None = None,
+    from_node: str | None = None,
+    address: str | None = None,
+    progress: Progress | None = None,
+) -> PipelineResult:
+    """Run (or resume) the pipeline. `progress` shows it (default: none; the CLI passes `progress_for(...)`)."""
+    config = PipelineConfig.from_yaml(config_path)
+    wd = Path(workdir).resolve()
+    tracking_uri = tracking_uri or default_tracking_uri(wd)
+    with workdir_lock(wd):
+        result = TrainingDag(config, wd, tracking_uri, address, progress).run(from_node)
+    result.summary = summary(result, tracking_uri)
+    return result

@@ -1,0 +1,1 @@
+"""Evaluation: benchmark suites and their adapters, run through batch prediction."""

@@ -1,0 +1,260 @@
+"""`convllava eval`: run a suite of benchmark adapters over a checkpoint through batch prediction.
+
+Writes OUTPUT/metrics.json (flat `benchmark/metric → number`), OUTPUT/predictions.jsonl (one line per question:
+id, benchmark, question, prediction or error, reference) and OUTPUT/report.md, and logs all three to MLflow when
+a run is given.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from convllava.config_loader import load_yaml_mapping
+from jobs.evaluate.benchmarks import LOADERS, Benchmark
+
+SUITE_DIR = Path(__file__).parents[1] / "configs" / "suites"
+
+
+class EvalError(RuntimeError):
+    """Too many questions failed (missing images, unreadable files) for the metrics to mean anything."""
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    report: str
+    output: Path
+
+
+def load_suite(suite: str, data_root: str | None = None) -> tuple[str, list[Benchmark]]:
+    """A suite by name (jobs/configs/suites/NAME.yaml) or path. `root` is relative to the working directory."""
+    path = Path(suite) if Path(suite).suffix in (".yaml", ".yml") else SUITE_DIR / f"{suite}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown suite {suite!r}: no {path}; built-in suites: {known}")
+    raw = load_yaml_mapping(path, ValueError)
+    unknown = sorted(set(raw) - {"name", "root", "benchmarks"})
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}")
+    root = Path(data_root or raw.get("root", "."))
+    benches = []
+    for i, b in enumerate(raw.get("benchmarks") or []):
+        bad = sorted(set(b) - {"name", "kind", "root", "annotations", "options"})
+        if bad or b.get("kind") not in LOADERS:
+            raise ValueError(
+                f"{path}: benchmarks[{i}]: unknown key(s) {bad} or kind {b.get('kind')!r} (kinds: {sorted(LOADERS)})"
+            )
+        benches.append(
+            Benchmark(
+                b.get("name", b["kind"]),
+                b["kind"],
+                root / b.get("root", "."),
+                b.get("annotations"),
+                b.get("options") or {},
+            )
+        )
+    if not benches:
+        raise ValueError(f"{path}: no benchmarks")
+    return raw.get("name", path.stem), benches
+
+
+def fixed_metric_names(benches: list[Benchmark]) -> list[str]:
+    """The metric names `run_eval` reports for these benchmarks whatever their data: each scorer's keys for no
+    questions, as `benchmark/metric`. Scorers also report names per group that the data decides
+    (`mme/<subtask>/score`, `demo/<type>/accuracy`); those cannot be listed without the data."""
+    return sorted(f"{b.name}/{key}" for b in benches for key in b.score([], {}))
+
+
+def run_eval(
+    model: str,
+    suite: str,
+    output: str | Path,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    address: str | None = None,
+    limit: int | None = None,
+    data_root: str | None = None,
+    max_new_tokens: int = 32,
+    max_error_fraction: float = 0.1,
+) -> EvalResult:
+    from pipelines.predict import run_predict
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    suite_name, benches = load_suite(suite, data_root)
+    items = {b.name: b.items()[:limit] if limit else b.items() for b in benches}
+    answers, summaries = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in benches:  # one batch-prediction job per benchmark: its images are relative to its root
+            questions, answers_path = Path(tmp) / f"{b.name}.jsonl", Path(tmp) / f"{b.name}.answers.jsonl"
+            with open(questions, "w") as f:
+                for it in items[b.name]:
+                    rec = {"id": f"{b.name}::{it.id}", "question": it.question}
+                    if it.image:
+                        rec["image"] = it.image
+                    f.write(json.dumps(rec) + "\n")
+            summaries.append(
+                run_predict(
+                    model,
+                    str(questions),
+                    str(answers_path),
+                    image_root=str(b.root),
+                    max_new_tokens=max_new_tokens,
+                    address=address,
+                )
+            )
+            answers += [json.loads(line) for line in answers_path.read_text().splitlines()]
+    summary = "\n".join(summaries)
+    errors = [a for a in answers if "error" in a]
+    if len(errors) > max_error_fraction * max(1, len(answers)):
+        raise EvalError(
+            f"{len(errors)} of {len(answers)} questions could not be answered "
+            f"(e.g. {errors[0]['id']}: {errors[0]['error']}); refusing to report metrics on them"
+        )
+    by_id = {a["id"]: a for a in answers}
+    results: dict[str, float] = {}
+    lines = []
+    for b in benches:
+        preds = {it.id: by_id[f"{b.name}::{it.id}"].get("answer", "") for it in items[b.name]}
+        for key, value in b.score(items[b.name], preds).items():
+            results[f"{b.name}/{key}"] = float(value)
+        for it in items[b.name]:
+            a = by_id[f"{b.name}::{it.id}"]
+            lines.append(
+                json.dumps(
+                    {
+                        "id": it.id,
+                        "benchmark": b.name,
+                        "question": it.question,
+                        "prediction": a.get("answer"),
+                        "error": a.get("error"),
+                        "reference": it.reference,
+                    },
+                    ensure_ascii=False,
+                    default=str,
+                )
+            )
+    (output / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (output / "predictions.jsonl").write_text("".join(line + "\n" for line in lines))
+    report = _report(suite_name, model, results, summary)
+    (output / "report.md").write_text(report + "\n")
+    if tracking_uri and run_id:
+        _log(tracking_uri, run_id, results, output)
+        _log_pictures(tracking_uri, run_id, results, samples(benches, items, by_id))
+        _log_questions(tracking_uri, run_id, benches, items)
+        from jobs.tracking.runs import client
+
+        client(tracking_uri).set_tag(run_id, "mlflow.note.content", report)  # the run's description in the UI
+    return EvalResult(results, report, output)
+
+
+def _log_questions(tracking_uri: str, run_id: str, benches: list[Benchmark], items: dict[str, list]) -> None:
+    """Each benchmark's questions as one of the run's datasets (context `evaluation`): its source, a digest of
+    the questions and references asked, their count."""
+    import hashlib
+
+    from jobs.tracking.runs import log_dataset
+
+    for b in benches:
+        asked = [(it.id, it.question, it.reference) for it in items[b.name]]
+        digest = hashlib.sha256(json.dumps(asked, default=str).encode()).hexdigest()
+        source = str(b.root / b.annotations) if b.annotations else str(b.root)
+        log_dataset(tracking_uri, run_id, f"eval/{b.name}", source, digest, {"questions": len(asked)}, "evaluation")
+
+
+SAMPLE_ROWS = 48
+
+
+def samples(benches: list[Benchmark], items: dict[str, list], by_id: dict[str, dict]) -> list[dict[str, Any]]:
+    """Up to SAMPLE_ROWS predictions, spread evenly over each benchmark's items: image thumbnail (gray: none),
+    question, answer, reference, and whether the benchmark's own formula gives the answer full marks alone."""
+    from PIL import Image
+
+    rows = []
+    per_bench = max(1, SAMPLE_ROWS // max(1, len(benches)))
+    for b in benches:
+        chosen = items[b.name][:: max(1, len(items[b.name]) // per_bench)][:per_bench]
+        for it in chosen:
+            answer = by_id[f"{b.name}::{it.id}"].get("answer", "")
+            alone = b.score([it], {it.id: answer})
+            headline = alone.get("overall", alone.get("accuracy", next(iter(alone.values()), 0.0)))
+            thumb = Image.new("RGB", (32, 32), "lightgray")  # a text-only question (the column holds only images)
+            if it.image:
+                with Image.open(b.root / it.image) as image:
+                    thumb = image.convert("RGB")
+                    thumb.thumbnail((128, 128))
+            rows.append(
+                {
+                    "image": thumb,
+                    "benchmark": b.name,
+                    "question": it.question,
+                    "answer": answer,
+                    "reference": json.dumps(it.reference, default=str),
+                    "correct": headline == 1.0,
+                }
+            )
+    return rows
+
+
+def _log_pictures(tracking_uri: str, run_id: str, results: dict[str, float], rows: list[dict[str, Any]]) -> None:
+    """The eval run's pictures: accuracy per question type next to chance (`eval/accuracy_vs_chance.png`, when the
+    suite reports chance) and the sample predictions as an MLflow table (`eval/samples.json`, thumbnails included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jobs.tracking.runs import best_effort, client
+
+    c = client(tracking_uri)
+    pairs = {
+        k.removesuffix("/accuracy"): (v, results[k.removesuffix("/accuracy") + "/chance"])
+        for k, v in sorted(results.items())
+        if k.endswith("/accuracy") and k.removesuffix("/accuracy") + "/chance" in results
+    }
+    if pairs:
+        fig, ax = plt.subplots(figsize=(1.2 * len(pairs) + 2, 3.5))
+        x = range(len(pairs))
+        ax.bar([i - 0.2 for i in x], [a for a, _ in pairs.values()], 0.4, label="accuracy")
+        ax.bar([i + 0.2 for i in x], [ch for _, ch in pairs.values()], 0.4, label="chance", color="lightgray")
+        ax.set_xticks(list(x), [k.split("/")[-1] for k in pairs], rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_title("accuracy per question type against chance")
+        ax.legend()
+        fig.tight_layout()
+        best_effort("log accuracy chart", lambda: c.log_figure(run_id, fig, "eval/accuracy_vs_chance.png"))
+        plt.close(fig)
+    if rows:
+        table = {key: [r[key] for r in rows] for key in rows[0]}
+        best_effort(
+            "log sample predictions", lambda: c.log_table(run_id, data=table, artifact_file="eval/samples.json")
+        )
+
+
+def _report(suite: str, model: str, results: dict[str, float], summary: str) -> str:
+    lines = [f"# Evaluation: suite `{suite}`", "", f"model: `{model}`", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(results.items())]
+    lines += ["", summary]
+    return "\n".join(lines)
+
+
+def _log(tracking_uri: str, run_id: str, results: dict[str, float], output: Path) -> None:
+    from mlflow.entities import Metric
+
+    from jobs.tracking.runs import client
+
+    c = client(tracking_uri)
+    safe = {k.replace("@", "_at_"): v for k, v in results.items()}  # MLflow metric names: no '@'
+    c.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, 0, 0) for k, v in safe.items()])
+    for name in ("metrics.json", "predictions.jsonl", "report.md"):
+        c.log_artifact(run_id, str(output / name), "eval")
+
+
+def metric_value(results: dict[str, Any], name: str) -> float:
+    if name not in results:
+        raise KeyError(f"metric {name!r} not in the eval results ({sorted(results)})")
+    return float(results[name])

@@ -1,0 +1,1 @@
+"""MLflow: runs, parameters, datasets and metrics; logged models; the model registry and its champion gate."""

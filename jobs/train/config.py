@@ -1,0 +1,155 @@
+"""The stage configuration: one dataclass for all three stages; stages differ only in values.
+
+Flow: YAML (`jobs/configs/...`) → `StageConfig` → `key=value` CLI overrides → validated, frozen. The resolved
+config is logged to MLflow and written into every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+from convllava.config_loader import ConfigLoadError, apply_overrides, load, load_yaml_mapping, parse_overrides
+
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
+Stage = Literal[1, 2, 3]
+STAGES: tuple[int, ...] = get_args(Stage)
+Schedule = Literal["cosine", "constant"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+
+
+class StageConfigError(ConfigLoadError):
+    """A stage configuration value or key that is not accepted; the message names it."""
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """Args:
+    name: stage name, e.g. `stage1`; names the Ray Train run and the MLflow run.
+    data: preprocessed shards (local folder or `s3://`), the output of `convllava preprocess`.
+    init_from: checkpoint to start from (local or `s3://`); None builds `preset` from scratch.
+    preset / tokenizer: used when `init_from` is None.
+    trainable: groups of `convllava.trainable` that train; the rest is frozen.
+    lr: learning rate; `lr_groups` sets other rates for some of the trainable groups.
+    global_batch_size / micro_batch_size: gradient accumulation = global / (micro × workers), exactly.
+    epochs / max_steps: one epoch in the paper; max_steps caps the optimizer steps (tests, smoke runs).
+    warmup_ratio / schedule / weight_decay / max_grad_norm: AdamW with warmup then cosine decay.
+    deepspeed: a JSON under jobs/configs/deepspeed/ (zero2, zero3, zero3_offload) or a path.
+    workers / use_gpu: Ray Train scaling. CPU: gloo + fp32. GPU: nccl + bf16.
+    checkpoint_every / keep_last: checkpoint every N optimizer steps (and at the end); keep the last K.
+    max_failures: worker failures Ray Train recovers from, resuming from the latest checkpoint.
+    """
+
+    name: str
+    data: str
+    trainable: tuple[str, ...]
+    lr: float
+    global_batch_size: int
+    micro_batch_size: int
+    stage: Stage = 1
+    init_from: str | None = None
+    preset: str | None = None
+    tokenizer: str = "tiny"
+    lr_groups: dict[str, float] = field(default_factory=dict)
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    schedule: Schedule = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    deepspeed: str = "zero2"
+    workers: int = 2
+    use_gpu: bool = False
+    gradient_checkpointing: bool = True
+    attn_implementation: str | None = None
+    group_by_length: bool = True
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    max_failures: int = 2
+    log_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise StageConfigError(f"stage config {self.name!r}: {name}: {why}")
+
+        object.__setattr__(self, "trainable", tuple(self.trainable))
+        if not self.trainable:
+            fail("trainable", "name at least one group")
+        for key in self.lr_groups:
+            if key not in self.trainable:
+                fail("lr_groups", f"{key!r} is not one of the trainable groups {list(self.trainable)}")
+        for name in ("lr", "global_batch_size", "micro_batch_size", "epochs", "workers", "keep_last", "log_every"):
+            if not getattr(self, name) > 0:
+                fail(name, f"must be > 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            fail("max_steps", f"must be >= 1, got {self.max_steps}")
+        if not 0 <= self.warmup_ratio < 1:
+            fail("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
+        if self.stage not in STAGES:
+            fail("stage", f"must be one of {list(STAGES)}, got {self.stage!r}")
+        if self.checkpoint_every < 0 or self.max_failures < 0:
+            fail("checkpoint_every/max_failures", "must be >= 0")
+        per_step = self.micro_batch_size * self.workers
+        if self.global_batch_size % per_step:
+            fail(
+                "global_batch_size",
+                f"{self.global_batch_size} is not a multiple of micro_batch_size × workers = {per_step}; "
+                "gradient accumulation must be a whole number",
+            )
+        self.deepspeed_config()  # fail early on a missing file
+
+    def check_runnable(self) -> None:
+        """What a run needs beyond a valid file: a starting point (stage 2/3 YAMLs get it from the pipeline)."""
+        if self.init_from is None and self.preset is None:
+            raise StageConfigError(
+                f"stage config {self.name!r}: init_from: give a checkpoint (--init-from, or the previous stage's "
+                "in a pipeline) or a preset to start from scratch"
+            )
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.workers)
+
+    def deepspeed_config(self) -> dict[str, Any]:
+        path = Path(self.deepspeed)
+        if not path.suffix:
+            path = CONFIG_DIR / "deepspeed" / f"{self.deepspeed}.json"
+        if not path.is_file():
+            raise StageConfigError(f"stage config {self.name!r}: deepspeed: {path} not found")
+        return json.loads(path.read_text())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["trainable"] = list(self.trainable)
+        return d
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **changes: Any) -> StageConfig:
+        """A copy with `changes` applied (dotted keys as in overrides: `lr_groups.llm=2e-5`), validated again."""
+        return StageConfig.from_dict(apply_overrides(StageConfig, self.to_dict(), changes))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> StageConfig:
+        return load(cls, data, where, StageConfigError)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> StageConfig:
+        """Load a stage YAML and apply `key=value` overrides (values parsed as YAML: `lr=1e-3`, `trainable=[llm]`)."""
+        data = load_yaml_mapping(path, StageConfigError)
+        data = apply_overrides(cls, data, parse_overrides(overrides or [], StageConfigError))
+        return cls.from_dict(data, where=str(path))

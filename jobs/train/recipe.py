@@ -1,0 +1,300 @@
+"""The stage recipe: one class, one lifecycle (setup → train → save_checkpoint), all three stages.
+
+It runs in every training process: a Ray Train worker (`jobs.train.driver`) or a plain process, alone or under `torchrun`
+(`jobs.train.local`). Where checkpoints go and where metrics go are the caller's (`CheckpointSink`, `MetricSink`); the
+recipe imports neither Ray nor MLflow. A stage is only configuration: trainable groups, learning rates, data,
+schedule, DeepSpeed JSON. Resumption is exact: a checkpoint holds DeepSpeed's state, the step counter, every
+rank's RNG state and the data position (a step index into the seeded epoch plan), so a restarted run replays
+nothing and skips nothing. The checkpoint's layout and its verification are `jobs.train.checkpoints`'.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from convllava.attention import attention_unavailable, resolve_attn_implementation
+from convllava.checkpoint import is_convllava_checkpoint, load_model
+from convllava.config import ConvLlavaConfig
+from convllava.data import collate, plan_epoch
+from convllava.modeling import ConvLlavaForCausalLM
+from convllava.processor import ConvLlavaProcessor
+from convllava.shards import ShardSet
+from convllava.storage import resolve_local
+from convllava.trainable import format_table, param_group, set_trainable, trainable_table
+from jobs.train.checkpoints import (
+    TRAINER_STATE,
+    restore_rng_state,
+    rng_state,
+    verify_checkpoint,
+    write_completion_marker,
+)
+from jobs.train.config import StageConfig
+from jobs.train.device import DeviceCollectives, peak_memory_bytes
+from jobs.train.interfaces import CheckpointSink, MetricSink
+from jobs.train.strategy import DeepSpeedStrategy
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
+    """The learning-rate factor per step: linear warmup over `warmup_ratio` of the steps, then constant or cosine."""
+    warmup = math.ceil(total_steps * warmup_ratio)
+
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return fn
+
+
+class StageRecipe:
+    """One training stage in one process of `world_size`: builds the model the ZeRO stage needs, restores a
+    checkpoint exactly, trains to `total_steps`, and hands checkpoints and metrics to the sinks it was given.
+
+    Args:
+        checkpoints: where checkpoints go (every rank).
+        metrics: where rank 0's metrics go (None: not recorded; other ranks always None).
+        run_id: the tracking run a checkpoint records it belongs to.
+    """
+
+    def __init__(
+        self,
+        config: StageConfig,
+        rank: int,
+        world_size: int,
+        *,
+        checkpoints: CheckpointSink,
+        metrics: MetricSink | None = None,
+        run_id: str | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.checkpoints, self.logger, self.run_id = checkpoints, metrics if rank == 0 else None, run_id
+        # The device this worker computes on (Ray Train's `get_device()`); the engine's device once it exists.
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.step = 0
+        self.unsent_metrics: list[list] = []  # [key, value, timestamp, step] rows the metric sink has not stored
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, checkpoint_dir: Path | None) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)
+        self.shards = ShardSet(c.data)
+        self.strategy = DeepSpeedStrategy(c, self.world_size)
+        model, self.processor = self.build_model()
+        self._check_data_matches_model(model)
+        model.train()  # `load_model` returns an inference-mode model; training needs dropout and drop-path back
+        set_trainable(model, c.trainable)
+        if c.gradient_checkpointing:
+            model.activation_checkpointing_enable()
+        rows = trainable_table(model)
+        self.table = format_table(rows)
+        if self.rank == 0:  # one line here; the table per module goes to the run (trainable_parameters.txt)
+            trainable, total = sum(r[1] for r in rows), sum(r[2] for r in rows)
+            groups = ", ".join(name for name, t, _ in rows if t)
+            print(f"[{c.name}] trainable parameters: {trainable:,} of {total:,} ({groups})", flush=True)
+
+        self.steps_per_epoch = self._plan(0).num_steps
+        self.total_steps = c.epochs * self.steps_per_epoch
+        if c.max_steps is not None:
+            self.total_steps = min(self.total_steps, c.max_steps)
+        optimizer = torch.optim.AdamW(self._param_groups(model), lr=c.lr, weight_decay=c.weight_decay)
+        schedule = lr_lambda(self.total_steps, c.warmup_ratio, c.schedule)
+        self.engine, self.scheduler = self.strategy.setup(
+            model, optimizer, lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        )
+        self.device = torch.device(self.engine.device)
+        self.collectives = DeviceCollectives(self.device)
+        if checkpoint_dir is not None:
+            self._restore(checkpoint_dir)
+        if self.logger is not None:
+            self.logger.requeue(self.unsent_metrics)  # metrics the checkpoint's run could not send before it stopped
+            if self.step == 0:
+                self.logger.log_text(self.table, "trainable_parameters.txt")
+
+    def build_model(self) -> tuple[ConvLlavaForCausalLM, ConvLlavaProcessor]:
+        """The model and processor, built the way the configured ZeRO stage needs.
+
+        Under ZeRO-3 the strategy's `model_context` makes transformers build inside `deepspeed.zero.Init`: each rank
+        creates only its partition of every parameter as the module is made, and `from_pretrained` loads a
+        checkpoint into the partitioned model (rank 0 reads the memory-mapped files, the other ranks only the keys).
+        The attention kernel is what the config asks for when this worker can run it (`resolve_attn_implementation`).
+        """
+        c = self.config
+        requested = c.attn_implementation
+        if c.init_from and requested is None:
+            requested = ConvLlavaConfig.from_pretrained(resolve_local(c.init_from)).text_config._attn_implementation
+        attn = resolve_attn_implementation(requested, self.device)
+        self.attn_implementation = attn
+        if self.rank == 0 and attn != requested and requested is not None:
+            print(
+                f"[{c.name}] attention: {attn} ({requested} requested: {attention_unavailable(requested, self.device)})",
+                flush=True,
+            )
+        with self.strategy.model_context():
+            if c.init_from and self.strategy.zero_stage == 3 and is_convllava_checkpoint(c.init_from):
+                return self.strategy.build_partitioned(c.init_from, attn)
+            if c.init_from:
+                return load_model(c.init_from, attn_implementation=attn)
+            model_config = ConvLlavaConfig.from_preset(c.preset, **({"attn_implementation": attn} if attn else {}))
+            # The saved processor tokenizes prompts the way the shards were tokenized (one_pass or llava).
+            tokenization = self.shards.manifest.config.get("tokenization", "one_pass")
+            # `_from_config` is the constructor transformers' ZeRO-3 integration hooks into (the same weights as
+            # `ConvLlavaForCausalLM(config)` for the same seed otherwise).
+            return (
+                ConvLlavaForCausalLM._from_config(model_config),
+                ConvLlavaProcessor.for_model(model_config, c.tokenizer, tokenization=tokenization),
+            )
+
+    def _check_data_matches_model(self, model: ConvLlavaForCausalLM) -> None:
+        made_with = self.shards.manifest.config
+        if made_with.get("template") != model.config.template:
+            raise ValueError(
+                f"{self.config.data}: shards were tokenized with template {made_with.get('template')!r} but the "
+                f"model uses {model.config.template!r}; preprocess again with --template {model.config.template}"
+            )
+        made = made_with.get("tokenization", "one_pass")
+        if made != self.processor.config.tokenization:
+            raise ValueError(
+                f"{self.config.data}: shards were tokenized with tokenization {made!r} but the model's processor uses "
+                f"{self.processor.config.tokenization!r}; preprocess again with "
+                f"tokenization: {self.processor.config.tokenization}"
+            )
+
+    def _param_groups(self, model: ConvLlavaForCausalLM) -> list[dict[str, Any]]:
+        params = dict(model.named_parameters())
+        assigned: set[str] = set()
+        groups = []
+        for name, lr in self.config.lr_groups.items():
+            members = [n for n in param_group(model, name) if params[n].requires_grad and n not in assigned]
+            assigned.update(members)
+            groups.append({"params": [params[n] for n in members], "lr": lr, "name": name})
+        rest = [p for n, p in params.items() if p.requires_grad and n not in assigned]
+        return [{"params": rest, "lr": self.config.lr, "name": "default"}, *[g for g in groups if g["params"]]]
+
+    def _plan(self, epoch: int):
+        c = self.config
+        return plan_epoch(
+            self.shards.infos,
+            micro_batch_size=c.micro_batch_size,
+            grad_accum=c.grad_accum,
+            world_size=self.world_size,
+            seed=c.seed,
+            epoch=epoch,
+            group_by_length=c.group_by_length,
+        )
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> dict[str, float]:
+        c = self.config
+        metrics: dict[str, float] = {}
+        while self.step < self.total_steps:
+            epoch, index = divmod(self.step, self.steps_per_epoch)
+            plan = self._plan(epoch)
+            start = time.perf_counter()
+            totals = [0.0] * 5  # loss·n, micro-batches, tokens, visual tokens, padding
+            for micro in plan.micro_batches(self.rank, index):
+                batch = collate(self.shards.rows(micro), self.processor.tokenizer.pad_token_id)
+                out = self.engine(
+                    input_ids=batch["input_ids"].to(self.device),
+                    attention_mask=batch["attention_mask"].to(self.device),
+                    labels=batch["labels"].to(self.device),
+                    pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(self.device),
+                )
+                # A text-only micro-batch still runs tower and projector (on a blank image, weighted zero; see
+                # ConvLlavaForCausalLM.embed_inputs), so every rank joins the same collectives.
+                self.engine.backward(out.loss)
+                self.engine.step()
+                stats = batch["stats"]
+                values = (
+                    out.loss.item(),
+                    1,
+                    stats["num_tokens"],
+                    stats["num_visual_tokens"],
+                    stats["text_padding_fraction"],
+                )
+                totals = [t + v for t, v in zip(totals, values, strict=True)]
+            self.step += 1
+            totals = self.collectives.sum(totals)
+            (peak,) = self.collectives.max([peak_memory_bytes(self.device) / 2**30])
+            elapsed = time.perf_counter() - start
+            metrics = {
+                "train/loss": totals[0] / totals[1],
+                "train/lr": self.scheduler.get_last_lr()[0],
+                "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "train/samples_per_s": c.global_batch_size / elapsed,
+                "train/tokens_per_s": totals[2] / elapsed,
+                "train/visual_tokens_per_s": totals[3] / elapsed,
+                "train/text_padding_fraction": totals[4] / totals[1],
+                "train/peak_memory_gib": peak,
+                "train/step_time_s": elapsed,
+                "train/epoch": epoch + (index + 1) / self.steps_per_epoch,
+            }
+            if self.logger and (self.step % c.log_every == 0 or self.step == self.total_steps):
+                self.logger.log(self.step, metrics)
+            if self.logger and self.step == self.total_steps:
+                self.logger.close()  # bounded wait for buffered metrics; what stays unsent goes into the checkpoint
+            if self.step == self.total_steps or (c.checkpoint_every and self.step % c.checkpoint_every == 0):
+                self.save_checkpoint(metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, metrics: dict[str, float]) -> None:
+        """Write DeepSpeed state + consolidated HF model + trainer state and the completion marker, then publish."""
+        tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.config.name}-{self.step}-"))
+        self.strategy.save(self.engine, tmp / "deepspeed")
+        state = self.strategy.full_state_dict(self.engine)  # collective under ZeRO-3
+        rng = rng_state()
+        (tmp / "rng").mkdir()
+        (tmp / "rng" / f"rank{self.rank}.json").write_text(json.dumps(rng))
+        if self.rank == 0:
+            model = self.engine.module
+            model.save_pretrained(str(tmp / "model"), state_dict=state, safe_serialization=True)
+            self.processor.save_pretrained(tmp / "model")
+            (tmp / "model" / "stage_config.yaml").write_text(self.config.to_yaml())
+            trainer_state = {
+                "step": self.step,
+                "total_steps": self.total_steps,
+                "steps_per_epoch": self.steps_per_epoch,
+                "world_size": self.world_size,
+                "data_fingerprint": self.shards.fingerprint,
+                "config_hash": self.config.config_hash(),
+                "run_id": self.run_id,
+                "metrics": metrics,  # and what MLflow has not stored yet: a restart or the driver sends it
+                "unlogged_metrics": self.logger.unsent() if self.logger else [],
+            }
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+        write_completion_marker(tmp, self.rank)
+        self.collectives.barrier()
+        try:
+            self.checkpoints.publish(tmp, self.step, metrics)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _restore(self, directory: Path) -> None:
+        verify_checkpoint(directory, self.world_size)
+        state = json.loads((directory / TRAINER_STATE).read_text())
+        if state["data_fingerprint"] != self.shards.fingerprint:
+            raise ValueError(f"checkpoint {directory} was trained on other data ({state['data_fingerprint']})")
+        if state["config_hash"] != self.config.config_hash():
+            raise ValueError(
+                f"checkpoint {directory} belongs to a run started with another stage config "
+                f"({state['config_hash']} ≠ {self.config.config_hash()}); use another --run-name or storage"
+            )
+        self.strategy.load(self.engine, directory / "deepspeed")
+        self.step = state["step"]
+        self.unsent_metrics = state.get("unlogged_metrics", [])
+        rng = json.loads((directory / "rng" / f"rank{self.rank}.json").read_text())
+        restore_rng_state(rng)
+        if self.rank == 0:
+            print(f"[{self.config.name}] resumed at step {self.step}/{self.total_steps} from {directory}", flush=True)

@@ -1,0 +1,88 @@
+"""The preprocessing config and CLI contract: errors name the key, unwritable output fails first, exit codes
+and manifest of `convllava preprocess`, tokenization as an option in the output hash."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from preprocess_harness import good_set, rec, write_jsonl
+
+from convllava.storage import OutputError
+from pipelines.config import ConfigError, Mixture, PreprocessConfig, Source
+from pipelines.preprocess import run_preprocess
+
+pytestmark = pytest.mark.integration
+
+
+def test_config_errors_name_the_key_and_unwritable_output_fails_first(tmp_path):
+    (tmp_path / "c.yaml").write_text("resolution: 256\nresolutoin: 512\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key\(s\) \['resolutoin'\]"):
+        PreprocessConfig.from_yaml(tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="resolution"):
+        PreprocessConfig(resolution=300)
+    (tmp_path / "m.yaml").write_text("sources:\n  - {name: a, annotations: a.jsonl, image_root: ., weight: 2}\n")
+    with pytest.raises(ConfigError, match=r"sources\[0\]: unknown key\(s\) \['weight'\]"):
+        Mixture.from_yaml(tmp_path / "m.yaml")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    mixture = Mixture((Source("a", str(tmp_path / "a.jsonl"), str(tmp_path)),))
+    with pytest.raises(OutputError, match="not writable.*nothing was processed"):
+        run_preprocess(mixture, PreprocessConfig(resolution=256), str(blocker / "out"), echo=lambda *_: None)
+
+
+def test_cli_contract(tmp_path):
+    root = tmp_path / "data"
+    write_jsonl(root / "a.jsonl", good_set(root)[:3])
+    write_jsonl(root / "b.jsonl", [rec("b1", "img/good0.jpg"), rec("b2", "img/absent.jpg")])
+    cli = str(Path(sys.executable).parent / "convllava")
+    args = [
+        cli,
+        "preprocess",
+        "--annotations",
+        str(root / "a.jsonl"),
+        "--annotations",
+        str(root / "b.jsonl"),
+        "--image-root",
+        str(root),
+        "--output",
+        str(tmp_path / "out"),
+        "--resolution",
+        "256",
+        "--workers",
+        "1",
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 1, done.stderr  # 1 of 5 quarantined = 20% > the default 10% limit
+    assert "1 of 5 samples quarantined" in done.stderr
+    manifest = json.loads((tmp_path / "out/manifest.json").read_text())
+    assert all(isinstance(manifest[k], int) for k in ("read", "written", "quarantined"))
+    assert manifest["sources"]["b"] == {"available": 2, "read": 2, "written": 1, "quarantined": 1}
+    assert json.loads((tmp_path / "out/quarantine.jsonl").read_text())["id"] == "b2"
+    shutil.rmtree(tmp_path / "out")
+    ok = subprocess.run(args[:4] + args[6:], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert ok.returncode == 0, ok.stderr
+    assert "read 3 = written 3 + quarantined 0" in ok.stdout
+
+
+def test_tokenization_is_a_preprocess_option_in_the_hash():
+    from pipelines.worker import build_processor
+
+    default, llava = PreprocessConfig(resolution=256), PreprocessConfig(resolution=256, tokenization="llava")
+    assert build_processor(default).config.tokenization == "one_pass"
+    assert build_processor(llava).config.tokenization == "llava"
+    assert llava.output_hash() != default.output_hash()
+    before = {
+        k: v
+        for k, v in default.to_dict().items()  # the default hashes as before the option existed
+        if k not in ("tokenization", "max_quarantine_fraction", "unit_size", "workers")
+    }
+    assert default.output_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    with pytest.raises(ConfigError, match=r"preprocess config: tokenization: must be one of \('one_pass', 'llava'\)"):
+        PreprocessConfig(tokenization="bpe")
