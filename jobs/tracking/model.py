@@ -26,6 +26,7 @@ import mlflow.pyfunc
 import pandas as pd
 
 from jobs.dag.config import MODEL_MODES as MODES
+from jobs.tracking.runs import using_tracking_uri
 
 
 class ConvLlavaModel(mlflow.pyfunc.PythonModel):
@@ -73,11 +74,15 @@ def log_model(
     signature = infer_signature(example, ["an answer"])
     artifacts = {"checkpoint": str(resolve_local(checkpoint))} if mode == "copy" else None
     config = {"max_new_tokens": max_new_tokens, **({"checkpoint_uri": checkpoint} if mode == "reference" else {})}
-    mlflow.set_tracking_uri(tracking_uri)
     # Our class is importable from this package, so cloudpickle stores it by reference: MLflow's warning about
     # pickled Python objects does not apply.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in the pipeline's log
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings(), _quiet("mlflow.pyfunc"):
+    with (
+        using_tracking_uri(tracking_uri),
+        mlflow.start_run(run_id=run_id),
+        warnings.catch_warnings(),
+        _quiet("mlflow.pyfunc"),
+    ):
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.tracking.runs import client
+from jobs.tracking.runs import client, using_tracking_uri
 
 METRIC_TAG = "convllava.primary_metric"
 VALUE_TAG = "convllava.primary_metric_value"
@@ -36,7 +36,8 @@ def register_and_gate(
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
     tags = {METRIC_TAG: metric, VALUE_TAG: repr(float(value)), CHECKPOINT_TAG: checkpoint_uri or model_uri}
-    version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags).version
+    with using_tracking_uri(tracking_uri):  # a `models:/m-...` source is looked up in the global store
+        version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags).version
     c.set_registered_model_alias(name, "candidate", version)
     champion = current_champion(tracking_uri, name)
     if champion is None:

@@ -6,7 +6,9 @@ is in maintenance mode, and without an explicit location artifacts would land in
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,21 @@ def default_tracking_uri(workdir: str | Path) -> str:
 def artifact_root(tracking_uri: str, workdir: str | Path) -> str | None:
     """Explicit artifact location for local SQLite stores; a server decides its own."""
     return str(Path(workdir).resolve() / "mlartifacts") if tracking_uri.startswith("sqlite:") else None
+
+
+@contextlib.contextmanager
+def using_tracking_uri(uri: str):
+    """MLflow's global tracking URI for the calls that read it (the fluent API; the registry resolving a `models:/`
+    source), restored after them. MLflow's setter also exports it as MLFLOW_TRACKING_URI, which `default_tracking_uri`
+    honours: left set, the next pipeline in this process (another work dir) would record into this one's store."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets the global and the variable
 
 
 def client(tracking_uri: str):

@@ -61,7 +61,6 @@ def shards_dir(tmp_path_factory, ray_local) -> Path:
     return root / "out"
 
 
-@pytest.mark.integration
 def test_shardset_indexes_real_shards(shards_dir):
     from convllava.shards import ShardSet
 
@@ -115,7 +114,6 @@ def test_shardset_indexes_real_shards(shards_dir):
     assert len(clone._cache) == 0 and clone.rows([0, 5])[1]["key"] == shards.keys[5]
 
 
-@pytest.mark.integration
 def test_shardset_refuses_unusable_outputs(shards_dir, tmp_path):
     from convllava.shards import ShardSet, ShardSetError
 
@@ -136,7 +134,6 @@ def test_shardset_refuses_unusable_outputs(shards_dir, tmp_path):
         ShardSet(str(shards_dir)).rows([0, 24])
 
 
-@pytest.mark.integration
 def test_manifest_reads_and_writes_the_same_json(shards_dir, tmp_path):
     from convllava.shards import MANIFEST, Manifest, ManifestError
     from convllava.storage import Store
@@ -155,7 +152,6 @@ def test_manifest_reads_and_writes_the_same_json(shards_dir, tmp_path):
     assert Manifest.find(str(tmp_path)) is None and Manifest.find(str(tmp_path / "absent")) is None
 
 
-@pytest.mark.integration
 def test_shardset_reads_from_s3(shards_dir, s3_bucket):
     import boto3
 

@@ -7,7 +7,6 @@ from convllava.quickstart import run_quickstart
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.integration
 def test_demo_learns_to_name_every_real_photo(tmp_path, capsys):
     assert run_quickstart(tmp_path, steps=120) == 0
     out = capsys.readouterr().out

@@ -21,7 +21,6 @@ EXPECTED_COUNTS = {"textvqa": 3, "docvqa": 2, "pope_adversarial": 4, "pope_popul
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.integration
 def test_convllava_eval_runs_the_tiny_model_over_the_paper_suite(paper_root, tmp_path, ray_local):
     import torch
 

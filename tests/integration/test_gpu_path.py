@@ -51,7 +51,6 @@ def _tiny(shards, **changes) -> StageConfig:
     return base.replace(**{"max_steps": 2, **changes})
 
 
-@pytest.mark.integration
 def test_every_collective_of_a_training_step_is_on_the_engines_device(shards, tmp_path):
     """Two ranks over gloo; every torch.distributed collective (the recipe's and DeepSpeed's) is spied on and
     its tensors' devices recorded. The flash-attn the config asks for is replaced by sdpa on a CPU worker."""
@@ -64,13 +63,12 @@ def test_every_collective_of_a_training_step_is_on_the_engines_device(shards, tm
         assert sum(c["op"] == "all_reduce" for c in r["collectives"]) >= 2 * 2  # loss totals + peak, each step
 
 
-@pytest.mark.integration
 def test_zero3_builds_and_loads_a_partition_per_rank_never_the_full_model(shards, tmp_path):
     """A ~100M-parameter checkpoint (415 MB fp32) loaded as stage 2 does, by 2 ranks. Under ZeRO-3 each rank's peak
     anonymous memory is its half plus the one module zero.Init is making (the full tensor and its partition copy,
     `largest * (1 + 1/N)`): never the whole model, and nothing is gathered to load it (transformers' own ZeRO-3 loader
     peaked at 1.3-1.4x the full model here). Under ZeRO-2 each rank holds the whole model. Both see exactly the checkpoint's weights."""
-    from test_plan import mid_config
+    from plan_harness import mid_config
 
     from convllava.checkpoint import save_checkpoint
     from convllava.memory import largest_layer_params
@@ -99,14 +97,12 @@ def test_zero3_builds_and_loads_a_partition_per_rank_never_the_full_model(shards
         assert r["build_peak_anon_bytes"] < bound < full, (r["build_peak_anon_bytes"], bound, full)
 
 
-@pytest.mark.integration
 def test_the_cpu_offload_config_trains(shards, tmp_path):
     ranks = _harness(tmp_path, _tiny(shards, deepspeed="zero3_offload", max_steps=3), port=29747)
     losses = [r["metrics"]["train/loss"] for r in ranks]
     assert all(r["step"] == 3 for r in ranks) and losses[0] == losses[1] and 0 < losses[0] < 20
 
 
-@pytest.mark.integration
 def test_the_gpu_train_check_runs_at_tiny_size(tmp_path):
     """bench/gpu_train_check.py, the script a GPU session runs, on CPU at tiny size: three stages through the real
     run_stage, stage 1 rerun under its run name resumes at its last step, and every measured and planned figure the

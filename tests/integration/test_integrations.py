@@ -17,7 +17,6 @@ N_EVAL = 10
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.integration
 def test_lmms_eval_cli_finds_convllava_through_the_entry_point(tiny_ckpt, demo_root, offline):
     """`lmms-eval --model convllava ...` as a user runs it. The entry point comes from a dist-info folder on
     PYTHONPATH holding the same `lmms_eval.models` entry as the package's own metadata."""

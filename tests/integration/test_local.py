@@ -7,10 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_STAGE1 = ROOT / "jobs" / "configs" / "tiny" / "stage1.yaml"
+
+pytestmark = pytest.mark.integration
 
 # Ray and MLflow made unimportable (what `importlib.util.find_spec` reports for a package that is not installed),
 # then the CLI's local training in this one process.
@@ -19,8 +22,6 @@ import sys
 for name in ("ray", "mlflow"):
     sys.modules[name] = None
 from jobs.cli import main
-
-pytestmark = pytest.mark.integration
 try:
     main(sys.argv[1:])
 except SystemExit as e:

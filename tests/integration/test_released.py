@@ -16,7 +16,6 @@ from jobs import cli
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.integration
 def test_eval_cli_scores_the_released_layout_end_to_end(released_spm, photos, tmp_path, ray_local):
     from lmms_eval.tasks.textvqa.utils import textvqa_process_results
 

@@ -30,7 +30,6 @@ def _check_trained_exactly(before: dict, after: dict, trainable: tuple[str, ...]
     assert len(changed) >= 0.8 * len(trainable_keys)  # (a few, e.g. biases of unused paths, may not move)
 
 
-@pytest.mark.integration
 def test_three_stages_train_exactly_their_parameters_and_loss_falls(shards, tmp_path):
     tracking = default_tracking_uri(tmp_path)
     init = None
@@ -73,7 +72,6 @@ def test_three_stages_train_exactly_their_parameters_and_loss_falls(shards, tmp_
         init = result.model_uri
 
 
-@pytest.mark.integration
 def test_text_only_micro_batch_on_one_rank_does_not_stall_zero3(shards, tiny_model, tiny_processor, tmp_path):
     """ZeRO-3 gathers each module's parameters with a collective as it runs: a rank whose micro-batch has no image
     must still run tower and projector (on a blank image, weighted zero) or the other rank waits for ever. `make demo`
@@ -126,7 +124,6 @@ def test_text_only_micro_batch_on_one_rank_does_not_stall_zero3(shards, tiny_mod
     assert result.steps == plan.num_steps and result.metrics["train/loss"] > 0
 
 
-@pytest.mark.integration
 def test_s3_storage_and_init_from_s3(shards, s3_bucket, tmp_path):
     import boto3
 

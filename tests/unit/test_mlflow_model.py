@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,7 @@ from jobs.dag.report import describe
 from jobs.dag.runbook import NodeOutcome
 from jobs.dag.runner import PipelineResult
 from jobs.tracking.model import example_image, log_model
-from jobs.tracking.runs import client, ensure_experiment
+from jobs.tracking.runs import client, default_tracking_uri, ensure_experiment
 
 
 def _png(image) -> str:
@@ -25,15 +26,20 @@ def _png(image) -> str:
 
 
 @pytest.mark.parametrize("mode", ["copy", "reference"])
-def test_a_logged_model_answers_as_the_checkpoint_does(mode, tiny_model, tiny_processor, photos, tmp_path):
+def test_a_logged_model_answers_as_the_checkpoint_does(mode, tiny_model, tiny_processor, photos, tmp_path, monkeypatch):
     import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
     checkpoint = save_checkpoint(tiny_model, tiny_processor, tmp_path / "ckpt")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment = ensure_experiment(uri, "models", str(tmp_path / "artifacts"))
     run_id = client(uri).create_run(experiment).info.run_id
     model_uri = log_model(uri, run_id, str(checkpoint), example_image(), mode=mode, max_new_tokens=6)
-    mlflow.set_tracking_uri(uri)
+    # Logging leaves the process's tracking URI as it found it: the next pipeline's default store is its own.
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert default_tracking_uri(tmp_path / "other") == f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pyfunc.load_model(model_uri)
     stored = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "dl")))
     assert (stored / "MLmodel").is_file()
