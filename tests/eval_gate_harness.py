@@ -26,7 +26,7 @@ def _mme_pair(thing: str) -> str:  # MME: two questions per image, one Yes and o
     )
 
 
-def _score(benches, answer) -> dict[str, float]:
+def score_answers(benches, answer) -> dict[str, float]:
     """Flat `benchmark/metric` results, as run_eval names them, for the answers `answer(benchmark, item)` gives."""
     results = {}
     for b in benches:

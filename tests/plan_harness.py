@@ -35,7 +35,7 @@ def mid_config(**overrides) -> ConvLlavaConfig:
     )
 
 
-def _plan_cli(*args: str) -> tuple[int, str]:
+def plan_cli(*args: str) -> tuple[int, str]:
     import contextlib
     import io
 

@@ -16,7 +16,7 @@ def tiny(stage: int, data: Path, **changes) -> StageConfig:
     return StageConfig.from_yaml(CONFIG_DIR / "tiny" / f"stage{stage}.yaml").replace(data=str(data), **changes)
 
 
-def _train_workers() -> list[psutil.Process]:
+def train_workers() -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline", "name"]):
         title = " ".join(p.info["cmdline"] or []) + " " + (p.info["name"] or "")
@@ -25,9 +25,9 @@ def _train_workers() -> list[psutil.Process]:
     return found
 
 
-def _weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
+def stage_weights(model_dir: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(model_dir) / "model.safetensors"))
 
 
-def _loss_history(tracking: str, run_id: str) -> list[tuple[int, float]]:
+def loss_history(tracking: str, run_id: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client(tracking).get_metric_history(run_id, "train/loss"))

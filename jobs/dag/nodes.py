@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from convllava.shards import Manifest
 from jobs.dag.runbook import NodeOutcome, RunBook
+from jobs.tracking.runs import log_dataset, log_params
 
 if TYPE_CHECKING:
     from jobs.dag.runner import TrainingDag
@@ -71,8 +73,6 @@ def preprocess_node(dag: TrainingDag) -> tuple[NodeWork, dict[str, str], dict[st
     shards = {name: dag.shards_uri(name) for name in mixtures}
 
     def execute(run_id: str) -> Executed:
-        from jobs.tracking.runs import log_dataset, log_params
-
         log_params(dag.tracking_uri, run_id, pconfig.to_dict())
         metrics = {}
         for name, mixture in mixtures.items():
@@ -104,7 +104,6 @@ def stage_node(
     key = node_key(node, stage.to_dict(), fingerprints[spec.data])
 
     def execute(run_id: str) -> Executed:
-        from jobs.tracking.runs import log_params
         from jobs.train.driver import run_stage
 
         log_params(dag.tracking_uri, run_id, stage.to_dict())
@@ -182,8 +181,6 @@ def eval_node(dag: TrainingDag, model_uri: str, gate: dict[str, Any]) -> NodeWor
 
 
 def _manifest_matches(shards_uri: str, fingerprint: str) -> bool:
-    from convllava.shards import Manifest
-
     manifest = Manifest.find(shards_uri)
     return manifest is not None and manifest.input_fingerprint == fingerprint
 

@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from jobs.dag.config import NODES, PipelineConfig
 from jobs.dag.runbook import TAG_REUSED, TAG_SKIPPED, RunBook, key_metric
+from jobs.tracking.runs import client, default_tracking_uri
 
 if TYPE_CHECKING:
     from jobs.dag.runner import PipelineResult
@@ -31,8 +33,6 @@ def _metric_text(metric: tuple[str, float] | None) -> str:
 
 def describe(name: str, result: PipelineResult) -> str:
     """The pipeline execution in markdown: one row per node (status, time, key metric) and the gate decision."""
-    from jobs.dag.config import NODES
-
     lines = [f"**{name}** — {'finished' if result.ok else 'failed'}", ""]
     lines += ["| node | status | time | key metric |", "|---|---|---|---|"]
     for n in result.nodes:
@@ -81,9 +81,6 @@ def summary(result: PipelineResult, tracking_uri: str) -> str:
 
 def pipeline_status(config_path: str, workdir: str = "work/pipeline", tracking_uri: str | None = None) -> str:
     """Each node of the latest execution: state, duration and key metric, from MLflow."""
-    from jobs.dag.config import NODES, PipelineConfig
-    from jobs.tracking.runs import client, default_tracking_uri
-
     config = PipelineConfig.from_yaml(config_path)
     tracking_uri = tracking_uri or default_tracking_uri(Path(workdir).resolve())
     exp = client(tracking_uri).get_experiment_by_name(config.name)

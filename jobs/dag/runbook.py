@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from jobs.tracking.runs import client, log_params
+
 TAG_PIPELINE = "convllava.pipeline"
 TAG_PIPELINE_KEY = "convllava.pipeline_key"
 TAG_NODE = "convllava.node"
@@ -73,8 +75,6 @@ class RunBook:
     """Creates, finds, reuses and closes the runs of one pipeline (by name) in one experiment."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, pipeline: str, primary_metric: str) -> None:
-        from jobs.tracking.runs import client
-
         self.tracking_uri, self.client, self.experiment_id = tracking_uri, client(tracking_uri), experiment_id
         self.pipeline, self.primary_metric = pipeline, primary_metric
 
@@ -92,8 +92,6 @@ class RunBook:
                 return runs[0].info.run_id
         tags = {TAG_PIPELINE: self.pipeline, TAG_PIPELINE_KEY: key, "convllava.code_version": code_version}
         run_id = self.client.create_run(self.experiment_id, run_name=self.pipeline, tags=tags).info.run_id
-        from jobs.tracking.runs import log_params
-
         log_params(self.tracking_uri, run_id, params)
         self.client.log_text(run_id, json.dumps(params, indent=2), "pipeline_config.json")
         return run_id

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_gate_harness import _score
+from eval_gate_harness import score_answers
 
 from jobs.evaluate.suite import load_suite, run_eval
 
@@ -49,6 +49,6 @@ def test_convllava_eval_runs_the_tiny_model_over_the_paper_suite(paper_root, tmp
     # metrics.json is the suite's scorers applied to the recorded predictions, nothing else.
     by_key = {(p["benchmark"], p["id"]): p["prediction"] for p in predictions}
     _, benches = load_suite("paper", data_root=str(paper_root))
-    assert _score(benches, lambda b, it: by_key[(b.name, it.id)]) == json.loads(
+    assert score_answers(benches, lambda b, it: by_key[(b.name, it.id)]) == json.loads(
         (out.output / "metrics.json").read_text()
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from plan_harness import _plan_cli
+from plan_harness import plan_cli
 
 from jobs.train.config import CONFIG_DIR, StageConfig
 from jobs.train.plan import GIB, plan_stage
@@ -24,7 +24,7 @@ def test_plan_cli_on_the_demo_shards_prints_the_table_and_fits(shards):
     from convllava.shards import ShardSet
 
     config_path = CONFIG_DIR / "tiny" / "stage1.yaml"
-    code, out = _plan_cli("--config", str(config_path), "--gpu-memory", "16", f"data={shards}")
+    code, out = plan_cli("--config", str(config_path), "--gpu-memory", "16", f"data={shards}")
     assert code == 0, out
     lines = out.strip().splitlines()
     m = LAST.match(lines[-1])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_harness import _loss_history, _weights, tiny
+from train_harness import loss_history, stage_weights, tiny
 
 from jobs.tracking.runs import client, default_tracking_uri
 from jobs.train.checkpoints import verify_checkpoint
@@ -38,7 +38,7 @@ def test_three_stages_train_exactly_their_parameters_and_loss_falls(shards, tmp_
         config = tiny(stage, shards, max_steps=steps, checkpoint_every=4, init_from=init)
         result = run_stage(config, str(tmp_path / "runs"), tracking_uri=tracking)
         assert result.steps == steps and result.model_uri.endswith("/model")
-        after = _weights(result.model_uri)
+        after = stage_weights(result.model_uri)
         after["__dir__"] = result.model_uri
         if init is None:  # stage 1 starts from the preset's seeded init
             from convllava.config import ConvLlavaConfig
@@ -49,9 +49,9 @@ def test_three_stages_train_exactly_their_parameters_and_loss_falls(shards, tmp_
             first_weights = {k: v.clone() for k, v in fresh.state_dict().items() if k in after}
             before = first_weights
         else:
-            before = _weights(init)
+            before = stage_weights(init)
         _check_trained_exactly(before, after, config.trainable)
-        history = _loss_history(tracking, result.run_id)
+        history = loss_history(tracking, result.run_id)
         assert [s for s, _ in history] == list(range(1, steps + 1))  # every step once
         losses = [v for _, v in history]
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from pipeline_harness import NODES, pipeline_cli, runs_of, small_config
-from train_harness import _loss_history, _train_workers, _weights, tiny
+from train_harness import loss_history, stage_weights, tiny, train_workers
 
 from jobs.tracking.runs import client, default_tracking_uri
 from jobs.train.driver import run_stage
@@ -38,18 +38,18 @@ def test_killed_worker_resumes_exactly(shards, tmp_path):
     deadline = time.time() + 600
     while not marker.exists() and thread.is_alive() and time.time() < deadline:
         time.sleep(0.2)
-    workers = _train_workers()
+    workers = train_workers()
     assert marker.exists() and workers, "no checkpoint_000004 or no worker to kill"
     os.kill(workers[-1].pid, signal.SIGKILL)
     thread.join()
     result = outcome["result"]
     assert result.steps == reference.steps == 8
-    final, expected = _weights(result.model_uri), _weights(reference.model_uri)
+    final, expected = stage_weights(result.model_uri), stage_weights(reference.model_uri)
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in final), "resumed run diverged from the uninterrupted one"
-    history = _loss_history(tracking, result.run_id)
+    history = loss_history(tracking, result.run_id)
     assert [s for s, _ in history] == list(range(1, 9))  # no duplicated steps after the restart
-    assert [v for _, v in history] == [v for _, v in _loss_history(tracking, reference.run_id)]
+    assert [v for _, v in history] == [v for _, v in loss_history(tracking, reference.run_id)]
 
 
 def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path):

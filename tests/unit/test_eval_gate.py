@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from eval_gate_harness import _score
+from eval_gate_harness import score_answers
 
 from jobs.dag.config import PipelineConfig, PipelineConfigError
 from jobs.evaluate.suite import fixed_metric_names, load_suite, metric_value
@@ -58,7 +58,7 @@ def test_cluster_gate_metric_is_scored_by_the_paper_suite(paper_root):
     assert (config.eval.suite, config.eval.data_root) == ("paper", "/mnt/work/benchmarks")
     assert (config.primary_metric, config.higher_is_better) == ("textvqa/accuracy", True)
     _, benches = load_suite(config.eval.suite, data_root=str(paper_root))
-    right = _score(benches, _first_reference)
+    right = score_answers(benches, _first_reference)
     assert config.primary_metric in right and set(fixed_metric_names(benches)) <= set(right)
     textvqa = {b.name: b for b in benches}["textvqa"].items()
     expected = sum(_soft_accuracy(it.reference[0], it.reference) for it in textvqa) / 3
@@ -68,18 +68,18 @@ def test_cluster_gate_metric_is_scored_by_the_paper_suite(paper_root):
     assert (right["mme/perception"], right["mme/cognition"], right["mme/existence/score"]) == (400.0, 200.0, 200.0)
     # The majority answer ("other" where 8 or 9 annotators agree) scores 1.0; a wrong one 0.0; one wrong question
     # of three drops the first-reference score by that question's 1.0 / 3.
-    majority = _score(
+    majority = score_answers(
         benches,
         lambda b, it: max(set(it.reference), key=it.reference.count) if b.kind == "vqa" else _first_reference(b, it),
     )
     assert majority["textvqa/accuracy"] == pytest.approx(1.0, abs=1e-12)
-    wrong = _score(benches, lambda b, it: "a giraffe" if b.kind == "vqa" else _first_reference(b, it))
+    wrong = score_answers(benches, lambda b, it: "a giraffe" if b.kind == "vqa" else _first_reference(b, it))
     assert wrong["textvqa/accuracy"] == 0.0 < right["textvqa/accuracy"]
-    one_wrong = _score(
+    one_wrong = score_answers(
         benches, lambda b, it: "a giraffe" if (b.kind, it.id) == ("vqa", textvqa[0].id) else _first_reference(b, it)
     )
     assert one_wrong["textvqa/accuracy"] == pytest.approx(right["textvqa/accuracy"] - 1.0 / 3, abs=1e-12)
-    flipped = _score(benches, lambda b, it: _flip(it.reference) if b.kind in ("pope", "mme") else "zzz")
+    flipped = score_answers(benches, lambda b, it: _flip(it.reference) if b.kind in ("pope", "mme") else "zzz")
     assert (flipped["pope_random/f1"], flipped["mme/perception"], flipped["docvqa/anls"]) == (0.0, 0.0, 0.0)
 
 
@@ -120,9 +120,9 @@ def test_champion_gate_decides_by_textvqa_accuracy_alone(paper_root, tmp_path):
     wins TextVQA while scoring 0 on DocVQA, POPE and MME takes it, as cluster.yaml's gate says."""
     config = PipelineConfig.from_yaml(CLUSTER)
     _, benches = load_suite(config.eval.suite, data_root=str(paper_root))
-    first = _score(benches, _first_reference)  # textvqa 0.633, the rest perfect
-    worse = _score(benches, lambda b, it: "a giraffe" if b.kind == "vqa" else _first_reference(b, it))
-    better = _score(
+    first = score_answers(benches, _first_reference)  # textvqa 0.633, the rest perfect
+    worse = score_answers(benches, lambda b, it: "a giraffe" if b.kind == "vqa" else _first_reference(b, it))
+    better = score_answers(
         benches,
         lambda b, it: (
             max(set(it.reference), key=it.reference.count)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from plan_harness import _plan_cli, mid_config
+from plan_harness import mid_config, plan_cli
 
 from convllava.config import ConvLlavaConfig
 from convllava.memory import largest_layer_params, measure_activations
@@ -156,9 +156,7 @@ def test_plan_cli_refuses_with_advice_and_exit_3():
     overrides = ["preset=tiny", "data=/nonexistent/shards"]
     plan = plan_stage(StageConfig.from_yaml(config_path, overrides), gpu_memory_gib=2, seq_len=1024)
     memory = (plan.peak_bytes() - plan.activations[True].peak_bytes / 2) / GIB  # the reserve stays 2 GiB there
-    code, out = _plan_cli(
-        "--config", str(config_path), "--gpu-memory", f"{memory:.4f}", "--seq-len", "1024", *overrides
-    )
+    code, out = plan_cli("--config", str(config_path), "--gpu-memory", f"{memory:.4f}", "--seq-len", "1024", *overrides)
     assert code == 3
     assert "does not fit; change one of:" in out and LAST.match(out.strip().splitlines()[-1])
     # Stage 2 already checkpoints and runs ZeRO-3: the advice is the micro-batch and offload.
@@ -167,7 +165,7 @@ def test_plan_cli_refuses_with_advice_and_exit_3():
     advised = int(re.search(r"micro-batch: micro_batch_size=(\d+) \(", advice).group(1))
     assert advised < 8 and 256 % (advised * 8) == 0
     # What it advises fits when applied, and the micro-batch just above it (whole accumulation) does not.
-    code, out = _plan_cli(
+    code, out = plan_cli(
         "--config",
         str(config_path),
         "--gpu-memory",
@@ -179,7 +177,7 @@ def test_plan_cli_refuses_with_advice_and_exit_3():
     )
     assert code == 0 and "does not fit" not in out
     above = min(m for m in (1, 2, 4, 8) if m > advised)
-    code, _ = _plan_cli(
+    code, _ = plan_cli(
         "--config",
         str(config_path),
         "--gpu-memory",
