@@ -4,8 +4,9 @@ For each shipped tiny stage config (`jobs/configs/tiny/stage{1,2,3}.yaml`: ZeRO-
 sets, global batch 16, micro-batch 4), with `max_steps=--steps`, one checkpoint at the end and no retries:
 
 - job: `jobs.train.run_stage`, Ray Train with 2 CPU workers (one thread each), DeepSpeed over gloo, rank 0 logging
-  every step to MLflow (SQLite). Steady state from the logged `train/step_time_s`; start-up from the logged
-  timestamps: call → step 1 done, last step done → return.
+  every step to MLflow (SQLite; the store exists before the call, as in a pipeline). Steady state from the logged
+  `train/step_time_s`; start-up from the logged timestamps (call → step 1 done, last step done → return) and its
+  breakdown from the `startup/*` metrics rank 0 logs (`jobs.train.recipe.startup_metrics`).
 - baseline: `jobs.train.local.run_local`, the same `StageRecipe` in this process (2 torch threads, no Ray, no MLflow, a
   gloo group of one): the same global batches (grad_accum 4 instead of 2 per worker), the same ZeRO stage.
   For the ZeRO-3 stages a second baseline runs them with ZeRO-2: what ZeRO-3's partitioning costs by itself.
@@ -135,12 +136,18 @@ def job(config, steps: int, warmup: int) -> dict[str, Any]:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t
         uri = default_tracking_uri(work)
+        client(uri).search_experiments()  # the store exists before the call, as in a pipeline (created once per workdir)
         (result, run) = _measured(lambda: run_stage(config, str(work / "runs"), tracking_uri=uri, run_name="bench"))
         t_end = time.time()
         c = client(uri)
         history = {
             k: sorted(c.get_metric_history(result.run_id, k), key=lambda m: m.step)
             for k in ("train/step_time_s", "train/loss")
+        }
+        startup = {
+            k.removeprefix("startup/").removesuffix("_s"): v
+            for k, v in c.get_run(result.run_id).data.metrics.items()
+            if k.startswith("startup/")
         }
     finally:
         ray.shutdown()
@@ -158,6 +165,7 @@ def job(config, steps: int, warmup: int) -> dict[str, Any]:
         "ray_init_s": ray_init_s,
         "call_to_step1_done_s": stamps[0] - run["started"],
         "last_step_to_return_s": t_end - stamps[-1],
+        "startup_s": startup,
         "steady": steady(rows, warmup, steps, config.global_batch_size),
         "loss": [r["train/loss"] for r in rows],
     }
@@ -243,6 +251,15 @@ def table(result: dict[str, Any]) -> str:
                 f"| {stage} {kind} | {ray_init} | {r['call_to_step1_done_s']:.1f} | "
                 f"{r['last_step_to_return_s']:.1f} | {r['wall_s']:.1f} |"
             )
+    phases = ("driver", "worker_start", "worker_init", "model", "engine", "first_step", "total")
+    lines += [
+        "",
+        "| job start-up, s (best run): " + " | ".join(phases) + " |",
+        "|---|" + "---|" * len(phases),
+    ]
+    for stage, s in result["stages"].items():
+        r = min(s["job"], key=lambda x: x["wall_s"])["startup_s"]
+        lines.append(f"| {stage} | " + " | ".join(f"{r.get(p, float('nan')):.1f}" for p in phases) + " |")
     lines += [
         "",
         "| text padding per micro-batch, epochs 0–4 | grouped by length: mean / p90 | random: mean / p90 |",

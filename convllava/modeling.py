@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GenerationMixin, PreTrainedModel
@@ -19,7 +18,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from convllava.buckets import STRIDE
 from convllava.config import ConvLlavaConfig
-from convllava.vision import ConvNeXtTower
 
 
 def build_projector(projector_type: str, vision_dim: int, text_dim: int) -> nn.Module:
@@ -49,6 +47,8 @@ class ConvLlavaPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
 
     def _init_weights(self, module: nn.Module) -> None:
+        from timm.models.convnext import ConvNeXtBlock
+
         super()._init_weights(module)
         # timm's layer scale is a bare parameter the generic initializer does not know.
         if isinstance(module, ConvNeXtBlock) and module.gamma is not None:
@@ -70,6 +70,8 @@ class ConvLlavaForCausalLM(ConvLlavaPreTrainedModel, GenerationMixin):
     """
 
     def __init__(self, config: ConvLlavaConfig) -> None:
+        from convllava.vision import ConvNeXtTower  # timm, imported where a model is built (not by `import convllava`)
+
         super().__init__(config)
         self.vision_tower = ConvNeXtTower(
             depths=tuple(config.vision_depths),

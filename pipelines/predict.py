@@ -3,13 +3,19 @@
 questions.jsonl (one `{"id", "question", "image"?}` per line) → answers.jsonl (the same ids, in input order,
 each with `answer` or with `error`). The driver reads each image's size from its header (cheap), puts every
 question in its bucket and cuts bucket-homogeneous batches sorted by prompt length, so no batch pads images to a
-common shape and little text is padded. An actor pool holds the model (one replica per CPU here, per GPU on a
-cluster) and generates greedily unless told otherwise. Every input line ends as exactly one output line.
+common shape and little text is padded. The model generates greedily unless told otherwise. Every input line ends
+as exactly one output line.
+
+Where the model runs (`replicas_for`): on a machine with at most one GPU that is not part of a cluster, in this
+process, with all its cores: a second CPU replica would hold a second copy of the weights (28 GB at 7B in fp32) and
+each replica costs a process start and a model load (~20 s on 2 cores for the tiny model). Otherwise on Ray Data,
+an actor pool of one replica per GPU (per CPU on a cluster without GPUs), or `workers` replicas when given.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +77,12 @@ def make_batches(questions: list[Question], batch_size: int) -> list[list[Questi
 
 
 class Predictor:
-    """Ray Data actor: one model replica; answers a batch of same-bucket questions at a time."""
+    """One model replica (a Ray Data actor, or in the caller's process); answers a batch of same-bucket questions
+    at a time."""
 
-    def __init__(self, model: str, max_new_tokens: int, threads: int, secrets: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, model: str, max_new_tokens: int, threads: int | None = None, secrets: dict[str, Any] | None = None
+    ) -> None:
         import torch
 
         adopt_secrets(secrets)  # credentials for an s3:// model or image; see pipelines.ray_runtime
@@ -81,7 +90,8 @@ class Predictor:
         from convllava.checkpoint import load_model
         from convllava.inference import GenerationOptions
 
-        torch.set_num_threads(threads)
+        if threads is not None:  # an actor's share of its node; in the caller's process torch's default stays
+            torch.set_num_threads(threads)
         self.model, self.processor = load_model(model)
         if torch.cuda.is_available():
             self.model = self.model.to("cuda", torch.bfloat16)
@@ -127,6 +137,52 @@ def image_bucket(processor_config: dict[str, Any]):
     return bucket_of
 
 
+def replicas_for(workers: int | None, address: str | None) -> int:
+    """How many model replicas answer: 0 for this process (see the module docstring), else the actor pool's size.
+    Joins (or starts) Ray when the answer is a pool."""
+    import ray
+
+    if workers == 0:
+        return 0
+    if workers is None and not (address or os.environ.get("RAY_ADDRESS")):
+        if ray.is_initialized():  # this process's Ray: one node with at most one GPU answers here
+            nodes = [n for n in ray.nodes() if n["Alive"]]
+            alone = len(nodes) == 1 and nodes[0]["Resources"].get("GPU", 0) <= 1
+        else:
+            import torch
+
+            alone = torch.cuda.device_count() <= 1
+        if alone:
+            return 0
+    ensure_ray(address)
+    if workers:
+        return workers
+    gpu = bool(ray.available_resources().get("GPU"))
+    return max(1, int(ray.available_resources().get("GPU" if gpu else "CPU", 1)))
+
+
+def _answer_on_pool(items: list[dict[str, str]], model: str, max_new_tokens: int, replicas: int) -> list[dict]:
+    """The batches answered by an actor pool of `replicas` (Ray Data, one GPU or CPU each)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpu = bool(ray.available_resources().get("GPU"))
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+        Predictor,
+        fn_constructor_kwargs={
+            "model": model,
+            "max_new_tokens": max_new_tokens,
+            "threads": 1,
+            "secrets": share_secrets(),
+        },
+        compute=ActorPoolStrategy(size=replicas),
+        num_cpus=0 if gpu else 1,
+        num_gpus=1 if gpu else 0,
+        runtime_env=worker_runtime_env(),
+    )
+    return ds.take_all()
+
+
 def run_predict(
     model: str,
     input: str,
@@ -137,10 +193,11 @@ def run_predict(
     workers: int | None = None,
     address: str | None = None,
 ) -> str:
-    """Answer every question in `input` into `output` (JSONL, input order). Returns a one-line summary."""
-    import ray
-    from ray.data import ActorPoolStrategy
+    """Answer every question in `input` into `output` (JSONL, input order). Returns a one-line summary.
 
+    Args:
+        workers: model replicas on Ray Data (actors); 0: in this process; None: see `replicas_for`.
+    """
     from convllava.checkpoint import image_settings
 
     start = time.time()
@@ -157,31 +214,19 @@ def run_predict(
     questions = read_questions(input, image_root, safe_bucket)
     batches = make_batches(questions, batch_size)
     results: dict[int, dict] = {}
-    if batches:
-        ensure_ray(address)
-        gpu = bool(ray.available_resources().get("GPU"))
-        replicas = workers or max(1, int(ray.available_resources().get("GPU" if gpu else "CPU", 1)))
-        replicas = min(replicas, len(batches))
-        items = [
-            {"batch": json.dumps([{"index": q.index, "question": q.question, "image_uri": q.image_uri} for q in b])}
-            for b in batches
-        ]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-            Predictor,
-            fn_constructor_kwargs={
-                "model": model,
-                "max_new_tokens": max_new_tokens,
-                "threads": 1,
-                "secrets": share_secrets(),
-            },
-            compute=ActorPoolStrategy(size=replicas),
-            num_cpus=0 if gpu else 1,
-            num_gpus=1 if gpu else 0,
-            runtime_env=worker_runtime_env(),
-        )
-        for row in ds.take_all():
-            for r in json.loads(row["results"]):
-                results[r["index"]] = r
+    items = [
+        {"batch": json.dumps([{"index": q.index, "question": q.question, "image_uri": q.image_uri} for q in b])}
+        for b in batches
+    ]
+    replicas = min(replicas_for(workers, address), len(batches)) if batches else 0
+    if replicas == 0:
+        predictor = Predictor(model, max_new_tokens) if batches else None
+        rows = [predictor(item) for item in items]
+    else:
+        rows = _answer_on_pool(items, model, max_new_tokens, replicas)
+    for row in rows:
+        for r in json.loads(row["results"]):
+            results[r["index"]] = r
     lines, answered, failed = [], 0, 0
     for q in questions:
         r = results.get(q.index, {"error": q.error or "not answered"})
@@ -195,7 +240,9 @@ def run_predict(
         lines.append(json.dumps(record, ensure_ascii=False))
     write_bytes(output, "".join(line + "\n" for line in lines).encode())
     elapsed = time.time() - start
+    where = "in this process" if replicas == 0 else f"{replicas} replicas"
     return (
-        f"predict: {len(questions)} questions → {answered} answered, {failed} errors, {len(batches)} batches, "
+        f"predict: {len(questions)} questions → {answered} answered, {failed} errors, {len(batches)} batches "
+        f"({where}), "
         f"{elapsed:.1f}s ({answered / elapsed:.2f} answers/s) → {output}"
     )

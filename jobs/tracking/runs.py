@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -143,20 +144,39 @@ class MetricLogger:
     merges batches and reports a failed merge on its first batch only."""
 
     def __init__(self, tracking_uri: str, run_id: str, key: str = "train/loss", flush_timeout_s: float = 60.0) -> None:
-        self.client, self.tracking_uri, self.run_id = client(tracking_uri), tracking_uri, run_id
+        self.tracking_uri, self.run_id = tracking_uri, run_id
         self.flush_timeout_s = flush_timeout_s
         self.sent: list[tuple[list, list]] = []  # (metrics, MLflow's futures for them) not known to be stored
         self.logged_steps: set[int] = set()
+        self.last_step = -1
+        # Opening the store (a SQLite store checks its schema: ~2 s) and reading the logged steps happen while the
+        # model builds; every method waits for them.
+        self._error: BaseException | None = None
+        self._connecting = threading.Thread(target=self._connect, args=(key,), name="convllava-mlflow-connect")
+        self._connecting.start()
+
+    def _connect(self, key: str) -> None:
         try:
-            self.logged_steps = {m.step for m in self.client.get_metric_history(run_id, key)}
+            self.client = client(self.tracking_uri)
+        except BaseException as e:  # noqa: BLE001 - raised by the first call that needs the client
+            self._error = e
+            return
+        try:
+            self.logged_steps = {m.step for m in self.client.get_metric_history(self.run_id, key)}
         except Exception as e:  # noqa: BLE001 - tracking must never stop training
             log.warning("MLflow unreachable at start (%s); metrics will be buffered", e)
         self.last_step = max(self.logged_steps, default=-1)
+
+    def _connected(self) -> None:
+        self._connecting.join()
+        if self._error is not None:
+            raise self._error
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Queue one step's metrics; returns at once."""
         from mlflow.entities import Metric
 
+        self._connected()
         if step <= self.last_step:
             return  # logged before a restart: the resumed run reproduces this step, do not duplicate it
         now = int(time.time() * 1000)
@@ -166,6 +186,7 @@ class MetricLogger:
 
     def unsent(self) -> list[list]:
         """The metrics not known to be stored, as `[key, value, timestamp, step]` rows (JSON) for a checkpoint."""
+        self._connected()
         self._settle()
         metrics = sorted((m for batch, _ in self.sent for m in batch), key=lambda m: m.step)
         return [[m.key, m.value, m.timestamp, m.step] for m in metrics]
@@ -174,10 +195,12 @@ class MetricLogger:
         """Send metrics a checkpoint carried as unsent (see `unsent`), except steps the run already has."""
         from mlflow.entities import Metric
 
+        self._connected()
         self._send([Metric(k, v, t, s) for k, v, t, s in rows if s not in self.logged_steps])
 
     def log_text(self, text: str, name: str) -> None:
         """An artifact text file of the run; a down server costs one warning, never training time."""
+        self._connected()
         best_effort(f"log {name}", lambda: self.client.log_text(self.run_id, text, name))
 
     def close(self, timeout_s: float | None = None) -> list[int]:
@@ -188,6 +211,7 @@ class MetricLogger:
         """
         from concurrent.futures import FIRST_EXCEPTION, wait
 
+        self._connected()
         deadline = time.monotonic() + (self.flush_timeout_s if timeout_s is None else timeout_s)
         while self.sent and (left := deadline - time.monotonic()) > 0:
             wait([f for _, futures in self.sent for f in futures], timeout=left, return_when=FIRST_EXCEPTION)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -81,6 +82,8 @@ def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
+    entered = time.time()
+    import psutil
     import ray.train
 
     # DeepSpeed's ZeRO calls torch.distributed's all_gather_into_tensor / reduce_scatter_tensor, which this torch
@@ -104,7 +107,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
     ctx = ray.train.get_context()
-    config: StageConfig = loop_config["stage"]  # the driver's resolved config object, pickled as it is
+    # The config travels as plain data: Ray Train's controller unpickles the loop config too, and a StageConfig
+    # object would make it import convllava (torch, transformers, timm) before it starts any worker.
+    config = StageConfig.from_dict(loop_config["stage"])
+    # Where the start-up went (`jobs.train.recipe.startup_metrics`): the driver's marks, then this process's.
+    marks = [*loop_config["startup"], ("worker_start", psutil.Process().create_time()), ("worker_init", entered)]
     run = loop_config["run"]
     rank = ctx.get_world_rank()
     logger = None
@@ -120,6 +127,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         metrics=logger,
         run_id=run.get("run_id"),
         device=ray.train.torch.get_device(),
+        startup=marks,
     )
     monitor = system_metrics(run, ctx) if ctx.get_local_rank() == 0 else None
     try:
@@ -287,6 +295,8 @@ def run_stage(
         tracking_uri / run_id: MLflow store and the run rank 0 logs into (created when only the URI is given).
         on_step: called on this process with (step, total_steps, metrics) for each step rank 0 logs.
     """
+    called = time.time()
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -334,6 +344,10 @@ def run_stage(
             best_effort(f"mark run {run_id} FAILED", lambda: client(tracking_uri).set_terminated(run_id, "FAILED"))
         raise
 
+    if len([n for n in ray.nodes() if n["Alive"]]) == 1:
+        # Ray Train's preemption watcher (one more actor process per stage) reacts to a node being drained; on a
+        # one-node instance there is no other node to go on with.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     strategy = DeepSpeedStrategy(config, config.workers)
     secrets = share_secrets()
     feed = StepFeed(on_step) if on_step is not None else None
@@ -341,10 +355,11 @@ def run_stage(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "stage": config,
+            "stage": config.to_dict(),
             "run": run,
             "secrets": secrets,
             "steps": feed.handle if feed else None,
+            "startup": [("called", called), ("driver", time.time())],
         },
         scaling_config=strategy.scaling_config(),
         run_config=RunConfig(

@@ -130,11 +130,14 @@ def run_local(config: StageConfig, storage: str | os.PathLike, run_name: str | N
         jobs.train.preflight.MemoryPlanError: when the stage cannot fit its GPUs (before anything is built).
         RuntimeError: when the stage ends without a checkpoint at its last step.
     """
+    called = time.time()
     rank, world, device = _join_process_group(config.use_gpu)
-    return _run(config, storage, run_name, rank, world, device)
+    return _run(config, storage, run_name, rank, world, device, called)
 
 
-def _run(config: StageConfig, storage, run_name, rank: int, world: int, device: torch.device) -> StageResult:
+def _run(
+    config: StageConfig, storage, run_name, rank: int, world: int, device: torch.device, called: float
+) -> StageResult:
     from jobs.train.preflight import preflight
 
     config.check_runnable()
@@ -153,6 +156,7 @@ def _run(config: StageConfig, storage, run_name, rank: int, world: int, device: 
         checkpoints=checkpoints,
         device=device,
         metrics=JsonlMetrics(root / METRICS_FILE) if rank == 0 else None,
+        startup=[("called", called)],
     )
     recipe.setup(latest)
     resumed_from = recipe.step

@@ -57,6 +57,20 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
     return fn
 
 
+def startup_metrics(marks: list[tuple[str, float]]) -> dict[str, float]:
+    """`startup/<phase>_s` for each phase from the marks (label, wall-clock time) in order, the first being the start
+    (the call), each label naming the phase that ends at its time; and `startup/total_s`, the call to the last mark.
+
+    A stage launched by Ray Train passes `called` (run_stage's call), `driver` (config, storage check, tracking, memory
+    plan: the trainer starts), `worker_start` (Ray Train's controller and worker group: this worker process exists),
+    `worker_init` (imports, process group: the train loop runs); the recipe adds `model`, `engine` (DeepSpeed's
+    initialize), `restore` (a checkpoint's state, when resuming) and `first_step` (the first optimizer step is done).
+    """
+    out = {f"startup/{label}_s": t - prev for (_, prev), (label, t) in zip(marks, marks[1:])}
+    out["startup/total_s"] = marks[-1][1] - marks[0][1]
+    return out
+
+
 class StageRecipe:
     """One training stage in one process of `world_size`: builds the model the ZeRO stage needs, restores a
     checkpoint exactly, trains to `total_steps`, and hands checkpoints and metrics to the sinks it was given.
@@ -65,6 +79,8 @@ class StageRecipe:
         checkpoints: where checkpoints go (every rank).
         metrics: where rank 0's metrics go (None: not recorded; other ranks always None).
         run_id: the tracking run a checkpoint records it belongs to.
+        startup: the start-up marks before this recipe (`startup_metrics`); default: its construction is the start.
+            Rank 0 logs the breakdown with the first step it logs.
     """
 
     def __init__(
@@ -77,6 +93,7 @@ class StageRecipe:
         metrics: MetricSink | None = None,
         run_id: str | None = None,
         device: torch.device | str | None = None,
+        startup: list[tuple[str, float]] | None = None,
     ) -> None:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.checkpoints, self.logger, self.run_id = checkpoints, metrics if rank == 0 else None, run_id
@@ -84,6 +101,8 @@ class StageRecipe:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.step = 0
         self.unsent_metrics: list[list] = []  # [key, value, timestamp, step] rows the metric sink has not stored
+        self.marks = list(startup or [("called", time.time())])
+        self.startup_logged = False
 
     # ------------------------------------------------------------------ setup
     def setup(self, checkpoint_dir: Path | None) -> None:
@@ -92,6 +111,7 @@ class StageRecipe:
         self.shards = ShardSet(c.data)
         self.strategy = DeepSpeedStrategy(c, self.world_size)
         model, self.processor = self.build_model()
+        self.marks.append(("model", time.time()))
         self._check_data_matches_model(model)
         model.train()  # `load_model` returns an inference-mode model; training needs dropout and drop-path back
         set_trainable(model, c.trainable)
@@ -115,8 +135,10 @@ class StageRecipe:
         )
         self.device = torch.device(self.engine.device)
         self.collectives = DeviceCollectives(self.device)
+        self.marks.append(("engine", time.time()))
         if checkpoint_dir is not None:
             self._restore(checkpoint_dir)
+            self.marks.append(("restore", time.time()))
         if self.logger is not None:
             self.logger.requeue(self.unsent_metrics)  # metrics the checkpoint's run could not send before it stopped
             if self.step == 0:
@@ -240,7 +262,12 @@ class StageRecipe:
                 "train/step_time_s": elapsed,
                 "train/epoch": epoch + (index + 1) / self.steps_per_epoch,
             }
+            if self.marks[-1][0] != "first_step":  # this process's first step
+                self.marks.append(("first_step", time.time()))
             if self.logger and (self.step % c.log_every == 0 or self.step == self.total_steps):
+                if not self.startup_logged:  # with the first step this process logs
+                    metrics = {**metrics, **startup_metrics(self.marks)}
+                    self.startup_logged = True
                 self.logger.log(self.step, metrics)
             if self.logger and self.step == self.total_steps:
                 self.logger.close()  # bounded wait for buffered metrics; what stays unsent goes into the checkpoint

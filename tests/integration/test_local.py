@@ -57,6 +57,9 @@ def test_a_stage_trains_in_one_process_with_neither_ray_nor_mlflow(shards, tmp_p
     state = json.loads((run / "checkpoint_000003" / "trainer_state.json").read_text())
     assert state["step"] == state["total_steps"] == 3 and state["world_size"] == 1  # stage1.yaml says 2 workers
     assert _steps(run) == [1, 2, 3] and (run / "trainable_parameters.txt").read_text().startswith("module")
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    startup = {k for k in first if k.startswith("startup/")}  # run_local's call → step 1, with step 1 only
+    assert startup == {f"startup/{p}_s" for p in ("model", "engine", "first_step", "total")}, first
     assert (run / "checkpoint_000003" / "model" / "model.safetensors").is_file()
     assert f"final loss {state['metrics']['train/loss']:.4f}" in out.stdout
 

@@ -66,6 +66,13 @@ def test_three_stages_train_exactly_their_parameters_and_loss_falls(shards, tmp_
             "train/step_time_s",
             "train/lr",
         } <= set(run.data.metrics)
+        # Where the start-up went, logged once with step 1: run_stage's call → the first optimizer step, in order.
+        startup = {k: v for k, v in run.data.metrics.items() if k.startswith("startup/")}
+        phases = ("driver", "worker_start", "worker_init", "model", "engine", "first_step")
+        assert set(startup) == {f"startup/{p}_s" for p in (*phases, "total")}, startup
+        assert all(startup[f"startup/{p}_s"] >= 0 for p in phases), startup
+        assert startup["startup/total_s"] == pytest.approx(sum(startup[f"startup/{p}_s"] for p in phases), abs=1e-6)
+        assert [m.step for m in client(tracking).get_metric_history(result.run_id, "startup/total_s")] == [1]
         kept = sorted(p.name for p in (tmp_path / "runs" / config.name).glob("checkpoint_0*"))
         assert kept == [f"checkpoint_{s:06d}" for s in range(steps - 4, steps + 1, 4)][-2:]  # keep_last = 2
         verify_checkpoint(Path(result.checkpoint_uri), config.workers)

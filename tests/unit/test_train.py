@@ -9,7 +9,7 @@ from train_harness import tiny
 
 from jobs.train.checkpoints import CheckpointIncomplete, verify_checkpoint
 from jobs.train.config import CONFIG_DIR, StageConfig, StageConfigError
-from jobs.train.recipe import lr_lambda
+from jobs.train.recipe import lr_lambda, startup_metrics
 
 PAPER = {
     1: ({"vision.stage5", "projector"}, 3e-4, 256, 2),
@@ -97,3 +97,14 @@ def test_incomplete_checkpoints_are_refused(tmp_path):
     (tmp_path / "model" / "model.safetensors").write_bytes(b"weightz")
     with pytest.raises(CheckpointIncomplete, match="model/model.safetensors is missing or differs"):
         verify_checkpoint(tmp_path, 2)
+
+
+def test_startup_metrics_split_the_time_from_the_call_to_the_first_step():
+    marks = [("called", 100.0), ("driver", 101.5), ("worker_start", 104.0), ("model", 110.25), ("first_step", 111.0)]
+    assert startup_metrics(marks) == {
+        "startup/driver_s": 1.5,
+        "startup/worker_start_s": 2.5,
+        "startup/model_s": 6.25,
+        "startup/first_step_s": 0.75,
+        "startup/total_s": 11.0,
+    }

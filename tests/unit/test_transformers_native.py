@@ -28,6 +28,23 @@ def test_package_exports_the_public_api():
     assert callable(convllava.generate) and callable(convllava.load_model)
 
 
+def test_importing_the_package_registers_without_the_vision_stack(checkpoint):
+    """`import convllava` is what every Ray worker of a pipeline pays (preprocessing actors build no model): it
+    registers the Auto classes but leaves timm (and the wandb it pulls in) to the first model built."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, convllava\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM\n"
+        "assert 'timm' not in sys.modules and 'wandb' not in sys.modules, 'imported by convllava'\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r})\n"
+        "assert type(model).__name__ == 'ConvLlavaForCausalLM' and 'timm' in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
 def test_auto_processor_gives_our_input_ids_and_pixel_values(checkpoint, tiny_processor):
     auto = AutoProcessor.from_pretrained(checkpoint)
     assert isinstance(auto, convllava.ConvLlavaProcessor) and auto.config == tiny_processor.config
