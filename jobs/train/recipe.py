@@ -10,6 +10,7 @@ nothing and skips nothing. The checkpoint's layout and its verification are `job
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -66,7 +67,7 @@ def startup_metrics(marks: list[tuple[str, float]]) -> dict[str, float]:
     `worker_init` (imports, process group: the train loop runs); the recipe adds `model`, `engine` (DeepSpeed's
     initialize), `restore` (a checkpoint's state, when resuming) and `first_step` (the first optimizer step is done).
     """
-    out = {f"startup/{label}_s": t - prev for (_, prev), (label, t) in zip(marks, marks[1:])}
+    out = {f"startup/{label}_s": t - prev for (_, prev), (label, t) in itertools.pairwise(marks)}
     out["startup/total_s"] = marks[-1][1] - marks[0][1]
     return out
 
