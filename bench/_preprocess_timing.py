@@ -31,6 +31,7 @@ class CpuMeter:
         self._me, self._interval = psutil.Process(), interval
         self._first: dict[int, float] = {}
         self._last: dict[int, float] = {}
+        self._kind: dict[int, str] = {}
         self._sample(initial=True)
         self.system, self.t0 = system_cpu(), time.perf_counter()
         self._stop = threading.Event()
@@ -47,21 +48,42 @@ class CpuMeter:
                 continue
             self._first.setdefault(p.pid, t.user + t.system if initial else 0.0)
             self._last[p.pid] = t.user + t.system
+            if p.pid not in self._kind:
+                self._kind[p.pid] = _kind(p, self._me)
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             self._sample()
 
-    def read(self) -> dict[str, float | None]:
+    def read(self) -> dict[str, Any]:
         self._stop.set()
         self._thread.join()
         self._sample()
         system, wall = system_cpu(), time.perf_counter() - self.t0
         ours = sum(self._last[pid] - self._first[pid] for pid in self._last) / wall
+        self.cpu_s_by_kind: dict[str, float] = {}
+        for pid, last in self._last.items():
+            kind = self._kind.get(pid, "other")
+            self.cpu_s_by_kind[kind] = self.cpu_s_by_kind.get(kind, 0.0) + last - self._first[pid]
         if self.system is None or system is None or system[1] == self.system[1]:
             return {"machine": None, "ours": ours, "others": None}
         machine = (system[0] - self.system[0]) / (system[1] - self.system[1]) * (os.cpu_count() or 1)
         return {"machine": machine, "ours": ours, "others": max(0.0, machine - ours)}
+
+
+def _kind(process, me) -> str:
+    """What a process of our tree is, for the CPU split: this process (the driver), a Ray daemon, a worker."""
+    import psutil
+
+    if process.pid == me.pid:
+        return "driver"
+    try:
+        cmd = " ".join(process.cmdline())
+    except psutil.Error:
+        return "other"
+    if "default_worker.py" in cmd or cmd.startswith("ray::"):
+        return "ray workers (actors, tasks)"
+    return "ray daemons (gcs, raylet, agents)"
 
 
 def warm_page_cache(root: Path, items: list[dict[str, Any]]) -> None:
@@ -182,6 +204,7 @@ def pipeline(root: Path, n: int, config) -> dict[str, Any]:
         cores = meter.read()
     finally:
         pp._process = original
+    by_kind = {k: v / n * 1e3 for k, v in sorted(meter.cpu_s_by_kind.items())}
     output_bytes = sum(f.stat().st_size for f in output.rglob("*") if f.is_file())
     shutil.rmtree(output)
     m = result.manifest
@@ -192,6 +215,7 @@ def pipeline(root: Path, n: int, config) -> dict[str, Any]:
         "cpu_cores": cores,
         "cpu_s": cores["ours"] * seconds,  # driver + GCS, raylet, workers and actors (this process tree)
         "cpu_ms_per_image": cores["ours"] * seconds / n * 1e3,
+        "cpu_ms_per_image_by_process": by_kind,
         "ray_data_stage_s": ray_stage.get("seconds"),
         "driver_other_s": seconds - ray_stage.get("seconds", 0.0),
         "manifest": {

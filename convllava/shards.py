@@ -17,6 +17,7 @@ group), through a small LRU cache of decoded tables.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections import OrderedDict
@@ -82,9 +83,20 @@ def shard_bucket(path: str) -> str:
 
 def write_shard(store: Store, path: str, table: pa.Table) -> None:
     sink = pa.BufferOutputStream()
-    # No dictionary pages whose layout depends on writer state: identical rows → identical bytes.
-    pq.write_table(table, sink, compression="zstd", use_dictionary=False)
+    # No dictionary pages whose layout depends on writer state: identical rows → identical bytes. The encoded images
+    # (JPEG/PNG) are compressed already: zstd on them costs CPU here and on every read in training, and saves nothing.
+    pq.write_table(table, sink, compression=_codecs(table.schema), use_dictionary=False)
     store.write_bytes(path, sink.getvalue().to_pybytes())
+
+
+@functools.cache
+def _codecs(schema: pa.Schema) -> dict[str, str]:
+    """Parquet's codec per leaf column (`input_ids.list.element`): none for `image`, zstd for the rest."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    leaves = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
+    paths = [leaves.column(i).path for i in range(len(leaves))]
+    return {path: "none" if path == "image" else "zstd" for path in paths}
 
 
 def write_shards(store: Store, rows: list[dict[str, Any]]) -> dict[str, str]:

@@ -128,14 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value overrides of the stage config, e.g. preset=convllava-1536")
     p.set_defaults(func=commands.cmd_plan)
 
-    p = sub.add_parser("predict", help="batch inference on Ray Data: questions JSONL → answers JSONL")
+    p = sub.add_parser("predict", help="batch inference: questions JSONL → answers JSONL")
     p.add_argument("--model", required=True, help="checkpoint (local or s3://)")
     p.add_argument("--input", required=True, help="JSONL with id, question and optional image per line")
     p.add_argument("--output", required=True, help="answers JSONL")
     p.add_argument("--image-root", help="folder the images are relative to (default: the input's folder)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, help="model replicas (actors); default: all CPUs / GPUs")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="model replicas on Ray Data (actors); 0: in this process. Default: in this process on a machine alone "
+        "(one node, at most one GPU), else one per GPU (per CPU on a cluster without GPUs)",
+    )
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=commands.cmd_predict)
 

@@ -367,12 +367,16 @@ def test_demo_recipe_resolves_and_trains_the_random_lm_from_stage_1():
     """The demo's overrides (which small_config replaces) build valid stages: the tiny LM starts random, so stage 1
     trains it; in every stage the tower learns at most a tenth of the LM's rate; captions, then instructions."""
     from jobs.dag.config import PipelineConfig
+    from jobs.train.config import StageConfig
 
     config = PipelineConfig.from_yaml(ROOT / "jobs/configs/demo.yaml")
     stages = {node: config.stage_config(node, f"shards/{node}", None) for node in ("stage1", "stage2", "stage3")}
     assert [config.stages[n].data for n in stages] == ["captions", "captions", "instruct"]
     assert {"llm", "projector", "vision.stage5"} <= set(stages["stage1"].trainable)
     assert [s.epochs for s in stages.values()] == [1, 3, 5] and all(s.max_steps is None for s in stages.values())
+    # ZeRO-2 throughout: nothing to partition in a 1M-parameter model; the tiny configs keep the paper's ZeRO-3
+    assert [s.deepspeed for s in stages.values()] == ["zero2"] * 3
+    assert StageConfig.from_yaml(ROOT / "jobs/configs/tiny/stage2.yaml").deepspeed == "zero3"
     for node, stage in stages.items():
         vision = {g for g in stage.trainable if g.startswith("vision")}
         assert set(stage.lr_groups) == vision, node

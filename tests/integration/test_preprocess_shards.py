@@ -40,6 +40,13 @@ def test_shards_hold_everything_training_needs(ray_local, tmp_path, tiny_process
         assert row["num_image_tokens"] == (image.height // 64) * (image.width // 64)
         learned = tiny_processor.tokenizer.decode([t for t in row["labels"] if t != -100])
         assert learned == " A red square.</s>"
+    # The encoded images are stored as they are (compressing JPEG/PNG again costs CPU and saves nothing); the rest zstd
+    import pyarrow.parquet as pq
+
+    for shard in manifest["shards"]:
+        meta = pq.ParquetFile(tmp_path / "out" / shard["path"]).metadata.row_group(0)
+        codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
+        assert codecs.pop("image") == "UNCOMPRESSED" and set(codecs.values()) == {"ZSTD"}, codecs
 
 
 def llava_pad_reference(image: Image.Image, resolution: int) -> torch.Tensor:
