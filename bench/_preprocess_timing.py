@@ -177,6 +177,8 @@ def start_ray(num_cpus: int) -> tuple[float, float]:
 
 def pipeline(root: Path, n: int, config) -> dict[str, Any]:
     """`run_preprocess` end to end into a fresh directory (deleted afterwards); Ray must already be running."""
+    import ray
+
     import pipelines.preprocess as pp
     from pipelines.config import Mixture, Source
 
@@ -225,5 +227,6 @@ def pipeline(root: Path, n: int, config) -> dict[str, Any]:
         | {"padded_pixel_fraction": m.padded_pixel_fraction, "shards": len(m.shards)},
         "output_bytes": output_bytes,
         "units": math.ceil(n / config.unit_size),
+        **dict(zip(("actors", "threads"), config.actors(int(ray.cluster_resources()["CPU"])), strict=True)),
         "unit_size": config.unit_size,
     }

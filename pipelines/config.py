@@ -36,6 +36,9 @@ class ConfigError(ConfigLoadError):
     """A configuration value or key that is not accepted; the message names it and the file."""
 
 
+MAX_ACTORS, MAX_THREADS = 8, 8  # the default preprocessing pool: up to 8 actors, then up to 8 threads each
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How samples become shards.
@@ -55,7 +58,11 @@ class PreprocessConfig:
         jpeg_quality: JPEG quality when re-encoding.
         max_quarantine_fraction: the job fails (after writing everything) when more samples are quarantined.
         unit_size: samples per work unit (one Ray task; one shard file per bucket it touches).
-        workers: Ray Data actors doing the work (default: the CPUs Ray has).
+        workers: Ray Data actors doing the work (default: Ray's CPUs / `threads`).
+        threads: samples each actor works on at once, one thread each (decoding, resizing and encoding release the
+            GIL), and the CPUs it asks Ray for. Default: Ray's CPUs / `workers`; with neither given, one thread per
+            actor up to 8 actors, then more threads (at most 8) rather than more actors: on 64 CPUs 8 processes
+            start, import and hold a tokenizer instead of 64; on a few CPUs every actor starts at once.
         seed: for mixture sampling.
     """
 
@@ -73,6 +80,7 @@ class PreprocessConfig:
     max_quarantine_fraction: float = 0.1
     unit_size: int = 256
     workers: int | None = None
+    threads: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -107,14 +115,28 @@ class PreprocessConfig:
             fail("unit_size", f"must be >= 1, got {self.unit_size}")
         if self.workers is not None and self.workers < 1:
             fail("workers", f"must be >= 1, got {self.workers}")
+        if self.threads is not None and self.threads < 1:
+            fail("threads", f"must be >= 1, got {self.threads}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def actors(self, cpus: int) -> tuple[int, int]:
+        """(actors, threads per actor) on a cluster with `cpus` CPUs (see `workers` and `threads`)."""
+        if self.threads:
+            threads = self.threads
+        elif self.workers:
+            threads = max(1, min(MAX_THREADS, cpus // self.workers))
+        else:
+            threads = min(MAX_THREADS, -(-cpus // MAX_ACTORS))
+        return self.workers or max(1, cpus // threads), threads
+
     def output_hash(self) -> str:
         """Hash of the fields that change what a shard holds (not how the work is scheduled)."""
         content = {
-            k: v for k, v in self.to_dict().items() if k not in ("max_quarantine_fraction", "unit_size", "workers")
+            k: v
+            for k, v in self.to_dict().items()
+            if k not in ("max_quarantine_fraction", "unit_size", "workers", "threads")
         }
         if content["tokenization"] == "one_pass":  # the default before the option existed: old shards stay valid
             del content["tokenization"]

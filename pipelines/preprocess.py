@@ -174,15 +174,20 @@ def _process(
     from pipelines.ray_runtime import ensure_ray, share_secrets, worker_runtime_env
 
     ensure_ray(address)
-    workers = config.workers or max(1, int(ray.available_resources().get("CPU", 1)))
+    workers, threads = config.actors(max(1, int(ray.available_resources().get("CPU", 1))))
     units = _units(todo, config.unit_size)
     items = [{"unit": json.dumps([_unit_record(r) for r in unit])} for unit in units]
     workers = min(workers, len(units))
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
         UnitProcessor,
-        fn_constructor_kwargs={"config": config.to_dict(), "output": output, "secrets": share_secrets()},
+        fn_constructor_kwargs={
+            "config": config.to_dict(),
+            "output": output,
+            "secrets": share_secrets(),
+            "threads": threads,
+        },
         compute=ActorPoolStrategy(size=workers),  # a fixed pool: all actors load the tokenizer at once, up front
-        num_cpus=1,
+        num_cpus=threads,
         runtime_env=worker_runtime_env(),
     )
     rows = ds.take_all()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from PIL import Image
@@ -48,27 +50,27 @@ def build_processor(config: PreprocessConfig) -> ConvLlavaProcessor:
 
 
 class UnitProcessor:
-    """Ray Data actor: holds the tokenizer/processor and the output store across units."""
+    """Ray Data actor: holds the tokenizer/processor and the output store across units, and works on `threads`
+    samples of a unit at once (Pillow releases the GIL while it decodes, resizes and encodes)."""
 
-    def __init__(self, config: dict[str, Any], output: str, secrets: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any], output: str, secrets: dict[str, Any] | None = None, threads: int = 1
+    ) -> None:
         adopt_secrets(secrets)  # credentials for an s3:// output or image root; see pipelines.ray_runtime
         self.config = PreprocessConfig(**config)
         self.processor = build_processor(self.config)
         self.store = Store(output)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="preprocess") if threads > 1 else None
+        self.tokenizing = threading.Lock()  # a fast tokenizer's settings are shared state: one call at a time
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         records = json.loads(row["unit"])
+        done = self.pool.map(self.sample, records) if self.pool else map(self.sample, records)
         entries, rows = [], []
-        for rec in records:
-            entry = {k: rec[k] for k in ("key", "id", "source", "line", "content_hash")}
-            try:
-                sample = self.process(rec)
-            except Quarantined as q:
-                entry.update(status="quarantined", category=q.category, reason=q.reason, record=rec["raw"])
-            else:
-                rows.append(sample)
-                entry.update(written_entry(sample))
+        for entry, sample in done:  # in record order, whatever order the threads finished in
             entries.append(entry)
+            if sample is not None:
+                rows.append(sample)
         try:
             shard_of = write_shards(self.store, rows)
         except OSError as e:  # a full disk, lost permissions, a storage outage: this unit is not done
@@ -82,6 +84,17 @@ class UnitProcessor:
                 entry["shard"] = shard_of[entry["key"]]
         return {"entries": json.dumps(entries), "failed": ""}
 
+    def sample(self, rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """One record's index entry, and its shard row (None when it is quarantined)."""
+        entry = {k: rec[k] for k in ("key", "id", "source", "line", "content_hash")}
+        try:
+            sample = self.process(rec)
+        except Quarantined as q:
+            entry.update(status="quarantined", category=q.category, reason=q.reason, record=rec["raw"])
+            return entry, None
+        entry.update(written_entry(sample))
+        return entry, sample
+
     def process(self, rec: dict[str, Any]) -> dict[str, Any]:
         if rec.get("error"):
             raise Quarantined(*rec["error"])
@@ -94,7 +107,8 @@ class UnitProcessor:
             image_sizes = [(placement.canvas_height, placement.canvas_width)]
             encoded = self.encode(resized)
         try:
-            sample = self.processor.tokenize(rec["conversations"], image_sizes, sample_id=sid)
+            with self.tokenizing:
+                sample = self.processor.tokenize(rec["conversations"], image_sizes, sample_id=sid)
         except ConversationError as e:
             raise Quarantined("malformed_record", str(e)) from None
         except SequenceTooLongError as e:

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="one_pass (ours) or llava (tokenizer_image_token, as the released checkpoints were trained)",
     )
     p.add_argument("--max-length", type=int)
-    p.add_argument("--workers", type=int, help="Ray Data actors (default: all CPUs Ray has)")
+    p.add_argument("--workers", type=int, help="Ray Data actors (default: Ray's CPUs / --threads)")
+    p.add_argument("--threads", type=int, help="samples each actor works on at once (default: CPUs / workers, <= 8)")
     p.add_argument("--address", help="Ray cluster address (default: an embedded local instance)")
     p.set_defaults(func=commands.cmd_preprocess)
 

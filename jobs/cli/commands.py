@@ -121,6 +121,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         tokenization=args.tokenization,
         max_length=args.max_length,
         workers=args.workers,
+        threads=args.threads,
     )
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if args.config:

@@ -81,8 +81,20 @@ def test_tokenization_is_a_preprocess_option_in_the_hash():
     before = {
         k: v
         for k, v in default.to_dict().items()  # the default hashes as before the option existed
-        if k not in ("tokenization", "max_quarantine_fraction", "unit_size", "workers")
+        if k not in ("tokenization", "max_quarantine_fraction", "unit_size", "workers", "threads")
     }
     assert default.output_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     with pytest.raises(ConfigError, match=r"preprocess config: tokenization: must be one of \('one_pass', 'llava'\)"):
         PreprocessConfig(tokenization="bpe")
+
+
+def test_actors_share_the_cpus_with_their_threads():
+    """(actors, threads each): one thread per actor up to 8 actors, then up to 8 threads; the user's numbers win."""
+    assert PreprocessConfig().actors(2) == (2, 1)
+    assert PreprocessConfig().actors(16) == (8, 2)
+    assert PreprocessConfig().actors(96) == (12, 8)
+    assert PreprocessConfig(workers=2).actors(2) == (2, 1)
+    assert PreprocessConfig(threads=1).actors(4) == (4, 1)
+    assert PreprocessConfig(workers=3, threads=2).actors(2) == (3, 2)
+    with pytest.raises(ConfigError, match="threads: must be >= 1"):
+        PreprocessConfig(threads=0)

@@ -30,7 +30,7 @@ def test_deterministic_and_incremental(ray_local, tmp_path):
     root = tmp_path / "data"
     records = good_set(root)
     run(root, records, tmp_path / "one")
-    run(root, records, tmp_path / "two")
+    run(root, records, tmp_path / "two", workers=1, threads=2)  # one actor, two samples at once
     assert _tree(tmp_path / "one") == _tree(tmp_path / "two")  # byte-identical files under identical names
     run(root, records, tmp_path / "three", unit_size=2)  # other work units: other files, the same rows
     assert _rows_by_id(tmp_path / "three") == _rows_by_id(tmp_path / "one")
