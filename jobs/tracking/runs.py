@@ -152,7 +152,9 @@ class MetricLogger:
         # Opening the store (a SQLite store checks its schema: ~2 s) and reading the logged steps happen while the
         # model builds; every method waits for them.
         self._error: BaseException | None = None
-        self._connecting = threading.Thread(target=self._connect, args=(key,), name="convllava-mlflow-connect")
+        self._connecting = threading.Thread(
+            target=self._connect, args=(key,), name="convllava-mlflow-connect", daemon=True
+        )
         self._connecting.start()
 
     def _connect(self, key: str) -> None:
