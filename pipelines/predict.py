@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image
 
 from convllava.storage import is_s3, read_bytes, write_bytes
-from pipelines.ray_runtime import adopt_secrets, ensure_ray, share_secrets, worker_runtime_env
+from pipelines.ray_runtime import adopt_secrets, alive_nodes, ensure_ray, share_secrets, worker_runtime_env
 from pipelines.sources import resolve_image
 
 
@@ -146,7 +146,7 @@ def replicas_for(workers: int | None, address: str | None) -> int:
         return 0
     if workers is None and not (address or os.environ.get("RAY_ADDRESS")):
         if ray.is_initialized():  # this process's Ray: one node with at most one GPU answers here
-            nodes = [n for n in ray.nodes() if n["Alive"]]
+            nodes = alive_nodes()
             alone = len(nodes) == 1 and nodes[0]["Resources"].get("GPU", 0) <= 1
         else:
             import torch
@@ -219,8 +219,10 @@ def run_predict(
         for b in batches
     ]
     replicas = min(replicas_for(workers, address), len(batches)) if batches else 0
-    if replicas == 0:
-        predictor = Predictor(model, max_new_tokens) if batches else None
+    if not batches:
+        rows = []
+    elif replicas == 0:
+        predictor = Predictor(model, max_new_tokens)
         rows = [predictor(item) for item in items]
     else:
         rows = _answer_on_pool(items, model, max_new_tokens, replicas)

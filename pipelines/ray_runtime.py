@@ -55,6 +55,13 @@ def ensure_ray(address: str | None = None) -> None:
         quiet_ray_data_console()
 
 
+def alive_nodes() -> list[dict[str, Any]]:
+    """The nodes of the Ray cluster this process joined that are alive (`ray.nodes()` keeps dead ones)."""
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
 def quiet_ray_data_console() -> None:
     """Ray Data logs INFO to the console (plans, progress) and everything to `ray-data.log` in the session's log
     folder: keep the file, raise the console handler to WARNING. In a terminal its progress bars stay. Call after

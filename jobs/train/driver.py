@@ -22,7 +22,7 @@ from jobs.progress import StepFeed
 from jobs.train.config import StageConfig
 from jobs.train.interfaces import StageResult
 from jobs.train.strategy import DeepSpeedStrategy
-from pipelines.ray_runtime import adopt_secrets, ensure_ray, share_secrets, worker_runtime_env
+from pipelines.ray_runtime import adopt_secrets, alive_nodes, ensure_ray, share_secrets, worker_runtime_env
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,6 @@ def run_stage(
         on_step: called on this process with (step, total_steps, metrics) for each step rank 0 logs.
     """
     called = time.time()
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -344,7 +343,7 @@ def run_stage(
             best_effort(f"mark run {run_id} FAILED", lambda: client(tracking_uri).set_terminated(run_id, "FAILED"))
         raise
 
-    if len([n for n in ray.nodes() if n["Alive"]]) == 1:
+    if len(alive_nodes()) == 1:
         # Ray Train's preemption watcher (one more actor process per stage) reacts to a node being drained; on a
         # one-node instance there is no other node to go on with.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
