@@ -92,8 +92,9 @@ def warm_page_cache(root: Path, items: list[dict[str, Any]]) -> None:
         (root / it["image"]).read_bytes()
 
 
-def plain_loop(root: Path, items: list[dict[str, Any]], config) -> dict[str, Any]:
-    """The per-sample work of one epoch of a lazy LLaVA dataset, in this process, stage by stage."""
+def plain_loop(root: Path, items: list[dict[str, Any]], config, first: int | None = None) -> dict[str, Any]:
+    """The per-sample work of one epoch of a lazy LLaVA dataset, in this process, stage by stage. `first`: also
+    report the CPU seconds spent on the first `first` items (`cpu_s_first`)."""
     from convllava.image_processing import load_image
     from pipelines.worker import build_processor
 
@@ -106,7 +107,10 @@ def plain_loop(root: Path, items: list[dict[str, Any]], config) -> dict[str, Any
     visual_tokens = total_length = 0
     meter, cpu0 = CpuMeter(), time.process_time()
     start = time.perf_counter()
-    for it in items:
+    cpu_first = None
+    for i, it in enumerate(items):
+        if i == first:
+            cpu_first = time.process_time() - cpu0
         t0 = time.perf_counter()
         data = (root / it["image"]).read_bytes()
         t1 = time.perf_counter()
@@ -133,6 +137,7 @@ def plain_loop(root: Path, items: list[dict[str, Any]], config) -> dict[str, Any
         "images_per_s": len(items) / seconds,
         "cpu_s": time.process_time() - cpu0,
         "cpu_ms_per_image": (time.process_time() - cpu0) / len(items) * 1e3,
+        **({"first": first, "cpu_s_first": cpu_first} if first is not None else {}),
         "cpu_cores": meter.read(),
         "processor_build_s": build_s,
         "stage_ms_per_image": {k: v / len(items) * 1e3 for k, v in stages.items()},
@@ -175,8 +180,9 @@ def start_ray(num_cpus: int) -> tuple[float, float]:
     return init_s, time.perf_counter() - settle
 
 
-def pipeline(root: Path, n: int, config) -> dict[str, Any]:
-    """`run_preprocess` end to end into a fresh directory (deleted afterwards); Ray must already be running."""
+def pipeline(root: Path, n: int, config, annotations: str = "annotations.jsonl") -> dict[str, Any]:
+    """`run_preprocess` of the `n` records in `annotations` (a file in `root`) end to end into a fresh directory
+    (deleted afterwards); Ray must already be running."""
     import ray
 
     import pipelines.preprocess as pp
@@ -195,7 +201,7 @@ def pipeline(root: Path, n: int, config) -> dict[str, Any]:
     output = CACHE_ROOT / "runs" / f"out-{os.getpid()}-{int(time.time())}"
     if output.exists():
         shutil.rmtree(output)
-    mixture = Mixture((Source("bench", str(root / "annotations.jsonl"), str(root)),))
+    mixture = Mixture((Source("bench", str(root / annotations), str(root)),))
     lines: list[str] = []
     pp._process = timed_process
     try:

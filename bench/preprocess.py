@@ -22,6 +22,12 @@ rotated, shown upright). One LLaVA JSONL record per image with a short Vicuna co
      both reported separately) and `run_preprocess` joins it; Ray Data progress bars are off. The time of its
      Ray Data stage (`_process`) is reported too.
 
+   - pipeline on the first K images (`--subset`, default a quarter), on a fresh Ray instance, the same way: with
+     the full run it splits the pipeline's CPU into a fixed start-up part (per process kind: the actors' imports and
+     tokenizer load, Ray Data's own actors, the driver) and a part per image, the CPU the N - K more images took;
+     the plain loop's CPU per image over the same N - K images is timed in its one loop. The table projects the
+     two to 10,000 .. 1,000,000 images.
+
    Both must account for every image: the manifest must say written == images, quarantined == 0, and the plain
    loop's bucket counts and visual-token total must equal the manifest's. Goal: pipeline >= 1.5x plain loop.
    The page cache is warmed (every file read once) before either is timed.
@@ -39,7 +45,7 @@ rotated, shown upright). One LLaVA JSONL record per image with a short Vicuna co
    canvas pixels, for `bucket` and `square`; for the benchmark images and for the demo data set's images
    (`pipelines.demo_data.generate_demo_data`, small counts, in a temporary directory). Goal: bucket <= 5%.
 
-Run (about 3 minutes on 2 idle CPU cores, plus about a minute the first time to generate the images):
+Run (about 4 minutes on 2 idle CPU cores, plus about a minute the first time to generate the images):
 
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 .venv/bin/python bench/preprocess.py [--images 2000] \
         [--out bench/results/preprocess.json]
@@ -76,6 +82,7 @@ RAY_CPUS = 2
 GOAL_RATIO = 1.5
 OVERHEAD_GOAL = 0.15  # pipeline CPU per image over the plain loop's (issue 16)
 GOAL_PADDED = 0.05
+SIZES = (2_000, 10_000, 100_000, 1_000_000)  # data set sizes the fixed + per-image split is projected to
 # A timed phase is CONTENDED (its wall-clock time not valid) when the single-process plain loop got under 0.95 of a
 # core, or when other processes kept more than 0.25 cores busy on average while the pipeline (which wants both) ran.
 PLAIN_MIN_CORES = 0.95
@@ -131,6 +138,33 @@ def fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def cpu_split(plain: dict[str, Any], pipe: dict[str, Any], sub: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's CPU as fixed + per image from its two runs (N and K images): per image = the CPU the N - K
+    more images took; fixed = the rest, per process kind. Against the plain loop's CPU per image over the same
+    N - K images (the first K are timed in the same loop)."""
+    n, k = pipe["images"], sub["images"]
+
+    def per_kind(r: dict[str, Any]) -> dict[str, float]:  # CPU seconds by process kind
+        return {kind: ms * r["images"] / 1e3 for kind, ms in r["cpu_ms_per_image_by_process"].items()}
+
+    full, part = per_kind(pipe), per_kind(sub)
+    marginal = {kind: (full[kind] - part.get(kind, 0.0)) / (n - k) for kind in full}  # s per image
+    plain_ms = (plain["cpu_s"] - plain["cpu_s_first"]) / (n - k) * 1e3
+    pipe_ms = (pipe["cpu_s"] - sub["cpu_s"]) / (n - k) * 1e3
+    fixed_s = pipe["cpu_s"] - pipe_ms * n / 1e3
+    return {
+        "images": [k, n],
+        "plain_ms_per_image": plain_ms,
+        "pipeline_ms_per_image": pipe_ms,
+        "overhead_per_image": pipe_ms / plain_ms - 1,
+        "fixed_cpu_s": fixed_s,
+        "fixed_cpu_s_by_process": {kind: full[kind] - marginal[kind] * n for kind in full},
+        "ms_per_image_by_process": {kind: v * 1e3 for kind, v in marginal.items()},
+        # what the two add up to, per image, at other data set sizes
+        "overhead_at_images": {size: (fixed_s * 1e3 / size + pipe_ms) / plain_ms - 1 for size in SIZES},
+    }
+
+
 def markdown(r: dict[str, Any]) -> str:
     plain, pipe, pad = r["plain_loop"], r["pipeline"], r["padded_fraction"]
     ratio = r["throughput_ratio"]
@@ -159,6 +193,22 @@ def markdown(r: dict[str, Any]) -> str:
         f"{pipe['cpu_cores']['ours']:.2f} / {fmt(pipe['cpu_cores']['others'], '.2f')} | "
         f"{contention(r)} |",
     ]
+    if split := r.get("cpu_split"):
+        k, n = split["images"]
+        lines += [
+            f"| pipeline CPU split from its runs on {k} and {n} images: fixed start-up (driver + all Ray processes) | "
+            f"{split['fixed_cpu_s']:.1f} s: "
+            + ", ".join(f"{kind} {v:.1f} s" for kind, v in split["fixed_cpu_s_by_process"].items())
+            + " | |",
+            f"| ... and per image, over the {n - k} more images: plain loop / pipeline (overhead) | "
+            f"{split['plain_ms_per_image']:.1f} / {split['pipeline_ms_per_image']:.1f} ms "
+            f"(**{split['overhead_per_image']:+.0%}**) | <= {OVERHEAD_GOAL:.0%} |",
+            "| pipeline CPU overhead, fixed + per image, at "
+            + " / ".join(f"{size:,}" for size in split["overhead_at_images"])
+            + " images | "
+            + " / ".join(f"{v:+.0%}" for v in split["overhead_at_images"].values())
+            + " | |",
+        ]
     for name, key in (("benchmark images", "bench"), ("demo data set", "demo")):
         if key not in pad:
             continue
@@ -181,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, help="preprocessing actors (default: the pipeline's)")
     parser.add_argument("--threads", type=int, help="threads per actor (default: the pipeline's)")
     parser.add_argument(
+        "--subset",
+        type=int,
+        help="also run the pipeline on the first K images, on a fresh Ray, to split its CPU into a fixed start-up "
+        "part and a part per image (default: images / 4; 0: skip)",
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         default=300.0,
@@ -190,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.images < 1:
         parser.error("--images must be >= 1")
+    subset = args.images // 4 if args.subset is None else args.subset
+    if not 0 <= subset < args.images:
+        parser.error("--subset must be in 0..images-1")
 
     from pipelines.config import PreprocessConfig
 
@@ -202,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet = {"plain_loop": wait_quiet(args.wait_quiet, threshold=0.2)}
     print(f"plain loop ({_quiet_note(quiet['plain_loop'])}) ...", flush=True)
-    plain = plain_loop(root, items, config)
+    plain = plain_loop(root, items, config, first=subset or None)
     print(f"  {plain['images_per_s']:.2f} images/s", flush=True)
     quiet["pipeline"] = wait_quiet(args.wait_quiet, threshold=0.2)
     print(f"ray.init + pipeline ({_quiet_note(quiet['pipeline'])}) ...", flush=True)
@@ -215,6 +274,21 @@ def main(argv: list[str] | None = None) -> int:
 
         ray.shutdown()
     print(f"  {pipe['images_per_s']:.2f} images/s", flush=True)
+    sub = None
+    if subset:
+        quiet["pipeline_subset"] = wait_quiet(args.wait_quiet, threshold=0.2)
+        print(f"ray.init + pipeline on the first {subset} images ({_quiet_note(quiet['pipeline_subset'])}) ...")
+        name = f"annotations-first{subset}.jsonl"
+        lines = (root / "annotations.jsonl").read_text().splitlines(keepends=True)[:subset]
+        (root / name).write_text("".join(lines))
+        start_ray(RAY_CPUS)
+        try:
+            sub = pipeline(root, subset, config, annotations=name)
+        finally:
+            import ray
+
+            ray.shutdown()
+        print(f"  {sub['images_per_s']:.2f} images/s", flush=True)
 
     m = pipe["manifest"]
     checks = {
@@ -228,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         "plain_loop": plain["cpu_cores"]["ours"] < PLAIN_MIN_CORES,
         "pipeline": (pipe["cpu_cores"]["others"] or 0.0) > CONTENDED_CORES,
     }
+    if sub is not None:
+        checks["subset_manifest_written"] = sub["manifest"]["written"] == subset
+        contended["pipeline_subset"] = (sub["cpu_cores"]["others"] or 0.0) > CONTENDED_CORES
     pad = {"bench": padded([(it["width"], it["height"]) for it in items])}
     if not args.no_demo:
         pad["demo"] = padded(demo_sizes())
@@ -249,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_bound_ratio": RAY_CPUS * plain["cpu_ms_per_image"] / pipe["cpu_ms_per_image"],
         "cpu_overhead": pipe["cpu_ms_per_image"] / plain["cpu_ms_per_image"] - 1,
         "cpu_overhead_goal": OVERHEAD_GOAL,
+        "pipeline_subset": sub,
+        "cpu_split": cpu_split(plain, pipe, sub) if sub is not None else None,
         "goal_ratio": GOAL_RATIO,
         "padded_fraction": pad,
         "goal_padded_fraction": GOAL_PADDED,

@@ -8,13 +8,25 @@ The tokens are the last stage's feature map flattened row-major, with no final n
 from __future__ import annotations
 
 import re
+import sys
 
 import torch
-from timm.layers import LayerNorm, LayerNorm2d
-from timm.models.convnext import ConvNeXt, ConvNeXtStage
 from torch import nn
 
 from convllava.buckets import STRIDE, check_size
+
+# Importing timm imports wandb when it is installed (`timm.utils.summary`'s optional run logging, a helper of timm's
+# training scripts that we never call): 1.3 s of CPU in every process that builds a model, each training worker
+# included. wandb is kept out of timm's import only; importing it afterwards works as usual.
+_WANDB_UNSET = "wandb" not in sys.modules
+if _WANDB_UNSET:
+    sys.modules["wandb"] = None  # `import wandb` raises ImportError, which timm catches
+try:
+    from timm.layers import LayerNorm, LayerNorm2d
+    from timm.models.convnext import ConvNeXt, ConvNeXtStage
+finally:
+    if _WANDB_UNSET and sys.modules.get("wandb", 0) is None:
+        del sys.modules["wandb"]
 
 
 class ConvNeXtTower(nn.Module):

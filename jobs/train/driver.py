@@ -297,10 +297,10 @@ def run_stage(
     """
     called = time.time()
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     from jobs.tracking.runs import best_effort, log_metric_rows, log_params, start_run
     from jobs.train.checkpoints import TRAINER_STATE, verify_stored_checkpoint
+    from jobs.train.trainer import StageTrainer
 
     config.check_runnable()
     # Workers run in another directory: local paths must be absolute before they travel.
@@ -351,7 +351,7 @@ def run_stage(
     secrets = share_secrets()
     feed = StepFeed(on_step) if on_step is not None else None
     run = {"tracking_uri": tracking_uri, "run_id": run_id}
-    trainer = TorchTrainer(
+    trainer = StageTrainer(
         train_loop_per_worker,
         train_loop_config={
             "stage": config.to_dict(),

@@ -108,3 +108,23 @@ def test_startup_metrics_split_the_time_from_the_call_to_the_first_step():
         "startup/first_step_s": 0.75,
         "startup/total_s": 11.0,
     }
+
+
+def test_stage_trainer_starts_no_dataset_manager_without_ray_datasets():
+    """A stage reads its shards itself: Ray Train's dataset callback (one more actor process per stage) is left out,
+    and kept for a trainer given Ray datasets; every other default callback stays."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from jobs.train.trainer import StageTrainer
+
+    scaling = ray.train.ScalingConfig(num_workers=1)
+
+    def names(trainer) -> list[str]:
+        return [type(c).__name__ for c in trainer._create_default_callbacks()]
+
+    plain = names(TorchTrainer(lambda: None, scaling_config=scaling))
+    assert "DatasetsCallback" in plain and "BackendSetupCallback" in plain
+    ours = names(StageTrainer(lambda: None, scaling_config=scaling))
+    assert ours == [n for n in plain if n != "DatasetsCallback"]
+    assert names(StageTrainer(lambda: None, scaling_config=scaling, datasets={"train": lambda: None})) == plain
