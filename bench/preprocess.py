@@ -138,6 +138,20 @@ def fmt(v: float | None, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def pipeline_on_fresh_ray(
+    root: Path, n: int, config, annotations: str = "annotations.jsonl"
+) -> tuple[dict[str, Any], float, float]:
+    """`pipeline` on a Ray instance started for it and shut down after: (its result, ray.init s, settle s)."""
+    import ray
+
+    init_s, settle_s = start_ray(RAY_CPUS)
+    print(f"ray.init: {init_s:.1f} s (+ {settle_s:.1f} s until Ray was idle); pipeline ...", flush=True)
+    try:
+        return pipeline(root, n, config, annotations=annotations), init_s, settle_s
+    finally:
+        ray.shutdown()
+
+
 def cpu_split(plain: dict[str, Any], pipe: dict[str, Any], sub: dict[str, Any]) -> dict[str, Any]:
     """The pipeline's CPU as fixed + per image from its two runs (N and K images): per image = the CPU the N - K
     more images took; fixed = the rest, per process kind. Against the plain loop's CPU per image over the same
@@ -265,14 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {plain['images_per_s']:.2f} images/s", flush=True)
     quiet["pipeline"] = wait_quiet(args.wait_quiet, threshold=0.2)
     print(f"ray.init + pipeline ({_quiet_note(quiet['pipeline'])}) ...", flush=True)
-    ray_init_s, ray_settle_s = start_ray(RAY_CPUS)
-    print(f"ray.init: {ray_init_s:.1f} s (+ {ray_settle_s:.1f} s until Ray was idle); pipeline ...", flush=True)
-    try:
-        pipe = pipeline(root, args.images, config)
-    finally:
-        import ray
-
-        ray.shutdown()
+    pipe, ray_init_s, ray_settle_s = pipeline_on_fresh_ray(root, args.images, config)
     print(f"  {pipe['images_per_s']:.2f} images/s", flush=True)
     sub = None
     if subset:
@@ -281,13 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"annotations-first{subset}.jsonl"
         lines = (root / "annotations.jsonl").read_text().splitlines(keepends=True)[:subset]
         (root / name).write_text("".join(lines))
-        start_ray(RAY_CPUS)
-        try:
-            sub = pipeline(root, subset, config, annotations=name)
-        finally:
-            import ray
-
-            ray.shutdown()
+        sub, _, _ = pipeline_on_fresh_ray(root, subset, config, annotations=name)
         print(f"  {sub['images_per_s']:.2f} images/s", flush=True)
 
     m = pipe["manifest"]

@@ -136,9 +136,8 @@ def job(config, steps: int, warmup: int) -> dict[str, Any]:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - t
         uri = default_tracking_uri(work)
-        client(
-            uri
-        ).search_experiments()  # the store exists before the call, as in a pipeline (created once per workdir)
+        # the store exists before the call, as in a pipeline (created once per workdir)
+        client(uri).search_experiments()
         (result, run) = _measured(lambda: run_stage(config, str(work / "runs"), tracking_uri=uri, run_name="bench"))
         t_end = time.time()
         c = client(uri)
