@@ -27,6 +27,11 @@ $(STAMP): pyproject.toml
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed: tests/integration/test_mlflow_ui.py will skip its browser test"
+	# PostgreSQL, MLflow's backend store as infra/mlflow deploys it (Debian's; the tests that need it skip, saying
+	# why, where it cannot be installed)
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+		echo "postgresql not installed: the cluster-mode tests (tests/integration/test_cluster_mode.py) will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)

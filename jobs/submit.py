@@ -32,35 +32,34 @@ def entrypoint(command: list[str]) -> str:
     return "convllava " + shlex.join(command)
 
 
-def submit(
-    address: str, command: list[str], working_dir: str = ".", wait: bool = False, env: dict[str, str] | None = None
-) -> str:
-    """Submit `convllava <command>`; returns the job id (or, with `wait`, follows it and returns its final status)."""
+def submit(address: str, command: list[str], working_dir: str = ".", env: dict[str, str] | None = None) -> str:
+    """Submit `convllava <command>`; returns the job id."""
     import os
 
     env_vars = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
     env_vars.update(env or {})
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env_vars}
-    client = _client(address)
-    job_id = client.submit_job(
+    return _client(address).submit_job(
         entrypoint=entrypoint(command), runtime_env=runtime_env, metadata={"submitted_by": "convllava"}
     )
-    if not wait:
-        return job_id
-    status = wait_for(address, job_id)
-    print(client.get_job_logs(job_id))
-    return f"{job_id} {status}"
 
 
-def wait_for(address: str, job_id: str, poll_s: float = 1.0) -> str:
-    from ray.job_submission import JobStatus
+def follow(address: str, job_id: str, out=None) -> str:
+    """Print the job's log as it grows (to `out`, default stdout) until the job ends; returns its final status
+    (`SUCCEEDED`, `FAILED` or `STOPPED`)."""
+    import asyncio
+    import sys
 
+    out = out or sys.stdout
     client = _client(address)
-    while True:
-        status = client.get_job_status(job_id)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            return str(status.value)
-        time.sleep(poll_s)
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    asyncio.run(tail())  # ends when the job does
+    return wait_for(address, job_id)
 
 
 def job_status(address: str, job_id: str) -> str:

@@ -50,9 +50,37 @@ def ensure_ray(address: str | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=True, log_to_driver=True)
+        start_local_ray()
     if "ray.data" in sys.modules:  # a Ray Data job is about to run (a training stage does not import it)
         quiet_ray_data_console()
+
+
+def start_local_ray() -> None:
+    """Start this process's own local Ray instance, whose processes ask their own dashboard for Ray's State API.
+
+    Without an address, Ray's State API client (what Ray Train's placement-group cleaner uses to watch its
+    controller) looks for "the" local instance; with a second one on the machine (another pipeline's, a test
+    session's) it fails with "Found multiple active Ray instances", and with a stale current-cluster file it would
+    watch another instance's actors. The dashboard gets a port chosen here, and `RAY_API_SERVER_ADDRESS`, which the
+    State API client reads before anything else, names it in the environment that Ray's processes inherit as they
+    start. This process's own environment is restored afterwards.
+    """
+    import socket
+
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
+    finally:
+        if before is None:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = before
 
 
 def alive_nodes() -> list[dict[str, Any]]:

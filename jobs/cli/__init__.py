@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a convllava command as a Ray job to a cluster")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     p.add_argument("--working-dir", default=".", help="shipped to the cluster as the job's working dir")
-    p.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
+    p.add_argument("--wait", action="store_true", help="print the job's log as it runs; exit 1 unless the job succeeds")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then the convllava arguments")
     p.set_defaults(func=commands.cmd_submit)
 

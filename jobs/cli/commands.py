@@ -285,14 +285,18 @@ def cmd_retrain(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from jobs.submit import submit
+    from jobs.submit import follow, submit
 
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    job_id = submit(args.address, command, working_dir=args.working_dir, wait=args.wait)
-    print(job_id)
-    return 0
+    job_id = submit(args.address, command, working_dir=args.working_dir)
+    print(job_id, flush=True)
+    if not args.wait:
+        return 0
+    status = follow(args.address, job_id)
+    print(f"{job_id} {status}")
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

@@ -158,18 +158,19 @@ def eval_node(dag: TrainingDag, model_uri: str, gate: dict[str, Any]) -> NodeWor
         value = out.metrics[primary]
         # The version is an MLflow model (loads with mlflow.pyfunc, serves with `mlflow models serve`), logged
         # into this eval run: from a metric to the model it measured, from the model to its checkpoint.
-        mlflow_model = log_model(
+        logged = log_model(
             dag.tracking_uri, run_id, model_uri, example_image(), dag.config.model_mode, max_new_tokens=max_new_tokens
         )
         decision = registry.register_and_gate(
             dag.tracking_uri,
             dag.config.registered_model,
-            mlflow_model,
+            logged.model_uri,
             run_id,
             primary,
             value,
             dag.config.higher_is_better,
             checkpoint_uri=model_uri,
+            model_id=logged.model_id,
         )
         for run in (run_id, dag.parent):
             dag.runs.client.set_tag(run, "convllava.gate", json.dumps(decision))

@@ -24,6 +24,7 @@ from typing import Any
 
 import mlflow.pyfunc
 import pandas as pd
+from mlflow.models.model import ModelInfo
 
 from jobs.dag.config import MODEL_MODES as MODES
 from jobs.tracking.runs import using_tracking_uri
@@ -59,9 +60,13 @@ class ConvLlavaModel(mlflow.pyfunc.PythonModel):
 
 def log_model(
     tracking_uri: str, run_id: str, checkpoint: str, example_image: bytes, mode: str = "copy", max_new_tokens: int = 64
-) -> str:
+) -> ModelInfo:
     """Log `checkpoint` into run `run_id` as an MLflow pyfunc model (signature, input example, our package's pip
-    requirements) and return its `models:/` URI, which `create_model_version` takes as the source."""
+    requirements).
+
+    Returns:
+        MLflow's `ModelInfo`: `model_uri` (`models:/<model_id>`) and `model_id`, what `register_and_gate` takes.
+    """
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
@@ -93,7 +98,7 @@ def log_model(
             input_example=example,
             pip_requirements=_requirements(),
         )
-    return info.model_uri
+    return info
 
 
 @contextlib.contextmanager

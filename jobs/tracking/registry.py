@@ -23,10 +23,14 @@ def register_and_gate(
     value: float,
     higher_is_better: bool = True,
     checkpoint_uri: str | None = None,
+    model_id: str | None = None,
 ) -> dict[str, Any]:
-    """Register `model_uri` (an MLflow model's `models:/` URI, or a checkpoint folder) as a new version of `name`
-    (alias candidate) and apply the champion gate. `checkpoint_uri`, the checkpoint behind an MLflow model, is
-    recorded on the version: what a retrain initialises from."""
+    """Register `model_uri` (a logged model's `models:/<model_id>` URI with its `model_id`, or a checkpoint folder)
+    as a new version of `name` (alias candidate) and apply the champion gate. `checkpoint_uri`, the checkpoint
+    behind an MLflow model, is recorded on the version: what a retrain initialises from.
+
+    A logged model is registered through `create_model_version(..., model_id=...)`, MLflow's public call for it: an
+    `mlflow server` refuses a `models:/m-...` source without the id of the model that contains it."""
     from mlflow.exceptions import MlflowException
 
     c = client(tracking_uri)
@@ -36,8 +40,10 @@ def register_and_gate(
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
     tags = {METRIC_TAG: metric, VALUE_TAG: repr(float(value)), CHECKPOINT_TAG: checkpoint_uri or model_uri}
-    with using_tracking_uri(tracking_uri):  # a `models:/m-...` source is looked up in the global store
-        version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags).version
+    # A SQL store in this process resolves a `models:/m-...` source through MLflow's global tracking URI (MLflow's
+    # own TODO in SqlAlchemyStore.create_model_version); a server resolves it on its side.
+    with using_tracking_uri(tracking_uri):
+        version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id).version
     c.set_registered_model_alias(name, "candidate", version)
     champion = current_champion(tracking_uri, name)
     if champion is None:
@@ -53,7 +59,7 @@ def register_and_gate(
         "version": int(version),
         "metric": metric,
         "candidate_value": float(value),
-        "champion_version": int(champion_version) if champion_version else None,
+        "champion_version": champion_version,
         "champion_value": champion_value,
         "decision": decision,
     }
@@ -69,15 +75,16 @@ def register_and_gate(
     return gate
 
 
-def current_champion(tracking_uri: str, name: str) -> tuple[str, float] | None:
-    """(version, primary metric value) of the version holding alias `champion`, if any."""
+def current_champion(tracking_uri: str, name: str) -> tuple[int, float] | None:
+    """(version, primary metric value) of the version holding alias `champion`, if any. (The version is a number:
+    stores in this process give an int, a server's REST API a string.)"""
     from mlflow.exceptions import MlflowException
 
     try:
         mv = client(tracking_uri).get_model_version_by_alias(name, "champion")
     except MlflowException:
         return None
-    return mv.version, float(mv.tags[VALUE_TAG])
+    return int(mv.version), float(mv.tags[VALUE_TAG])
 
 
 def champion_source(tracking_uri: str, name: str) -> str | None:

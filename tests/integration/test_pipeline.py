@@ -3,6 +3,7 @@ retrain, job submission to a local head (the killed driver: tests/reliability/te
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -316,7 +317,7 @@ def test_submit_to_a_local_head(tmp_path):
 
     import psutil
 
-    from jobs.submit import job_logs, job_status, submit
+    from jobs.submit import follow, job_logs, job_status, submit
 
     port, dash = _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}
@@ -351,9 +352,10 @@ def test_submit_to_a_local_head(tmp_path):
         address = f"http://127.0.0.1:{dash}"
         with pytest.raises(ValueError, match="not a valid convllava command"):
             submit(address, ["info", "--preset"], working_dir=str(ROOT))
-        result = submit(address, ["info", "--preset", "tiny"], working_dir=str(ROOT), wait=True)
-        job_id, status = result.split()
-        assert status == "SUCCEEDED"
+        job_id = submit(address, ["info", "--preset", "tiny"], working_dir=str(ROOT))
+        streamed = io.StringIO()
+        assert follow(address, job_id, out=streamed) == "SUCCEEDED"
+        assert "vision_trunk" in streamed.getvalue()  # the log as it ran
         assert "vision_trunk" in job_logs(address, job_id) and "SUCCEEDED" in job_status(address, job_id)
     finally:
         os.environ.pop("RAY_AUTH_MODE", None)

@@ -35,7 +35,7 @@ def test_a_logged_model_answers_as_the_checkpoint_does(mode, tiny_model, tiny_pr
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment = ensure_experiment(uri, "models", str(tmp_path / "artifacts"))
     run_id = client(uri).create_run(experiment).info.run_id
-    model_uri = log_model(uri, run_id, str(checkpoint), example_image(), mode=mode, max_new_tokens=6)
+    model_uri = log_model(uri, run_id, str(checkpoint), example_image(), mode=mode, max_new_tokens=6).model_uri
     # Logging leaves the process's tracking URI as it found it: the next pipeline's default store is its own.
     assert "MLFLOW_TRACKING_URI" not in os.environ
     assert default_tracking_uri(tmp_path / "other") == f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
