@@ -62,6 +62,16 @@ def follow(address: str, job_id: str, out=None) -> str:
     return wait_for(address, job_id)
 
 
+def wait_for(address: str, job_id: str, poll_s: float = 1.0) -> str:
+    """The job's final status, once it has one."""
+    from ray.job_submission import JobStatus
+
+    client = _client(address)
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        time.sleep(poll_s)
+    return str(status.value)
+
+
 def job_status(address: str, job_id: str) -> str:
     info = _client(address).get_job_info(job_id)
     return f"{job_id} {info.status.value} {info.message or ''}".strip()
