@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,8 +194,9 @@ class Mixture:
         data.pop("preprocess", None)
         return load(cls, data, str(path), ConfigError).resolved(Path(path).parent)
 
-    def resolved(self, base: Path) -> Mixture:
-        """The sources' relative `annotations` and `image_root` made absolute under `base`; s3:// URIs stay."""
+    def resolved(self, base: Path | str) -> Mixture:
+        """The sources' relative `annotations` and `image_root` made absolute under `base` (a folder or an `s3://`
+        prefix); s3:// URIs and absolute paths stay."""
         sources = (
             dataclasses.replace(s, annotations=_resolve(base, s.annotations), image_root=_resolve(base, s.image_root))
             for s in self.sources
@@ -214,5 +216,9 @@ class Mixture:
         return cls(tuple(Source(n, a, image_root) for n, a in zip(names, annotations, strict=True)))
 
 
-def _resolve(base: Path, value: str) -> str:
-    return value if is_s3(value) or Path(value).is_absolute() else str((base / value).resolve())
+def _resolve(base: Path | str, value: str) -> str:
+    if is_s3(value) or Path(value).is_absolute():
+        return value
+    if is_s3(base):
+        return posixpath.normpath(f"{str(base).rstrip('/')}/{value}").replace("s3:/", "s3://", 1)
+    return str((Path(base) / value).resolve())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from jobs.cli import commands
@@ -20,6 +21,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Loading and saving bars (transformers, huggingface_hub) in every worker's output; the progress view says more.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# MLflow prints "View run ... at: URL" and "View experiment at: URL" for every run ended on a tracking server (twelve
+# lines a pipeline); the summary prints the experiment's link once.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,7 +213,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = args.func(args)
     except (ValueError, OSError, KeyError) as e:
-        # Errors we raise name the file/field/sample; print them plainly instead of a traceback.
+        # Errors we raise name the file/field/sample; print them plainly instead of a traceback. A system error that
+        # names no file ("[Errno 2] No such file or directory") says nothing of where: its traceback does.
+        if isinstance(e, OSError) and e.errno is not None and e.filename is None:
+            traceback.print_exc()
         print(f"convllava {args.subcommand}: error: {e}", file=sys.stderr)
         code = 2
     raise SystemExit(code)

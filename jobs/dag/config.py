@@ -21,6 +21,7 @@ from convllava.config_loader import (
     load_yaml_mapping,
     parse_overrides,
 )
+from convllava.storage import is_s3
 from jobs.evaluate.suite import fixed_metric_names, load_suite
 from jobs.train.config import CONFIG_DIR, StageConfig
 from pipelines.config import Mixture, PreprocessConfig
@@ -96,6 +97,17 @@ class PipelineConfig:
                 raise PipelineConfigError(
                     f"{self.source_path}: stages.{name}.config: {CONFIG_DIR / spec.config} not found"
                 )
+        if self.data_root and is_s3(self.data_root):
+            if self.demo_data:
+                raise PipelineConfigError(
+                    f"{self.source_path}: demo_data is generated into data_root, which must then be a local folder, "
+                    f"not {self.data_root}"
+                )
+            if not self.eval.data_root:
+                raise PipelineConfigError(
+                    f"{self.source_path}: eval.data_root: the eval suite's files are read from a local folder (a shared "
+                    f"volume on a cluster); with data_root {self.data_root} on S3, name that folder"
+                )
         self._check_primary_metric()
 
     def _check_primary_metric(self) -> None:
@@ -129,7 +141,7 @@ class PipelineConfig:
     def preprocess_config(self) -> PreprocessConfig:
         return self.preprocess
 
-    def mixture(self, dataset: str, data_root: Path) -> Mixture:
+    def mixture(self, dataset: str, data_root: Path | str) -> Mixture:
         """The data set's sources with relative paths under `data_root`."""
         return self.datasets[dataset].resolved(data_root)
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convllava.storage import is_s3
 from jobs.dag.config import NODES, PipelineConfig
 from jobs.dag.nodes import eval_node, node_key, preprocess_node, run_node, stage_node
 from jobs.dag.report import describe, summary
@@ -88,7 +89,12 @@ class TrainingDag:
         self.config, self.workdir, self.tracking_uri, self.address = config, workdir, tracking_uri, address
         self.progress = progress or Progress(len(NODES))
         self.storage = config.storage or str(workdir)
-        self.data_root = Path(config.data_root) if config.data_root else workdir / "data"
+        # a local folder, or an s3:// prefix the data sets' relative paths are under
+        self.data_root: Path | str = (
+            config.data_root
+            if config.data_root and is_s3(config.data_root)
+            else Path(config.data_root or workdir / "data")
+        )
         experiment_id = ensure_experiment(tracking_uri, config.name, artifact_root(tracking_uri, workdir))
         self.runs = RunBook(tracking_uri, experiment_id, config.name, config.primary_metric)
         self.parent = ""
@@ -177,7 +183,7 @@ class TrainingDag:
         return registry.champion_source(self.tracking_uri, self.config.registered_model)
 
 
-def raw_fingerprint(config: PipelineConfig, data_root: Path) -> str:
+def raw_fingerprint(config: PipelineConfig, data_root: Path | str) -> str:
     """One hash over every data set's input fingerprint (records + image fingerprints), as the parent run records."""
     from pipelines.preprocess import fingerprint_mixture
 

@@ -265,30 +265,43 @@ def _free_port() -> int:
 QUIET_LINES = 100  # a 2-step-per-stage pipeline's whole non-TTY output: 291 lines before Ray's chatter was routed
 
 
-def test_the_pipelines_log_output_is_the_pipelines_not_rays(tmp_path):
-    """`pipeline run` with stdout not a terminal: Ray Train's placement-group and worker-group lines and Ray Data's
-    progress dumps stay in Ray's log files, prints are not doubled, and the summary is there."""
-    import ray
+def test_two_embedded_pipelines_at_once_each_quiet_on_its_own_ray(tmp_path, ray_local):
+    """Two `pipeline run`s started together on one machine, stdout not a terminal, while this test session's Ray runs
+    too: each starts a local Ray of its own and both finish; Ray Train's placement-group cleaners each watch their own
+    instance (with several instances on a machine, Ray's State API client used to fail with "Found multiple active
+    Ray instances"); each store holds its own pipeline only. And the output is the pipeline's: Ray Train's
+    placement-group and worker-group lines and Ray Data's progress dumps stay in Ray's log files, prints are not
+    doubled, and the summary is there."""
+    names = ("quiet-a", "quiet-b")
+    configs = {name: small_config(tmp_path / f"{name}.yaml", name) for name in names}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = {
+        name: subprocess.Popen(
+            pipeline_cli(configs[name], tmp_path / name),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    }
+    outputs = {name: proc.communicate() for name, proc in procs.items()}
+    for name, (stdout, stderr) in outputs.items():
+        assert procs[name].returncode == 0, stderr[-3000:]
+        _check_quiet(name, (stdout + stderr).splitlines())
+        tracking = default_tracking_uri(tmp_path / name)
+        parents, children = runs_of(tracking, name)
+        assert len(parents) == 1 and sorted(children[parents[0].info.run_id]) == sorted(NODES)
+        other = next(n for n in names if n != name)
+        assert client(tracking).get_experiment_by_name(other) is None, f"{other} recorded into {name}'s store"
 
-    config = small_config(tmp_path / "pipeline.yaml", "quiet-test")
-    cli = pipeline_cli(config, tmp_path / "wd")
-    # As on a user's machine, the pipeline's Ray is the only one: with a second instance running (this test
-    # session's), Ray's State API cannot tell which to ask and Ray Train's placement-group cleaner fails loudly.
-    shared = ray.is_initialized()
-    if shared:
-        ray.shutdown()
-    try:
-        out = subprocess.run(cli, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
-    finally:
-        if shared:  # as the session's `ray_local` fixture made it
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-            ray.data.DataContext.get_current().enable_progress_bars = False
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = (out.stdout + out.stderr).splitlines()
+
+def _check_quiet(name: str, lines: list[str]) -> None:
     assert len(lines) <= QUIET_LINES, "\n".join(lines)
     text = "\n".join(lines)
     for noise in (
         "PlacementGroupCleaner",
+        "Found multiple active Ray instances",
         "logging_progress.py",
         "Execution plan of Dataset",
         "Started training worker group",
@@ -309,7 +322,7 @@ def test_the_pipelines_log_output_is_the_pipelines_not_rays(tmp_path):
     for stage in ("stage1", "stage2", "stage3"):
         assert len(re.findall(rf"\[{stage}\] trainable parameters: [\d,]+ of [\d,]+ \(", text)) == 1, stage
     assert re.search(r"^eval +ran +[\d.]+s +demo/overall = ", text, re.M)
-    assert "registered quiet-test-model version 1 as candidate; champion: promoted" in text
+    assert f"registered {name}-model version 1 as candidate; champion: promoted" in text
 
 
 def test_submit_to_a_local_head(tmp_path):

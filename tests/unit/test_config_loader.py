@@ -131,6 +131,11 @@ def test_every_shipped_config_loads():
     cluster = PipelineConfig.from_yaml(ROOT / "jobs/configs/cluster.yaml")
     assert cluster.demo_data is None and cluster.preprocess.mode == "square"
     assert cluster.mixture("captions", Path("/data")).sources[0].annotations.startswith("s3://")
+    # Relative paths under an s3:// data root stay URIs (not "s3:/bucket/..." local paths)
+    (captions,) = demo.mixture("captions", "s3://lab-raw/demo/").sources
+    assert (captions.annotations, captions.image_root) == ("s3://lab-raw/demo/captions.json", "s3://lab-raw/demo")
+    (local,) = demo.mixture("captions", Path("/data/demo")).sources
+    assert (local.annotations, local.image_root) == ("/data/demo/captions.json", "/data/demo")
     for config in (demo, cluster):
         assert all(config.stage_config(n, "shards", None).name == n for n in ("stage1", "stage2", "stage3"))
 
@@ -148,6 +153,14 @@ def test_pipeline_config_errors_name_the_file_and_the_section(tmp_path):
         "sources": (
             {**raw, "datasets": {"captions": {"sources": [{"name": "c"}]}}},
             r"datasets\.captions\.sources\[0\]: missing required key\(s\) \['annotations', 'image_root'\]",
+        ),
+        "s3 data_root, demo data": (
+            {**raw, "data_root": "s3://raw"},
+            r"demo\.yaml: demo_data is generated into data_root, which must then be a local folder, not s3://raw",
+        ),
+        "s3 data_root, no eval data_root": (
+            {k: v for k, v in raw.items() if k != "demo_data"} | {"data_root": "s3://raw"},
+            r"demo\.yaml: eval\.data_root: the eval suite's files are read from a local folder",
         ),
         "stage": (
             {
