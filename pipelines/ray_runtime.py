@@ -56,7 +56,9 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def start_local_ray() -> None:
-    """Start this process's own local Ray instance, whose processes ask their own dashboard for Ray's State API.
+    """Start this process's own local Ray instance, whose processes ask their own dashboard for Ray's State API
+    (`ray.init()` without an address: it joins the machine's current cluster instead when `ray start --head` or
+    `ray.cluster_utils` recorded one).
 
     Without an address, Ray's State API client (what Ray Train's placement-group cleaner uses to watch its
     controller) looks for "the" local instance; with a second one on the machine (another pipeline's, a test

@@ -364,6 +364,7 @@ def test_a_stage_keeps_training_while_the_tracking_server_restarts(
         str(two_pipelines[0] / "outage"),
         f"data={shards}",
         f"max_steps={steps}",
+        "epochs=8",  # 48 captions: 3 steps an epoch
         "checkpoint_every=4",
     ]
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
