@@ -25,7 +25,7 @@ from jobs.dag.nodes import eval_node, node_key, preprocess_node, run_node, stage
 from jobs.dag.report import describe, summary
 from jobs.dag.runbook import TAG_RAW_FINGERPRINT, NodeOutcome, RunBook
 from jobs.progress import Progress
-from jobs.tracking.runs import artifact_root, default_tracking_uri, ensure_experiment
+from jobs.tracking.runs import default_tracking_uri, ensure_experiment
 
 STAGES = ("stage1", "stage2", "stage3")
 
@@ -95,7 +95,7 @@ class TrainingDag:
             if config.data_root and is_s3(config.data_root)
             else Path(config.data_root or workdir / "data")
         )
-        experiment_id = ensure_experiment(tracking_uri, config.name, artifact_root(tracking_uri, workdir))
+        experiment_id = ensure_experiment(tracking_uri, config.name)
         self.runs = RunBook(tracking_uri, experiment_id, config.name, config.primary_metric)
         self.parent = ""
 

@@ -25,9 +25,13 @@ def default_tracking_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
-def artifact_root(tracking_uri: str, workdir: str | Path) -> str | None:
-    """Explicit artifact location for local SQLite stores; a server decides its own."""
-    return str(Path(workdir).resolve() / "mlartifacts") if tracking_uri.startswith("sqlite:") else None
+def artifact_root(tracking_uri: str) -> str | None:
+    """Explicit artifact location for a local SQLite store: `mlartifacts` beside its database file (WORKDIR/mlartifacts
+    for the embedded default). Without one, MLflow puts artifacts in ./mlruns of whatever the current directory is.
+    None for a server, which decides its own."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return str(Path(tracking_uri[len("sqlite:///") :]).resolve().parent / "mlartifacts")
 
 
 @contextlib.contextmanager
@@ -57,13 +61,13 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
-    """The experiment's id, created when missing, tagged as model training unless someone chose another kind."""
+    """The experiment's id, created when missing (artifacts in `artifact_location`, by default `artifact_root`'s),
+    tagged as model training unless someone chose another kind."""
     c = client(tracking_uri)
     exp = c.get_experiment_by_name(name)
     if exp is None:
-        return c.create_experiment(
-            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-        )
+        location = artifact_location or artifact_root(tracking_uri)
+        return c.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag existed
         c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
