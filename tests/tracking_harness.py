@@ -39,8 +39,11 @@ class MlflowServer:
         self.root, self.port = root, free_port()
         self.db, self.artifacts, self.log = root / "mlflow.db", root / "artifacts", root / "server.log"
         self.backend = backend or f"sqlite:///{self.db}"
-        store = ["--serve-artifacts", "--artifacts-destination", artifacts] if artifacts else []
-        self.store_args = store or ["--default-artifact-root", str(self.artifacts)]
+        self.store_args = (
+            ["--serve-artifacts", "--artifacts-destination", artifacts]
+            if artifacts
+            else ["--default-artifact-root", str(self.artifacts)]
+        )
         self.env = env or {}
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None

@@ -97,17 +97,22 @@ def api(base: str, endpoint: str, **params) -> dict:
         return json.loads(r.read())
 
 
+def post(base: str, endpoint: str, body: dict) -> dict:
+    """POST a JSON body to `/api/2.0/mlflow/ENDPOINT` on the server (searches take their filters this way)."""
+    request = urllib.request.Request(
+        f"{base}/api/2.0/mlflow/{endpoint}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return json.loads(r.read())
+
+
 def pipeline_runs(base: str, experiment: str) -> tuple[str, dict, dict[str, dict]]:
     """The experiment id, the latest pipeline parent run and its node runs by node name, from the REST API."""
     exp = api(base, "experiments/get-by-name", experiment_name=experiment)["experiment"]
-    body = json.dumps(
-        {"experiment_ids": [exp["experiment_id"]], "max_results": 200, "order_by": ["attributes.start_time DESC"]}
-    ).encode()
-    req = urllib.request.Request(
-        f"{base}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        runs = json.loads(r.read()).get("runs", [])
+    body = {"experiment_ids": [exp["experiment_id"]], "max_results": 200, "order_by": ["attributes.start_time DESC"]}
+    runs = post(base, "runs/search", body).get("runs", [])
 
     def tags(run):
         return {t["key"]: t["value"] for t in run["data"].get("tags", [])}

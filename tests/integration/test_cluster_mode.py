@@ -13,16 +13,16 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from pipeline_harness import NODES, small_config
+from pipeline_harness import NODES, pipeline_cli, small_config
 from tracking_harness import free_port
 
 from convllava.checkpoint import save_checkpoint
+from convllava.storage import upload_dir
 from jobs.tracking import registry
 from jobs.tracking.model import example_image, log_model
 from jobs.tracking.runs import client, ensure_experiment
@@ -30,7 +30,7 @@ from jobs.tracking.runs import client, ensure_experiment
 pytestmark = pytest.mark.integration
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
-from mlflow_screenshots import api, pipeline_runs  # noqa: E402
+from mlflow_screenshots import api, pipeline_runs, post  # noqa: E402
 
 
 @pytest.fixture(params=["sqlite", "server"])
@@ -144,19 +144,15 @@ def ray_cluster(s3_server, tmp_path_factory):
 
 
 def _raw_data(root: Path) -> Path:
-    """The demo data, small: its training annotations and images uploaded to s3://RAW/raw/ (where a lab keeps raw
-    data), its held-out questions left on the "shared volume" (`root`), where eval suites are read from."""
+    """The demo data, small, on the "shared volume" (`root`), where eval suites are read from, and uploaded to
+    s3://RAW/raw/, where a lab keeps raw data and the pipelines read their training data."""
     import boto3
 
     from pipelines.demo_data import generate_demo_data
 
     generate_demo_data(root, seed=0, n_caption=48, n_instruct=48, n_eval=6)
-    s3 = boto3.client("s3")
-    s3.create_bucket(Bucket=RAW)
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and not rel.startswith("eval/"):
-            s3.upload_file(str(path), RAW, f"raw/{rel}")
+    boto3.client("s3").create_bucket(Bucket=RAW)
+    upload_dir(root, f"s3://{RAW}/raw")  # the held-out questions too: eval reads them from the volume only
     return root
 
 
@@ -187,7 +183,8 @@ def _finished(proc: subprocess.Popen) -> str:
 
 
 def _pipeline(config: Path, workdir: Path, tracking: str, command: str = "pipeline run") -> list[str]:
-    return [*command.split(), "--config", str(config), "--workdir", str(workdir), "--tracking-uri", tracking]
+    """The convllava arguments (after `submit --`) that run `config` tracked on the server."""
+    return [*pipeline_cli(config, workdir, command)[1:], "--tracking-uri", tracking]
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +238,7 @@ def test_two_pipelines_submitted_at_once_each_record_only_their_own(two_pipeline
         ids = {run["info"]["run_id"] for run in nodes.values()} | {parent["info"]["run_id"]}
         # Only this pipeline's runs in its experiment, and every one of them tagged with it.
         body = {"experiment_ids": [experiment_id], "max_results": 100}
-        everything = _post(base, "runs/search", body)["runs"]
+        everything = post(base, "runs/search", body)["runs"]
         assert {r["info"]["run_id"] for r in everything} == ids
         assert {_tags(r)["convllava.pipeline"] for r in everything} == {name}
         # Raw data in from S3, shards and checkpoints out to S3; nothing of the other pipeline's storage.
@@ -275,16 +272,6 @@ def test_two_pipelines_submitted_at_once_each_record_only_their_own(two_pipeline
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="mlflow-artifacts")["Contents"]]
     for experiment_id in experiments.values():
         assert any(k.startswith(f"mlflow/{experiment_id}/") and k.endswith("model.safetensors") for k in keys)
-
-
-def _post(base: str, endpoint: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        f"{base}/api/2.0/mlflow/{endpoint}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as r:
-        return json.loads(r.read())
 
 
 def test_the_champion_loads_through_the_server_and_retrain_runs_as_a_job(
@@ -385,7 +372,7 @@ def test_a_stage_keeps_training_while_the_tracking_server_restarts(
     out, _ = proc.communicate()
     assert proc.returncode == 0, out[-4000:]
     assert stored and stored == list(range(1, len(stored) + 1)) and stored[-1] < 8, stored
-    (run,) = _post(server.uri, "runs/search", {"experiment_ids": [_experiment(server.uri, "convllava")]})["runs"]
+    (run,) = post(server.uri, "runs/search", {"experiment_ids": [_experiment(server.uri, "convllava")]})["runs"]
     run_id = run["info"]["run_id"]
     assert run["info"]["status"] == "FINISHED"
     for key in ("train/loss", "train/lr", "train/step_time_s", "train/grad_norm"):
