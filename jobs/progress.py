@@ -21,6 +21,7 @@ from typing import Any, TextIO
 
 MODES = ("live", "lines", "off")
 REDRAW_S = 0.5
+PUSH_WAIT_S = 10.0  # how long rank 0 waits, at the end of a stage, for its last steps to reach the driver
 
 
 def _clock(seconds: float) -> str:
@@ -278,11 +279,12 @@ class FeedMetrics:
 
     def __init__(self, inner, feed, total: Callable[[], int]) -> None:
         self.inner, self.feed, self.total = inner, feed, total
+        self._last = None  # the latest push: one caller's calls to an actor run in order, so it marks them all
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.inner is not None:
             self.inner.log(step, metrics)
-        self.feed.push.remote(step, self.total(), metrics)  # fire and forget
+        self._last = self.feed.push.remote(step, self.total(), metrics)  # fire and forget until close
 
     def log_text(self, text: str, name: str) -> None:
         if self.inner is not None:
@@ -296,4 +298,10 @@ class FeedMetrics:
             self.inner.requeue(rows)
 
     def close(self) -> Any:
+        """Wait (bounded) until the driver's queue holds every step pushed so far: a push still in flight when the
+        stage returns would reach a queue the driver has already drained, and the last step would never show."""
+        if self._last is not None:
+            import ray
+
+            ray.wait([self._last], timeout=PUSH_WAIT_S)
         return self.inner.close() if self.inner is not None else None

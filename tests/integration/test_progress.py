@@ -21,12 +21,16 @@ def test_steps_from_a_ray_worker_reach_the_driver(ray_local):
         def log(self, step, metrics):
             self.logged.append(step)
 
+        def close(self):
+            return None
+
     @ray.remote(num_cpus=0)
     def rank0(handle):
         inner = Inner()
         sink = FeedMetrics(inner, handle, total=lambda: 30)
         for step in (10, 20, 30):
             sink.log(step, {"train/loss": 7.0 - step / 10})
+        sink.close()  # as the recipe does after its last step: the pushes are in the queue when it returns
         return inner.logged
 
     assert ray.get(rank0.remote(feed.handle)) == [10, 20, 30]  # the inner sink still gets every step
