@@ -1,17 +1,19 @@
 """The shard format: what preprocessing writes and training reads, in one place.
 
 A preprocessing output (local directory or `s3://` prefix) holds
-- `shards/bucket=HxW/part-<hash>.parquet`: one Parquet file per resolution bucket and work unit, rows of
-  `SHARD_SCHEMA` sorted by key, named by the hash of their rows' content hashes (identical input, identical files);
+- `shards/bucket=HxW/part-<hash>.parquet`: Parquet files of one resolution bucket each (up to SHARD_ROWS rows /
+  SHARD_BYTES, in row groups of up to ROW_GROUP_ROWS rows / ROW_GROUP_BYTES of images), rows of `SHARD_SCHEMA`
+  sorted by key, named by the hash of their rows' content hashes (identical input, identical files);
 - `index.jsonl`: one entry per sample read, `written` (with its shard) or `quarantined` (with a reason);
 - `quarantine.jsonl`: the quarantined samples' records and reasons;
 - `manifest.json`: the `Manifest`, written last, so that its presence means a finished output.
 
-`ShardSet` opens such an output as an indexed, random-access data set: it reads the manifest and only the light
-columns of every shard it lists (the planner needs buckets and lengths, not images), so every rank builds the same
-`infos` list and the same epoch plan cheaply. Sample i is row r of shard file s in manifest order, rows in file
-order. Full rows (images included) are fetched on demand, a whole shard file at a time (a file is one Parquet row
-group), through a small LRU cache of decoded tables.
+`ShardSet` opens such an output as a compact index: it reads the manifest and only the light columns and footer of
+every shard (the planner needs buckets, lengths and row-group boundaries, not images), so every rank builds the same
+`layout` (numpy columns, ~30 bytes per sample with the keys) and the same epoch plan cheaply. Sample i is row r of
+shard file s in manifest order, rows in file order. Full rows (images included) are read a row group at a time:
+`RankLoader` (convllava.loader) reads each row group a rank's plan needs once, ahead of the steps; `rows` gives
+random access through a small cache of row groups.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,14 +32,21 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from convllava.data import SampleInfo
+from convllava.data import SampleInfo, ShardLayout
 from convllava.storage import Store
 
 INDEX, QUARANTINE, MANIFEST = "index.jsonl", "quarantine.jsonl", "manifest.json"
 SHARDS_DIR = "shards"
 TEXT_BUCKET = "text"  # the bucket of samples without an image
+# Shard file sizes (preprocessing's defaults): a shard file holds at most SHARD_ROWS rows and about SHARD_BYTES of
+# images; inside it, a row group (what a training rank reads in one request) at most ROW_GROUP_ROWS rows and
+# ROW_GROUP_BYTES of images.
+SHARD_ROWS, SHARD_BYTES = 10_000, 256 << 20
+ROW_GROUP_ROWS, ROW_GROUP_BYTES = 1024, 32 << 20
+FOOTER_CACHE = 8  # shard footers (Parquet metadata) a reader keeps: the files its current window reads
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -81,11 +92,48 @@ def shard_bucket(path: str) -> str:
     return path.split("bucket=")[1].split("/")[0]
 
 
-def write_shard(store: Store, path: str, table: pa.Table) -> None:
+def row_group_bounds(
+    image_bytes: Sequence[int] | np.ndarray, max_rows: int = ROW_GROUP_ROWS, max_bytes: int = ROW_GROUP_BYTES
+) -> list[int]:
+    """Row offsets [0, ..., n] cutting rows with these image sizes into row groups of at most `max_rows` rows and,
+    past the first row of a group, at most `max_bytes` image bytes (one larger image makes a group of its own).
+
+    >>> row_group_bounds([10, 10, 10, 10, 10], max_rows=4, max_bytes=25)
+    [0, 2, 4, 5]
+    """
+    bounds, rows, size = [0], 0, 0
+    for i, n in enumerate(np.asarray(image_bytes, dtype=np.int64).tolist()):
+        if rows and (rows == max_rows or size + n > max_bytes):
+            bounds.append(i)
+            rows, size = 0, 0
+        rows, size = rows + 1, size + n
+    if rows:
+        bounds.append(bounds[-1] + rows)
+    return bounds
+
+
+def write_shard(
+    store: Store,
+    path: str,
+    table: pa.Table,
+    row_group_rows: int = ROW_GROUP_ROWS,
+    row_group_bytes: int = ROW_GROUP_BYTES,
+) -> None:
+    """Write `table` as one Parquet file of row groups cut by `row_group_bounds` (the unit a training rank reads in one
+    request). The same rows give the same bytes."""
     sink = pa.BufferOutputStream()
+    sizes = pc.fill_null(pc.binary_length(table.column("image")), 0).to_numpy(zero_copy_only=False)
+    bounds = row_group_bounds(sizes, row_group_rows, row_group_bytes)
     # No dictionary pages whose layout depends on writer state: identical rows → identical bytes. The encoded images
     # (JPEG/PNG) are compressed already: zstd on them costs CPU here and on every read in training, and saves nothing.
-    pq.write_table(table, sink, compression=_codecs(table.schema), use_dictionary=False)
+    # No statistics either: nothing filters on them, and they would make every footer a rank reads larger.
+    with pq.ParquetWriter(
+        sink, table.schema, compression=_codecs(table.schema), use_dictionary=False, write_statistics=False
+    ) as writer:
+        for start, stop in itertools.pairwise(bounds):
+            writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
+        if table.num_rows == 0:
+            writer.write_table(table)
     store.write_bytes(path, sink.getvalue().to_pybytes())
 
 
@@ -97,20 +145,6 @@ def _codecs(schema: pa.Schema) -> dict[str, str]:
     leaves = pq.ParquetFile(pa.BufferReader(sink.getvalue())).schema
     paths = [leaves.column(i).path for i in range(len(leaves))]
     return {path: "none" if path == "image" else "zstd" for path in paths}
-
-
-def write_shards(store: Store, rows: list[dict[str, Any]]) -> dict[str, str]:
-    """One shard file per bucket, rows sorted by key; returns key → shard path (relative to the store)."""
-    by_bucket: dict[str, list[dict[str, Any]]] = {}
-    for r in rows:
-        by_bucket.setdefault(r["bucket"], []).append(r)
-    shard_of = {}
-    for bucket, group in sorted(by_bucket.items()):
-        group.sort(key=lambda r: r["key"])
-        path = shard_path(bucket, [r["content_hash"] for r in group])
-        write_shard(store, path, pa.Table.from_pylist(group, schema=SHARD_SCHEMA))
-        shard_of.update({r["key"]: path for r in group})
-    return shard_of
 
 
 def written_entry(row: dict[str, Any]) -> dict[str, Any]:
@@ -284,37 +318,56 @@ class Manifest:
 # -------------------------------------------------------------------------------------------------------- reader
 
 
+def read_footer(f: pa.NativeFile) -> pq.FileMetaData:
+    """A Parquet file's metadata in two exact reads (its length, then the footer). pyarrow's own reader fetches the
+    last 64 KiB whatever the footer's size: on S3 that is most of a small row group's bytes again."""
+    size = f.size()
+    tail = f.read_at(8, size - 8)
+    if size < 12 or tail[4:] != b"PAR1":
+        raise OSError(f"not a Parquet file ({size} bytes, no PAR1 footer)")
+    length = int.from_bytes(tail[:4], "little")
+    if length > size - 12:
+        raise OSError(f"Parquet footer of {length} bytes in a file of {size}")
+    footer = f.read_at(length, size - 8 - length)
+    return pq.ParquetFile(pa.BufferReader(b"PAR1" + footer + tail)).metadata
+
+
 class ShardSetError(ValueError):
     """The preprocessing output cannot be trained on; the message says why and what to run."""
 
 
 class ShardSet:
-    """Random access to the samples of one preprocessing output.
+    """The samples of one preprocessing output: a compact index, row-group reads, and random access.
+
+    Sample i is row r of shard file s in manifest order, rows in file order; each row group of each file is a
+    contiguous range of samples (a *piece*, the unit training reads in one request; `layout`).
 
     Attributes:
         manifest: the output's Manifest.
-        infos: one SampleInfo (bucket, length) per sample, in sample-index order.
-        keys: each sample's key (`source/id`, as in index.jsonl), for error messages and audits.
-        num_image_tokens: (N,) visual tokens per sample (token budgets without reading images).
         shards: shard paths (relative to the output root), in manifest order.
+        layout: the compact index the planner reads (`convllava.data.ShardLayout`: bucket codes, lengths, row-group
+            boundaries as numpy arrays).
+        num_image_tokens: (N,) int32 visual tokens per sample (token budgets without reading images).
+        keys: (N,) each sample's key (`source/id`, as in index.jsonl) as one Arrow string array.
+        file_bytes: (F,) the size of each shard file.
     """
 
-    def __init__(self, uri: str, cache_files: int = 8, read_threads: int = 16) -> None:
-        """Open the output at `uri` (local directory or `s3://` prefix).
+    def __init__(self, uri: str, cache_pieces: int = 8, read_threads: int = 16) -> None:
+        """Open the output at `uri` (local directory or `s3://` prefix): the manifest, then the light columns and the
+        footer of every shard (in `read_threads` parallel reads: S3 latency dominates there).
 
         Args:
-            cache_files: decoded shard tables kept in memory for `rows`.
-            read_threads: parallel reads of the light columns when opening (S3 latency dominates there).
+            cache_pieces: decoded row groups `rows` keeps (random access; a training loader reads each once).
 
         Raises:
             ShardSetError: no manifest (preprocess never finished), an unreconciled manifest, or shards that do
                 not match the manifest (the output changed after the manifest was written).
         """
-        if cache_files < 1:
-            raise ValueError(f"cache_files must be >= 1, got {cache_files}")
+        if cache_pieces < 1:
+            raise ValueError(f"cache_pieces must be >= 1, got {cache_pieces}")
         self.uri = uri.rstrip("/")
         self.store = Store(self.uri)
-        self.cache_files = cache_files
+        self.cache_pieces = cache_pieces
         try:
             self.manifest = Manifest.load(self.store)
         except FileNotFoundError:
@@ -329,85 +382,166 @@ class ShardSet:
                 f"{m.read} read); the output is incomplete, re-run preprocess on it"
             )
         self.shards: list[str] = [s.path for s in m.shards]
-
+        names = tuple(sorted({s.bucket for s in m.shards}))
+        code = {b: i for i, b in enumerate(names)}
+        buckets, lengths, tokens, keys, groups, sizes = [], [], [], [], [], []
         with ThreadPoolExecutor(max_workers=max(1, min(read_threads, len(self.shards)))) as pool:
-            tables = list(pool.map(self._read_light, self.shards))  # map keeps manifest order
-        infos: list[SampleInfo] = []
-        shard_of, row_of = [], []
-        for i, (entry, table) in enumerate(zip(m.shards, tables, strict=True)):
-            buckets = table.column("bucket").to_pylist()
-            if table.num_rows != entry.rows or set(buckets) - {entry.bucket}:
-                raise ShardSetError(
-                    f"{self.uri}/{entry.path}: manifest says {entry.rows} rows of bucket {entry.bucket!r}, "
-                    f"the file has {table.num_rows} rows of bucket(s) {sorted(set(buckets))}; the output changed "
-                    "after its manifest was written, re-run preprocess"
-                )
-            infos.extend(SampleInfo(b, n) for b, n in zip(buckets, table.column("length").to_pylist(), strict=True))
-            shard_of.append(np.full(table.num_rows, i, dtype=np.int32))
-            row_of.append(np.arange(table.num_rows, dtype=np.int64))
-        self.infos = infos
-        self.keys: list[str] = [k for t in tables for k in t.column("key").to_pylist()]
-        self.num_image_tokens = np.asarray(
-            [n for t in tables for n in t.column("num_image_tokens").to_pylist()], dtype=np.int64
-        )
-        self._shard_of = np.concatenate(shard_of) if tables else np.empty(0, dtype=np.int32)
-        self._row_of = np.concatenate(row_of) if tables else np.empty(0, dtype=np.int64)
-        if len(infos) != m.written:
+            for entry, (table, group_rows, size) in zip(
+                m.shards, pool.map(self._read_light, self.shards), strict=True
+            ):  # map keeps manifest order
+                found = pc.unique(table.column("bucket")).to_pylist()
+                if table.num_rows != entry.rows or set(found) - {entry.bucket}:
+                    raise ShardSetError(
+                        f"{self.uri}/{entry.path}: manifest says {entry.rows} rows of bucket {entry.bucket!r}, "
+                        f"the file has {table.num_rows} rows of bucket(s) {sorted(found)}; the output changed "
+                        "after its manifest was written, re-run preprocess"
+                    )
+                buckets.append(np.full(table.num_rows, code[entry.bucket], dtype=np.int16))
+                lengths.append(table.column("length").to_numpy().astype(np.int32))
+                tokens.append(table.column("num_image_tokens").to_numpy().astype(np.int32))
+                keys.append(table.column("key").combine_chunks())
+                groups.append(group_rows)
+                sizes.append(size)
+        if sum(len(b) for b in buckets) != m.written:
             raise ShardSetError(
-                f"{self.uri}/{MANIFEST}: {m.written} samples written but its shards hold {len(infos)} rows; "
-                "re-run preprocess"
+                f"{self.uri}/{MANIFEST}: {m.written} samples written but its shards hold "
+                f"{sum(len(b) for b in buckets)} rows; re-run preprocess"
             )
+        group_rows = np.concatenate(groups) if groups else np.empty(0, dtype=np.int64)
+        self.layout = ShardLayout(
+            buckets=np.concatenate(buckets) if buckets else np.empty(0, dtype=np.int16),
+            bucket_names=names,
+            lengths=np.concatenate(lengths) if lengths else np.empty(0, dtype=np.int32),
+            piece_starts=np.concatenate([[0], np.cumsum(group_rows)]).astype(np.int64),
+            piece_shard=np.repeat(np.arange(len(groups), dtype=np.int32), [len(g) for g in groups]),
+        )
+        self.num_image_tokens = np.concatenate(tokens) if tokens else np.empty(0, dtype=np.int32)
+        self.keys = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
+        self.file_bytes = np.asarray(sizes, dtype=np.int64)  # (F,) bytes of each shard file
+        self._first_piece = np.searchsorted(self.layout.piece_shard, np.arange(len(self.shards) + 1))
+        self._lock = threading.Lock()
+        self._footers: OrderedDict[int, pq.FileMetaData] = OrderedDict()
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
 
-    def _read_light(self, path: str) -> pa.Table:
-        return self.store.read_table(path, columns=list(LIGHT_COLUMNS))
+    def _read_light(self, path: str) -> tuple[pa.Table, np.ndarray, int]:
+        """(light columns, rows per row group, file size) of one shard file."""
+        with self.store.fs.open_input_file(self.store.path(path)) as f:
+            md = read_footer(f)
+            groups = np.asarray([md.row_group(i).num_rows for i in range(md.num_row_groups)], dtype=np.int64)
+            table = pq.ParquetFile(f, metadata=md, pre_buffer=True).read(columns=list(LIGHT_COLUMNS))
+            return table, groups[groups > 0], f.size()
 
     def __len__(self) -> int:
-        return len(self.infos)
+        return len(self.layout)
+
+    @property
+    def infos(self) -> list[SampleInfo]:
+        """One SampleInfo (bucket, length) per sample: Python objects, for small data and tests (`layout` is the index)."""
+        return self.layout.infos()
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes the per-sample index holds (layout, visual tokens, keys): what a process pays per sample opened."""
+        lay = self.layout
+        arrays = (lay.buckets, lay.lengths, lay.piece_starts, lay.piece_shard, self.num_image_tokens)
+        return sum(a.nbytes for a in arrays) + self.keys.nbytes
 
     @property
     def fingerprint(self) -> str:
         """`Manifest.fingerprint`: what a resumed epoch plan checks it still indexes the same samples by."""
         return self.manifest.fingerprint
 
+    @property
+    def num_pieces(self) -> int:
+        return len(self.layout.piece_shard)
+
     def location(self, index: int) -> tuple[str, int]:
         """(shard path, row in that file) of sample `index`."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
-        return self.shards[self._shard_of[index]], int(self._row_of[index])
+        shard = int(self.layout.piece_shard[self.layout.piece_of(np.asarray([index]))[0]])
+        first = int(self.layout.piece_starts[self._first_piece[shard]])
+        return self.shards[shard], index - first
 
-    def _table(self, shard: int) -> pa.Table:
-        table = self._cache.get(shard)
+    def piece_location(self, piece: int) -> tuple[str, int]:
+        """(shard path, row-group index in that file) of a piece."""
+        shard = int(self.layout.piece_shard[piece])
+        return self.shards[shard], piece - int(self._first_piece[shard])
+
+    def _footer(self, shard: int) -> pq.FileMetaData:
+        with self._lock:
+            md = self._footers.get(shard)
+            if md is not None:
+                self._footers.move_to_end(shard)
+                return md
+        with self._open(shard) as f:
+            md = read_footer(f)
+        with self._lock:
+            self._footers[shard] = md
+            while len(self._footers) > FOOTER_CACHE:
+                self._footers.popitem(last=False)
+        return md
+
+    def _open(self, shard: int) -> pa.NativeFile:
+        return self.store.fs.open_input_file(self.store.path(self.shards[shard]))
+
+    def read_piece(self, piece: int) -> pa.Table:
+        """One row group, all SHARD_SCHEMA columns: one ranged read of its bytes (the footer comes from a small
+        cache of the shards last read, so a rank walking a file's row groups reads its footer once).
+
+        Raises:
+            OSError: the read failed; the message names the file and row group.
+        """
+        if not 0 <= piece < self.num_pieces:
+            raise IndexError(f"row group {piece} out of range for {self.num_pieces} row groups")
+        shard = int(self.layout.piece_shard[piece])
+        path, group = self.piece_location(piece)
+        try:
+            md = self._footer(shard)
+            with self._open(shard) as f:
+                return pq.ParquetFile(f, metadata=md, pre_buffer=True).read_row_group(group)
+        except OSError as e:
+            raise OSError(f"{self.uri}/{path}: reading row group {group}: {e}") from e
+
+    def _piece(self, piece: int) -> pa.Table:
+        table = self._cache.get(piece)
         if table is None:
-            table = self.store.read_table(self.shards[shard])
-            self._cache[shard] = table
-            while len(self._cache) > self.cache_files:
+            table = self.read_piece(piece)
+            self._cache[piece] = table
+            while len(self._cache) > self.cache_pieces:
                 self._cache.popitem(last=False)
         else:
-            self._cache.move_to_end(shard)
+            self._cache.move_to_end(piece)
         return table
 
     def rows(self, indices: Sequence[int]) -> list[dict[str, Any]]:
-        """Full shard rows (all SHARD_SCHEMA columns) of these samples, in the order given."""
+        """Full shard rows (all SHARD_SCHEMA columns) of these samples, in the order given: one row-group read (or
+        cache hit) per row group touched. Random access for tools and tests; training reads with `RankLoader`."""
         indices = [int(i) for i in indices]
         bad = [i for i in indices if not 0 <= i < len(self)]
         if bad:
             raise IndexError(f"sample index(es) {bad[:5]} out of range for {len(self)} samples")
-        by_shard: dict[int, list[int]] = {}
-        for pos, i in enumerate(indices):
-            by_shard.setdefault(int(self._shard_of[i]), []).append(pos)
+        pieces = self.layout.piece_of(np.asarray(indices, dtype=np.int64)).tolist()
+        by_piece: dict[int, list[int]] = {}
+        for pos, p in enumerate(pieces):
+            by_piece.setdefault(p, []).append(pos)
         out: list[dict[str, Any] | None] = [None] * len(indices)
-        for shard, positions in by_shard.items():  # one file read (or cache hit) per shard touched
-            taken = self._table(shard).take(pa.array([self._row_of[indices[p]] for p in positions], pa.int64()))
+        for piece, positions in by_piece.items():
+            start = int(self.layout.piece_starts[piece])
+            taken = self._piece(piece).take(pa.array([indices[p] - start for p in positions], pa.int64()))
             for p, row in zip(positions, taken.to_pylist(), strict=True):
                 out[p] = row
         return out  # type: ignore[return-value]
 
     def __getstate__(self) -> dict[str, Any]:
-        # Loader worker processes get the index, not the cached tables (which may be hundreds of MB).
+        # A copy (a loader worker process) gets the index, not the cached row groups or the lock.
         state = self.__dict__.copy()
-        state["_cache"] = OrderedDict()
+        state["_cache"], state["_footers"], state["_lock"] = OrderedDict(), OrderedDict(), None
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __repr__(self) -> str:
-        return f"ShardSet({self.uri!r}, samples={len(self)}, shards={len(self.shards)})"
+        return f"ShardSet({self.uri!r}, samples={len(self)}, shards={len(self.shards)}, row groups={self.num_pieces})"

@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args
 
 from convllava.buckets import MODES, Mode, check_resolution
 from convllava.config_loader import ConfigLoadError, load, load_yaml_mapping
+from convllava.shards import ROW_GROUP_BYTES, ROW_GROUP_ROWS, SHARD_BYTES, SHARD_ROWS
 from convllava.storage import is_s3
 from convllava.templates import TEMPLATES, TOKENIZATIONS, Tokenization
 
@@ -38,6 +39,18 @@ class ConfigError(ConfigLoadError):
 
 
 MAX_ACTORS, MAX_THREADS = 8, 8  # the default preprocessing pool: up to 8 actors, then up to 8 threads each
+# Fields `output_hash` leaves out: when the job fails, how the work is scheduled and how rows are cut into files,
+# never what a row holds (changing them keeps an output's samples valid).
+LAYOUT_FIELDS = (
+    "max_quarantine_fraction",
+    "unit_size",
+    "workers",
+    "threads",
+    "shard_rows",
+    "shard_bytes",
+    "row_group_rows",
+    "row_group_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -58,7 +71,13 @@ class PreprocessConfig:
         image_format: re-encoding of the bucket-sized image (`jpeg` or `png`).
         jpeg_quality: JPEG quality when re-encoding.
         max_quarantine_fraction: the job fails (after writing everything) when more samples are quarantined.
-        unit_size: samples per work unit (one Ray task; one shard file per bucket it touches).
+        unit_size: samples per work unit (one Ray task; one part file per bucket it touches, merged afterwards).
+        shard_rows: rows per shard file at most: a unit cuts its rows of a bucket into part files under these
+            limits, then consecutive parts of a bucket merge into shard files under them.
+        shard_bytes: bytes per shard file at most (image bytes when a unit cuts its parts, file bytes when parts
+            merge; one larger image makes a file of its own).
+        row_group_rows: at most this many rows per Parquet row group (what a training rank reads in one request).
+        row_group_bytes: at most this many image bytes per row group (one larger image makes a group of its own).
         workers: Ray Data actors doing the work (default: Ray's CPUs / `threads`).
         threads: samples each actor works on at once, one thread each (decoding, resizing and encoding release the
             GIL), and the CPUs it asks Ray for. Default: Ray's CPUs / `workers`; with neither given, one thread per
@@ -80,6 +99,10 @@ class PreprocessConfig:
     jpeg_quality: int = 95
     max_quarantine_fraction: float = 0.1
     unit_size: int = 256
+    shard_rows: int = SHARD_ROWS
+    shard_bytes: int = SHARD_BYTES
+    row_group_rows: int = ROW_GROUP_ROWS
+    row_group_bytes: int = ROW_GROUP_BYTES
     workers: int | None = None
     threads: int | None = None
     seed: int = 0
@@ -112,8 +135,9 @@ class PreprocessConfig:
             fail("jpeg_quality", f"must be in 1..100, got {self.jpeg_quality}")
         if not 0.0 <= self.max_quarantine_fraction <= 1.0:
             fail("max_quarantine_fraction", f"must be in [0, 1], got {self.max_quarantine_fraction}")
-        if self.unit_size < 1:
-            fail("unit_size", f"must be >= 1, got {self.unit_size}")
+        for name in ("unit_size", "shard_rows", "shard_bytes", "row_group_rows", "row_group_bytes"):
+            if getattr(self, name) < 1:
+                fail(name, f"must be >= 1, got {getattr(self, name)}")
         if self.workers is not None and self.workers < 1:
             fail("workers", f"must be >= 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
@@ -133,12 +157,8 @@ class PreprocessConfig:
         return self.workers or max(1, cpus // threads), threads
 
     def output_hash(self) -> str:
-        """Hash of the fields that change what a shard holds (not how the work is scheduled)."""
-        content = {
-            k: v
-            for k, v in self.to_dict().items()
-            if k not in ("max_quarantine_fraction", "unit_size", "workers", "threads")
-        }
+        """Hash of the fields that change what a shard row holds (not how the work is scheduled or the files cut)."""
+        content = {k: v for k, v in self.to_dict().items() if k not in LAYOUT_FIELDS}
         if content["tokenization"] == "one_pass":  # the default before the option existed: old shards stay valid
             del content["tokenization"]
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,9 +1,18 @@
 """`convllava preprocess`: LLaVA-style annotations + images → Parquet shards partitioned by resolution bucket.
 
 Driver: read every source (cheap: JSON + image fingerprints) → diff against the previous run's index by
-content hash → Ray Data processes only new or changed samples in parallel work units → rows of removed or
-changed samples are dropped from their old shards → `index.jsonl`, `quarantine.jsonl`, `manifest.json` and
-`buckets.png` are written from the complete index, so `written + quarantined == read` always holds.
+content hash → Ray Data processes only new or changed samples in parallel work units, each writing one "part" file
+per bucket it touches → merge phase: per bucket, this run's parts in key order are grouped greedily into runs of at
+most `shard_rows` rows and `shard_bytes` file bytes, and each run of several parts becomes one shard file (a Ray
+task per run; the driver never reads shard data) → rows of removed or changed samples are dropped from their old
+shards → `index.jsonl`, `quarantine.jsonl`, `manifest.json` and `buckets.png` are written from the complete index,
+so `written + quarantined == read` always holds → shard files the index does not reference (merged parts, stale
+files) are deleted.
+
+The units and the grouping depend only on the samples to do, `unit_size` and the size limits, never on the
+cluster: the same input and config give the same shard files. An incremental run leaves the shard files of
+unchanged samples untouched and writes its new samples into new ones. A run that dies after some merges leaves a
+sample in both a part and a merged file; the next run's `_recover_from_shards` keeps one of them.
 """
 
 from __future__ import annotations
@@ -93,18 +102,20 @@ def run_preprocess(
         + f", {len(removed)} removed or changed since the last run"
     )
 
-    new_entries, failures = _process(todo, config, output, address) if todo else ([], [])
-    new_entries += resumed.values()
+    done, failures = _process(todo, config, output, address) if todo else ([], [])
     if failures:
         _stop(
             store,
-            len(new_entries),
+            len(done) + len(resumed),
             failures,
             len(todo) + len(resumed),
             "The previous index and manifest are unchanged.",
         )
+    if done:
+        _merge_parts(store, done, config)
+    new_entries = [*done, *resumed.values()]
     try:
-        _drop_stale_rows(store, removed, reused)
+        _drop_stale_rows(store, removed, reused, {e.get("shard") for e in new_entries}, config)
         entries = sorted([*reused.values(), *new_entries], key=lambda e: e["key"])
         if len(entries) != len(records):
             raise RuntimeError(f"internal error: {len(records)} samples read but {len(entries)} accounted for")
@@ -204,6 +215,78 @@ def _units(todo: list[Record], unit_size: int) -> list[list[Record]]:
     return [todo[bounds[i] : bounds[i + 1]] for i in range(count)]
 
 
+def _merge_parts(store: Store, done: list[dict], config: PreprocessConfig) -> None:
+    """The merge phase: each run of several parts that `_merge_groups` finds becomes one shard file, merged by a Ray
+    task on the cluster (all at once), and the entries of its parts point at it. A merge that fails keeps its parts
+    (a valid output, in smaller files) with a warning."""
+    import ray
+
+    from pipelines.ray_runtime import share_secrets, worker_runtime_env
+    from pipelines.worker import merge_parts
+
+    try:
+        sizes = {path: info.size for path, info in store.listing(SHARDS_DIR).items()}
+    except OSError as e:
+        log.warning("not merging part files: listing %s/%s failed: %s", store.uri, SHARDS_DIR, e)
+        return
+    groups = _merge_groups(done, sizes, config.shard_rows, config.shard_bytes)
+    if not groups:
+        return
+    task = ray.remote(merge_parts).options(runtime_env=worker_runtime_env())
+    secrets = share_secrets()
+    refs = [
+        task.remote(store.uri, bucket, parts, config.row_group_rows, config.row_group_bytes, secrets)
+        for bucket, parts in groups
+    ]
+    merged: dict[str, str] = {}
+    for (bucket, parts), ref in zip(groups, refs, strict=True):
+        try:
+            path = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            log.warning("bucket %s: merging %d part files %s failed, keeping them: %s", bucket, len(parts), parts, e)
+            continue
+        merged.update(dict.fromkeys(parts, path))
+    for e in done:
+        if e.get("shard") in merged:
+            e["shard"] = merged[e["shard"]]
+
+
+def _merge_groups(
+    entries: list[dict], sizes: dict[str, int], max_rows: int, max_bytes: int
+) -> list[tuple[str, list[str]]]:
+    """(bucket, part paths) of each merge: per bucket, the parts that `entries` point at, ordered by first key, cut
+    greedily into consecutive runs of at most `max_rows` rows and `max_bytes` file bytes (`sizes`); runs of one
+    part are left out (nothing to merge). A pure function of the parts, so of the samples, unit_size and the limits.
+
+    >>> part = "shards/bucket=text/part-{}.parquet".format
+    >>> entries = [{"key": k, "shard": part(n)} for k, n in [("a", 1), ("b", 1), ("c", 2), ("d", 3), ("e", 3)]]
+    >>> _merge_groups(entries, dict.fromkeys(map(part, (1, 2, 3)), 100), max_rows=4, max_bytes=1000)
+    [('text', ['shards/bucket=text/part-1.parquet', 'shards/bucket=text/part-2.parquet'])]
+    """
+    keys: dict[str, list[str]] = {}
+    for e in entries:
+        if e.get("shard"):
+            keys.setdefault(e["shard"], []).append(e["key"])
+    by_bucket: dict[str, list[tuple[str, str]]] = {}
+    for path, found in keys.items():
+        if path in sizes:  # a part that is not there (never expected) stays out of every merge
+            by_bucket.setdefault(shard_bucket(path), []).append((min(found), path))
+    groups = []
+    for bucket, parts in sorted(by_bucket.items()):
+        runs: list[list[str]] = []
+        rows = size = 0
+        for _, path in sorted(parts):
+            n, nbytes = len(keys[path]), sizes[path]
+            if runs and rows + n <= max_rows and size + nbytes <= max_bytes:
+                runs[-1].append(path)
+                rows, size = rows + n, size + nbytes
+            else:
+                runs.append([path])
+                rows, size = n, nbytes
+        groups.extend((bucket, run) for run in runs if len(run) > 1)
+    return groups
+
+
 def _unit_record(r: Record) -> dict[str, Any]:
     return {
         "key": r.key,
@@ -263,19 +346,24 @@ def _stop(store: Store, done: int, failures: list[str], total: int, after: str) 
     )
 
 
-def _drop_stale_rows(store: Store, removed: list[dict], reused: dict[str, dict]) -> None:
-    """Rewrite each shard that holds a removed/changed sample without it; other shards stay untouched."""
+def _drop_stale_rows(
+    store: Store, removed: list[dict], reused: dict[str, dict], fresh: set[str], config: PreprocessConfig
+) -> None:
+    """Rewrite each shard that holds a removed/changed sample without it; other shards stay untouched.
+
+    A shard this run wrote (`fresh`) is never deleted: redoing the samples of a shard that went missing writes the
+    same rows under the same name."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    affected = sorted({e["shard"] for e in removed if e.get("shard")})
+    affected = sorted({e["shard"] for e in removed if e.get("shard")} - fresh)
     for path in affected:
         keep = [k for k, e in reused.items() if e.get("shard") == path]
         if keep:
             table = store.read_table(path)
             table = table.filter(pc.is_in(table["key"], value_set=pa.array(keep)))
             new_path = shard_path(shard_bucket(path), table["content_hash"].to_pylist())
-            write_shard(store, new_path, table)
+            write_shard(store, new_path, table, config.row_group_rows, config.row_group_bytes)
             for k in keep:
                 reused[k]["shard"] = new_path
             if new_path == path:

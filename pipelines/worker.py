@@ -3,25 +3,36 @@
 One work unit = a sorted list of records. For each record: read the image bytes → decode (EXIF rotation,
 any mode → RGB, bomb and size limits) → choose its bucket → resize/pad → re-encode → tokenize with the
 template (labels, `<image>` expansion, preflight). Rows are grouped by bucket and each group is written as
-one Parquet file named by the hash of its rows' content hashes, so identical input gives identical files.
-Every record ends as exactly one index entry: `written` (with its shard) or `quarantined` (with a reason).
+one Parquet "part" file (more when it is over the shard size) named by the hash of its rows' content hashes, so
+identical input gives identical files. Every record ends as exactly one index entry: `written` (with its shard) or
+`quarantined` (with a reason). `merge_parts`, a Ray task, later merges a bucket's small parts into one shard file.
 """
 
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from convllava.image_processing import ImageError, ImageProcessorConfig, load_image
 from convllava.labels import PreflightError, SequenceTooLongError
 from convllava.processor import ConvLlavaProcessor
 from convllava.processor_config import ProcessorConfig
-from convllava.shards import TEXT_BUCKET, write_shards, written_entry
+from convllava.shards import (
+    SHARD_SCHEMA,
+    TEXT_BUCKET,
+    row_group_bounds,
+    shard_path,
+    write_shard,
+    written_entry,
+)
 from convllava.storage import Store, read_bytes
 from convllava.templates import ConversationError
 from convllava.tokenizer import load_tokenizer
@@ -72,7 +83,7 @@ class UnitProcessor:
             if sample is not None:
                 rows.append(sample)
         try:
-            shard_of = write_shards(self.store, rows)
+            shard_of = self.write_parts(rows)
         except OSError as e:  # a full disk, lost permissions, a storage outage: this unit is not done
             return {
                 "entries": "[]",
@@ -83,6 +94,25 @@ class UnitProcessor:
             if entry["status"] == "written":
                 entry["shard"] = shard_of[entry["key"]]
         return {"entries": json.dumps(entries), "failed": ""}
+
+    def write_parts(self, rows: list[dict[str, Any]]) -> dict[str, str]:
+        """One part file per bucket (several when its rows pass `shard_rows` or `shard_bytes` of images), rows
+        sorted by key, row groups cut by the config; returns key → part path."""
+        c = self.config
+        by_bucket: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            by_bucket.setdefault(r["bucket"], []).append(r)
+        shard_of = {}
+        for bucket, group in sorted(by_bucket.items()):
+            group.sort(key=lambda r: r["key"])
+            bounds = row_group_bounds([len(r["image"] or b"") for r in group], c.shard_rows, c.shard_bytes)
+            for start, stop in itertools.pairwise(bounds):
+                part = group[start:stop]
+                path = shard_path(bucket, [r["content_hash"] for r in part])
+                table = pa.Table.from_pylist(part, schema=SHARD_SCHEMA)
+                write_shard(self.store, path, table, c.row_group_rows, c.row_group_bytes)
+                shard_of.update({r["key"]: path for r in part})
+        return shard_of
 
     def sample(self, rec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """One record's index entry, and its shard row (None when it is quarantined)."""
@@ -177,3 +207,23 @@ def encode_image(image: Image.Image, image_format: str, jpeg_quality: int = 95) 
     else:
         image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def merge_parts(
+    output: str,
+    bucket: str,
+    parts: list[str],
+    row_group_rows: int,
+    row_group_bytes: int,
+    secrets: dict[str, Any] | None = None,
+) -> str:
+    """Ray task: one shard file of `bucket` holding the rows of `parts` (paths under `output`), sorted by key, named
+    by its rows' content hashes like any shard; returns its path. The parts stay: the driver drops them once the
+    index points at the merged file, and keeps them when this fails (smaller files, the same rows)."""
+    adopt_secrets(secrets)  # credentials for an s3:// output; see pipelines.ray_runtime
+    store = Store(output)
+    table = pa.concat_tables([store.read_table(p).cast(SHARD_SCHEMA) for p in parts])
+    table = table.take(pc.sort_indices(table, sort_keys=[("key", "ascending")]))
+    path = shard_path(bucket, table.column("content_hash").to_pylist())
+    write_shard(store, path, table, row_group_rows, row_group_bytes)
+    return path

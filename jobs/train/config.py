@@ -43,6 +43,10 @@ class StageConfig:
     warmup_ratio / schedule / weight_decay / max_grad_norm: AdamW with warmup then cosine decay.
     deepspeed: a JSON under jobs/configs/deepspeed/ (zero2, zero3, zero3_offload) or a path.
     workers / use_gpu: Ray Train scaling. CPU: gloo + fp32. GPU: nccl + bf16.
+    group_by_length: micro-batches of similar lengths (less padding) inside each shuffle window.
+    shuffle_window / prefetch: a rank shuffles its share of the data `shuffle_window` row groups at a time and reads
+        `prefetch` row groups ahead of the step (`convllava.data.plan_shard_epoch`, `convllava.loader.RankLoader`);
+        memory per rank ≈ (shuffle_window + prefetch) row groups (≤ 32 MB of images each by default).
     checkpoint_every / keep_last: checkpoint every N optimizer steps (and at the end); keep the last K.
     max_failures: worker failures Ray Train recovers from, resuming from the latest checkpoint.
     """
@@ -70,6 +74,8 @@ class StageConfig:
     gradient_checkpointing: bool = True
     attn_implementation: str | None = None
     group_by_length: bool = True
+    shuffle_window: int = 16
+    prefetch: int = 4
     checkpoint_every: int = 0
     keep_last: int = 2
     max_failures: int = 2
@@ -86,7 +92,17 @@ class StageConfig:
         for key in self.lr_groups:
             if key not in self.trainable:
                 fail("lr_groups", f"{key!r} is not one of the trainable groups {list(self.trainable)}")
-        for name in ("lr", "global_batch_size", "micro_batch_size", "epochs", "workers", "keep_last", "log_every"):
+        for name in (
+            "lr",
+            "global_batch_size",
+            "micro_batch_size",
+            "epochs",
+            "workers",
+            "keep_last",
+            "log_every",
+            "shuffle_window",
+            "prefetch",
+        ):
             if not getattr(self, name) > 0:
                 fail(name, f"must be > 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

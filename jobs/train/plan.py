@@ -201,7 +201,7 @@ def _geometries(
     assumed: tuple[int, tuple[int, int]] | None,
 ) -> tuple[list[Geometry], str, int | None, str]:
     """The micro-batches to measure, why those, and the steps per epoch (or why unknown)."""
-    from convllava.data import plan_epoch
+    from convllava.data import plan_shard_epoch
     from convllava.shards import ShardSet
 
     try:
@@ -213,9 +213,12 @@ def _geometries(
         size = image_size or fallback_size
         g = Geometry(f"{size[0]}x{size[1]}", seq_len or fallback_len, size)
         return [g], f"{g.bucket} images, {g.seq_len} tokens, assumed (shards not readable yet)", None, reason
-    longest: dict[str, int] = {}
-    for info in shards.infos:
-        longest[info.bucket] = max(longest.get(info.bucket, 0), info.length)
+    layout = shards.layout
+    longest = {
+        name: int(layout.lengths[layout.buckets == code].max())
+        for code, name in enumerate(layout.bucket_names)
+        if (layout.buckets == code).any()
+    }
     if not longest:
         raise ValueError(f"{config.data}: the shards hold no samples")
 
@@ -228,15 +231,16 @@ def _geometries(
         size = None if not pixels(b) else (Bucket.parse(b).height, Bucket.parse(b).width)
         geometry.append(Geometry(b, seq_len or longest[b], image_size or size))
     note = ", ".join(f"bucket {g.bucket} at {g.seq_len} tokens" for g in geometry)
-    note += f" (largest image and longest sample of {len(shards.infos):,d} samples in {len(longest)} buckets)"
+    note += f" (largest image and longest sample of {len(shards):,d} samples in {len(longest)} buckets)"
     try:
-        steps = plan_epoch(
-            shards.infos,
+        steps = plan_shard_epoch(
+            layout,
             micro_batch_size=config.micro_batch_size,
             grad_accum=config.grad_accum,
             world_size=config.workers,
             seed=config.seed,
             epoch=0,
+            window=config.shuffle_window,
             group_by_length=config.group_by_length,
         ).num_steps
         return geometry, note, steps, ""

@@ -24,7 +24,8 @@ import torch
 from convllava.attention import attention_unavailable, resolve_attn_implementation
 from convllava.checkpoint import is_convllava_checkpoint, load_model
 from convllava.config import ConvLlavaConfig
-from convllava.data import collate, plan_epoch
+from convllava.data import collate, plan_shard_epoch
+from convllava.loader import RankLoader
 from convllava.modeling import ConvLlavaForCausalLM
 from convllava.processor import ConvLlavaProcessor
 from convllava.shards import ShardSet
@@ -104,6 +105,7 @@ class StageRecipe:
         self.unsent_metrics: list[list] = []  # [key, value, timestamp, step] rows the metric sink has not stored
         self.marks = list(startup or [("called", time.time())])
         self.startup_logged = False
+        self.loader_steps = None  # the current epoch's RankLoader iteration
 
     # ------------------------------------------------------------------ setup
     def setup(self, checkpoint_dir: Path | None) -> None:
@@ -207,27 +209,44 @@ class StageRecipe:
 
     def _plan(self, epoch: int):
         c = self.config
-        return plan_epoch(
-            self.shards.infos,
+        return plan_shard_epoch(
+            self.shards.layout,
             micro_batch_size=c.micro_batch_size,
             grad_accum=c.grad_accum,
             world_size=self.world_size,
             seed=c.seed,
             epoch=epoch,
+            window=c.shuffle_window,
             group_by_length=c.group_by_length,
         )
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict[str, float]:
+        """Train to total_steps from the current step; returns the last step's metrics."""
+        try:
+            return self._train()
+        finally:
+            if self.loader_steps is not None:
+                self.loader_steps.close()  # stops the read-ahead threads of an epoch left before its end
+
+    def _train(self) -> dict[str, float]:
         c = self.config
         metrics: dict[str, float] = {}
+        loader = None
         while self.step < self.total_steps:
             epoch, index = divmod(self.step, self.steps_per_epoch)
-            plan = self._plan(epoch)
+            if loader is None or loader.plan.epoch != epoch:  # the epoch's reads, from the step a resume starts at
+                if self.loader_steps is not None:
+                    self.loader_steps.close()
+                loader = RankLoader(self.shards, self._plan(epoch), self.rank, index, prefetch=c.prefetch)
+                self.loader_steps = iter(loader)
             start = time.perf_counter()
             totals = [0.0] * 5  # loss·n, micro-batches, tokens, visual tokens, padding
-            for micro in plan.micro_batches(self.rank, index):
-                batch = collate(self.shards.rows(micro), self.processor.tokenizer.pad_token_id)
+            planned, micro_rows = next(self.loader_steps)
+            if planned != index:
+                raise RuntimeError(f"internal error: the loader gave step {planned} for step {index}")
+            for rows in micro_rows:
+                batch = collate(rows, self.processor.tokenizer.pad_token_id)
                 out = self.engine(
                     input_ids=batch["input_ids"].to(self.device),
                     attention_mask=batch["attention_mask"].to(self.device),

@@ -9,6 +9,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -55,8 +56,10 @@ def shards_dir(tmp_path_factory, ray_local) -> Path:
         )
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     mixture = Mixture((Source("data", str(root / "data.jsonl"), str(root)),))
-    # unit_size 5: each work unit writes its own file per bucket, so buckets span several shard files.
-    config = PreprocessConfig(resolution=256, max_length=512, unit_size=5, image_format="png")
+    # Small files (4 rows) of small row groups (2 rows): buckets span several shard files, files several row groups.
+    config = PreprocessConfig(
+        resolution=256, max_length=512, unit_size=5, shard_rows=4, row_group_rows=2, image_format="png"
+    )
     run_preprocess(mixture, config, str(root / "out"), echo=lambda *_: None)
     return root / "out"
 
@@ -65,7 +68,7 @@ def test_shardset_indexes_real_shards(shards_dir):
     from convllava.shards import ShardSet
 
     manifest = json.loads((shards_dir / "manifest.json").read_text())
-    shards = ShardSet(str(shards_dir), cache_files=2)
+    shards = ShardSet(str(shards_dir), cache_pieces=2)
     assert manifest["written"] == len(shards) == 3 * PER_SHAPE + TEXT_ONLY == 24
     assert manifest["buckets"] == {"192x320": 7, "256x256": 7, "320x192": 7, "text": 3}
     assert dict(Counter(info.bucket for info in shards.infos)) == manifest["buckets"]
@@ -81,9 +84,9 @@ def test_shardset_indexes_real_shards(shards_dir):
     path, r = shards.location(len(shards) - 1)
     assert (path, r) == (manifest["shards"][-1]["path"], manifest["shards"][-1]["rows"] - 1)
     everything = shards.rows(range(len(shards)))
-    assert [x["key"] for x in everything] == shards.keys
+    assert [x["key"] for x in everything] == shards.keys.to_pylist()
     assert [(x["bucket"], len(x["input_ids"])) for x in everything] == [(i.bucket, i.length) for i in shards.infos]
-    assert len(shards._cache) == 2  # LRU bounded by cache_files
+    assert len(shards._cache) == 2  # LRU bounded by cache_pieces
 
     plan = plan_epoch(shards.infos, micro_batch_size=2, grad_accum=1, world_size=2, seed=0, epoch=0)
     # 7 → 3 micro-batches per image bucket (1 dropped each), text 3 → 1 (1 dropped): 10 micro-batches, 5 steps.
@@ -93,7 +96,7 @@ def test_shardset_indexes_real_shards(shards_dir):
         for _, micro in plan.rank_steps(rank):
             for mb in micro:
                 rows = shards.rows(mb)
-                assert [x["key"] for x in rows] == [shards.keys[i] for i in mb]
+                assert [x["key"] for x in rows] == [shards.keys[i].as_py() for i in mb]
                 batch = collate(rows, pad_token_id=0)
                 bucket = rows[0]["bucket"]
                 if bucket == "text":
@@ -111,7 +114,52 @@ def test_shardset_indexes_real_shards(shards_dir):
 
     # A data-loader worker gets a copy without the cached tables, and it still reads rows.
     clone = pickle.loads(pickle.dumps(shards))
-    assert len(clone._cache) == 0 and clone.rows([0, 5])[1]["key"] == shards.keys[5]
+    assert len(clone._cache) == 0 and clone.rows([0, 5])[1]["key"] == shards.keys[5].as_py()
+
+
+def test_rank_loader_reads_each_row_group_once_and_gives_the_planned_rows(shards_dir):
+    import pyarrow.parquet as pq
+
+    from convllava.data import plan_shard_epoch
+    from convllava.loader import RankLoader
+    from convllava.shards import ShardSet
+
+    shards = ShardSet(str(shards_dir))
+    files = [pq.ParquetFile(shards_dir / path).metadata for path in shards.shards]
+    assert shards.num_pieces == sum(md.num_row_groups for md in files) > len(files)  # files of several row groups
+    assert all(md.row_group(i).num_rows <= 2 for md in files for i in range(md.num_row_groups))
+    assert shards.layout.piece_starts.tolist() == [
+        0,
+        *np.cumsum([md.row_group(i).num_rows for md in files for i in range(md.num_row_groups)]).tolist(),
+    ]
+    for world_size in (1, 2):
+        plan = plan_shard_epoch(
+            shards.layout, micro_batch_size=2, grad_accum=1, world_size=world_size, seed=0, epoch=0, window=2
+        )
+        pieces_read = 0
+        for rank in range(world_size):
+            loader = RankLoader(shards, plan, rank, prefetch=2, threads=2)
+            got = list(loader)
+            assert [step for step, _ in got] == list(range(plan.num_steps))
+            for step, micro in got:
+                planned = plan.micro_batches(rank, step)
+                assert [[r["key"] for r in mb] for mb in micro] == [
+                    [shards.keys[i].as_py() for i in mb] for mb in planned
+                ]
+                assert all(len({r["bucket"] for r in mb}) == 1 for mb in micro)
+            # Each row group the rank needs is read once; it holds at most the window, the carry and the prefetch.
+            needed = np.unique(shards.layout.piece_of(plan.batches[:, :, rank, :].ravel()))
+            assert loader.stats.pieces_read == len(needed) == len(loader.order)
+            assert loader.stats.max_in_flight <= 2
+            pieces_read += loader.stats.pieces_read
+        # The ranks' shares meet inside at most world_size - 1 row groups, which both ranks read.
+        assert pieces_read <= shards.num_pieces + world_size - 1
+
+        resumed = list(RankLoader(shards, plan, 0, start_step=plan.num_steps - 1))
+        assert [step for step, _ in resumed] == [plan.num_steps - 1]
+        assert [[r["key"] for r in mb] for mb in resumed[0][1]] == [
+            [shards.keys[i].as_py() for i in mb] for mb in plan.micro_batches(0, plan.num_steps - 1)
+        ]
 
 
 def test_shardset_refuses_unusable_outputs(shards_dir, tmp_path):
@@ -161,6 +209,6 @@ def test_shardset_reads_from_s3(shards_dir, s3_bucket):
     for path in sorted(p for p in shards_dir.rglob("*") if p.is_file()):
         client.upload_file(str(path), s3_bucket, f"shards/{path.relative_to(shards_dir).as_posix()}")
     local, remote = ShardSet(str(shards_dir)), ShardSet(f"s3://{s3_bucket}/shards/")
-    assert remote.infos == local.infos and remote.keys == local.keys and remote.fingerprint == local.fingerprint
+    assert remote.infos == local.infos and remote.keys.equals(local.keys) and remote.fingerprint == local.fingerprint
     picked = [3, 17, 0, 23]
     assert [x["content_hash"] for x in remote.rows(picked)] == [x["content_hash"] for x in local.rows(picked)]

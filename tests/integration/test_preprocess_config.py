@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from preprocess_harness import good_set, rec, write_jsonl
 
+from convllava.shards import SHARD_BYTES
 from convllava.storage import OutputError
 from pipelines.config import ConfigError, Mixture, PreprocessConfig, Source
 from pipelines.preprocess import run_preprocess
@@ -27,6 +28,14 @@ def test_config_errors_name_the_key_and_unwritable_output_fails_first(tmp_path):
         PreprocessConfig.from_yaml(tmp_path / "c.yaml")
     with pytest.raises(ConfigError, match="resolution"):
         PreprocessConfig(resolution=300)
+    for name in ("unit_size", "shard_rows", "shard_bytes", "row_group_rows", "row_group_bytes"):
+        with pytest.raises(ConfigError, match=f"preprocess config: {name}: must be >= 1, got 0"):
+            PreprocessConfig(**{name: 0})
+    # Shard and row-group sizes come from YAML like any key; they cut files, so the output hash stays.
+    (tmp_path / "s.yaml").write_text("resolution: 256\nshard_rows: 500\nrow_group_bytes: 4096\n")
+    sized = PreprocessConfig.from_yaml(tmp_path / "s.yaml")
+    assert (sized.shard_rows, sized.row_group_bytes, sized.shard_bytes) == (500, 4096, SHARD_BYTES)
+    assert sized.output_hash() == PreprocessConfig(resolution=256).output_hash()
     (tmp_path / "m.yaml").write_text("sources:\n  - {name: a, annotations: a.jsonl, image_root: ., weight: 2}\n")
     with pytest.raises(ConfigError, match=r"sources\[0\]: unknown key\(s\) \['weight'\]"):
         Mixture.from_yaml(tmp_path / "m.yaml")
@@ -81,7 +90,18 @@ def test_tokenization_is_a_preprocess_option_in_the_hash():
     before = {
         k: v
         for k, v in default.to_dict().items()  # the default hashes as before the option existed
-        if k not in ("tokenization", "max_quarantine_fraction", "unit_size", "workers", "threads")
+        if k
+        not in (
+            "tokenization",
+            "max_quarantine_fraction",
+            "unit_size",
+            "workers",
+            "threads",
+            "shard_rows",
+            "shard_bytes",
+            "row_group_rows",
+            "row_group_bytes",
+        )
     }
     assert default.output_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     with pytest.raises(ConfigError, match=r"preprocess config: tokenization: must be one of \('one_pass', 'llava'\)"):

@@ -32,8 +32,11 @@ def test_deterministic_and_incremental(ray_local, tmp_path):
     run(root, records, tmp_path / "one")
     run(root, records, tmp_path / "two", workers=1, threads=2)  # one actor, two samples at once
     assert _tree(tmp_path / "one") == _tree(tmp_path / "two")  # byte-identical files under identical names
-    run(root, records, tmp_path / "three", unit_size=2)  # other work units: other files, the same rows
-    assert _rows_by_id(tmp_path / "three") == _rows_by_id(tmp_path / "one")
+    run(root, records, tmp_path / "three", unit_size=2)  # smaller work units: their parts merge into the same files
+    assert _tree(tmp_path / "three") == _tree(tmp_path / "one")
+    run(root, records, tmp_path / "four", unit_size=2, shard_rows=1)  # other files (one row each), the same rows
+    assert len(_tree(tmp_path / "four")) == 7 > len(_tree(tmp_path / "one"))
+    assert _rows_by_id(tmp_path / "four") == _rows_by_id(tmp_path / "one")
 
     before = _tree(tmp_path / "one")
     mtimes = {p: (tmp_path / "one" / p).stat().st_mtime_ns for p in before}
@@ -54,6 +57,11 @@ def test_deterministic_and_incremental(ray_local, tmp_path):
     assert sorted(ids) == sorted(r["id"] for r in updated)  # no stale or duplicate rows
     answer = next(r for r in rows(tmp_path / "one") if r["id"] == changed["id"])
     assert 5 < len(answer["labels"]) and answer["content_hash"] != "" and len(ids) == len(set(ids))
+
+    # A shard file that went missing: its samples are redone into the same file, which stays.
+    (tmp_path / "one" / manifest["shards"][0]["path"]).unlink()
+    redone = run(root, updated, tmp_path / "one")
+    assert redone["run"]["processed"] == manifest["shards"][0]["rows"] and _tree(tmp_path / "one") == after
 
 
 def test_mixture_yaml_ratios_and_caps(ray_local, tmp_path):
@@ -81,7 +89,7 @@ def test_s3_round_trip(ray_local, s3_bucket, tmp_path):
     write_jsonl(root / "data.jsonl", records)
     upload_dir(root, f"s3://{s3_bucket}/raw")
     mixture = Mixture((Source("data", f"s3://{s3_bucket}/raw/data.jsonl", f"s3://{s3_bucket}/raw"),))
-    config = PreprocessConfig(resolution=256, max_length=256)
+    config = PreprocessConfig(resolution=256, max_length=256, unit_size=2)  # units' parts merge on S3
     run_preprocess(mixture, config, f"s3://{s3_bucket}/shards", echo=lambda *_: None)
     local = run(root, records, tmp_path / "local")
 
@@ -90,7 +98,9 @@ def test_s3_round_trip(ray_local, s3_bucket, tmp_path):
     s3 = boto3.client("s3")
     manifest = json.loads(s3.get_object(Bucket=s3_bucket, Key="shards/manifest.json")["Body"].read())
     assert (manifest["read"], manifest["written"]) == (7, 7) and manifest["buckets"] == local["buckets"]
-    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket, Prefix="shards/shards/")["Contents"])
+    listed = s3.list_objects_v2(Bucket=s3_bucket, Prefix="shards/shards/")["Contents"]
+    # Deleting the merged parts leaves pyarrow's empty "bucket=HxW/" directory markers; objects are the rest.
+    keys = sorted(o["Key"] for o in listed if not o["Key"].endswith("/"))
     assert len(keys) == len(_tree(tmp_path / "local")) == len(manifest["shards"])
     remote = {}
     for key in keys:  # same rows as the local run (content hashes differ: S3 fingerprints are listing sizes + times)

@@ -1,13 +1,18 @@
-"""The Ray Data preprocessing pipeline on a local Ray instance: shards hold everything training needs, square
-PNG shards carry the released models' pixels, llava tokenization the released models' tokens."""
+"""The Ray Data preprocessing pipeline on a local Ray instance: shards hold everything training needs, units' part
+files merge into shard files of the configured size, square PNG shards carry the released models' pixels, llava
+tokenization the released models' tokens."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -41,12 +46,141 @@ def test_shards_hold_everything_training_needs(ray_local, tmp_path, tiny_process
         learned = tiny_processor.tokenizer.decode([t for t in row["labels"] if t != -100])
         assert learned == " A red square.</s>"
     # The encoded images are stored as they are (compressing JPEG/PNG again costs CPU and saves nothing); the rest zstd
-    import pyarrow.parquet as pq
-
     for shard in manifest["shards"]:
         meta = pq.ParquetFile(tmp_path / "out" / shard["path"]).metadata.row_group(0)
         codecs = {meta.column(i).path_in_schema: meta.column(i).compression for i in range(meta.num_columns)}
         assert codecs.pop("image") == "UNCOMPRESSED" and set(codecs.values()) == {"ZSTD"}, codecs
+
+
+def _tree(out: Path) -> dict[str, str]:
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.parquet")}
+
+
+def _index(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+
+
+def _unit_parts(index: list[dict], unit_size: int) -> list[tuple[str, int]]:
+    """(bucket, rows) of each part file the work units write, unit by unit: units are the key-sorted samples cut as
+    evenly as possible into at most `unit_size`, and a unit writes one part per bucket it touches."""
+    keys = sorted(e["key"] for e in index)
+    count = -(-len(keys) // unit_size)
+    bounds = [round(i * len(keys) / count) for i in range(count + 1)]
+    bucket_of = {e["key"]: e["bucket"] for e in index}
+    units = [[bucket_of[k] for k in keys[bounds[i] : bounds[i + 1]]] for i in range(count)]
+    return [(b, unit.count(b)) for unit in units for b in sorted(set(unit))]
+
+
+def _greedy_files(parts: list[tuple[str, int]], shard_rows: int) -> dict[str, list[int]]:
+    """Rows of each shard file per bucket, in key order, as the merge phase cuts them: consecutive parts of a bucket
+    merge while their rows fit. The images here are a few kB, so `shard_bytes` never decides."""
+    files: dict[str, list[int]] = {}
+    for bucket, n in parts:
+        runs = files.setdefault(bucket, [])
+        if runs and runs[-1] + n <= shard_rows:
+            runs[-1] += n
+        else:
+            runs.append(n)
+    return files
+
+
+def test_units_parts_merge_into_shard_files_of_the_configured_size(ray_local, tmp_path):
+    root, out = tmp_path / "data", tmp_path / "one"
+    records = good_set(root, n=40)  # 41 samples in 5 buckets
+    sizes = dict(unit_size=4, shard_rows=10, row_group_rows=3)
+    manifest = run(root, records, out, workers=1, **sizes)
+    index = _index(out)
+    assert manifest["reconciled"] and manifest["written"] + manifest["quarantined"] == manifest["read"] == 41
+    assert sum(s["rows"] for s in manifest["shards"]) == manifest["written"] == 41
+    referenced = sorted({e["shard"] for e in index if e["status"] == "written"})
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    assert on_disk == referenced == sorted(s["path"] for s in manifest["shards"])  # no part left over
+
+    found: dict[str, list[tuple[str, int]]] = {}
+    for shard in manifest["shards"]:
+        file = pq.ParquetFile(out / shard["path"])
+        table = file.read(columns=["key", "bucket"])
+        keys = table.column("key").to_pylist()
+        assert file.metadata.num_rows == shard["rows"] <= 10, shard
+        assert set(table.column("bucket").to_pylist()) == {shard["bucket"]}, shard
+        assert keys == sorted(keys), shard
+        groups = [file.metadata.row_group(i).num_rows for i in range(file.metadata.num_row_groups)]
+        assert max(groups) <= 3 and sum(groups) == shard["rows"], (shard, groups)
+        found.setdefault(shard["bucket"], []).append((keys[0], shard["rows"]))
+    parts = _unit_parts(index, unit_size=4)
+    expected = _greedy_files(parts, shard_rows=10)
+    assert {b: [n for _, n in sorted(files)] for b, files in found.items()} == expected
+    assert len(manifest["shards"]) == sum(map(len, expected.values())) < len(parts)
+
+    # The same input on two actors: the same files, byte for byte.
+    run(root, records, tmp_path / "two", workers=2, **sizes)
+    before = _tree(out)
+    assert _tree(tmp_path / "two") == before
+
+    # A few more records: every earlier file stays as it is, the new samples go into new files.
+    mtimes = {p: (out / p).stat().st_mtime_ns for p in before}
+    added = [rec(f"new{i}", save(root, f"img/new{i}.jpg", Image.new("RGB", (320, 160), (i, 9, 250)))) for i in range(3)]
+    again = run(root, [*records, *added], out, workers=2, **sizes)
+    assert again["run"]["processed"] == 3 and again["run"]["reused"] == 41 and again["written"] == 44
+    after = _tree(out)
+    assert {p: after.get(p) for p in before} == before
+    assert all((out / p).stat().st_mtime_ns == mtimes[p] for p in before)
+    new_ids = [r["id"] for p in set(after) - set(before) for r in pq.read_table(out / p).to_pylist()]
+    assert sorted(new_ids) == ["new0", "new1", "new2"]
+
+
+class _Killed(BaseException):
+    """The driver dying between the merges and the index (a signal, a lost node)."""
+
+
+def test_a_run_that_dies_after_its_merges_is_recovered(ray_local, tmp_path, monkeypatch):
+    import pipelines.preprocess
+
+    root, out = tmp_path / "data", tmp_path / "out"
+    records = good_set(root, n=40)
+    sizes = dict(unit_size=4, shard_rows=10)
+    reference = run(root, records, tmp_path / "reference", **sizes)
+
+    def die(*_):
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(pipelines.preprocess, "write_index", die)
+        with pytest.raises(_Killed):
+            run(root, records, out, **sizes)
+    left = set(_tree(out))
+    assert left > set(_tree(tmp_path / "reference"))  # the merged files and the parts they merged
+    again = run(root, records, out, **sizes)
+    assert again["run"]["resumed"] == 41 and again["run"]["processed"] == 0
+    assert again["reconciled"] and again["written"] == reference["written"] == 41
+    ids = [r["id"] for r in rows(out)]
+    assert sorted(ids) == sorted(r["id"] for r in records)  # every sample once
+    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    assert on_disk == sorted(s["path"] for s in again["shards"])
+
+
+def test_a_failed_merge_keeps_its_parts(ray_local, tmp_path, monkeypatch, caplog):
+    import pipelines.preprocess
+
+    root, out = tmp_path / "data", tmp_path / "out"
+    records = good_set(root, n=12)
+    merge_groups = pipelines.preprocess._merge_groups
+
+    def one_bad(*args):  # the first merge also names a part that is not there: its task fails reading it
+        groups = merge_groups(*args)
+        bucket, parts = groups[0]
+        return [(bucket, [*parts, f"shards/bucket={bucket}/part-gone.parquet"]), *groups[1:]]
+
+    monkeypatch.setattr(pipelines.preprocess, "_merge_groups", one_bad)
+    manifest = run(root, records, out, unit_size=2)
+    # The failed merge's bucket keeps its parts (valid files, only smaller); every other bucket is one file.
+    [(bucket, parts)] = merge_groups(_index(out), dict.fromkeys(_tree(out), 1), 10_000, 1 << 30)
+    files = Counter(s["bucket"] for s in manifest["shards"])
+    assert files == {**dict.fromkeys(files, 1), bucket: len(parts)} and len(parts) > 1
+    assert sorted(s["path"] for s in manifest["shards"]) == sorted(_tree(out))  # nothing else on disk
+    warning = next(r.getMessage() for r in caplog.records if "keeping them" in r.getMessage())
+    assert f"bucket {bucket}: merging {len(parts) + 1} part files" in warning and all(p in warning for p in parts)
+    assert manifest["reconciled"] and manifest["written"] == 13 and len(rows(out)) == 13
 
 
 def llava_pad_reference(image: Image.Image, resolution: int) -> torch.Tensor:

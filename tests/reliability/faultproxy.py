@@ -15,7 +15,8 @@ to requests whose path (with the query) contains that text (e.g. one object key)
 `max_faults_per_request` makes faults transient: the same request (method + path with query, which is how a client's
 retries of one upload or read look) is failed at most that many times by `fail_next`/`fail_every`; clients that retry
 more often than that always get through. Counters: `requests` (seen, by method in `seen`), `faults` (injected, by
-kind in `injected`), `forwarded`.
+kind in `injected`), `forwarded`; `transfers` lists (method, path, response body bytes) of every forwarded request,
+and `body_bytes` sums them: the bytes a client fetched, counted at the HTTP layer.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class FaultProxy:
         self.seen: Counter[str] = Counter()  # requests by method
         self.injected: Counter[str] = Counter()  # faults by "METHOD status" / "METHOD drop"
         self.forwarded = 0
+        self.transfers: list[tuple[str, str, int]] = []  # (method, path, response body bytes), forwarded requests
         self.log: deque[tuple[str, str, str]] = deque(maxlen=log_size)  # (method, path, outcome)
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self.server.daemon_threads = True
@@ -156,6 +158,12 @@ class FaultProxy:
     @property
     def faults(self) -> int:
         return sum(self.injected.values())
+
+    def body_bytes(self, method: str = "GET", path: str = "") -> tuple[int, int]:
+        """(response body bytes, requests) of the forwarded `method` requests whose path contains `path`."""
+        with self.lock:
+            sizes = [n for m, p, n in self.transfers if m == method and path in p]
+        return sum(sizes), len(sizes)
 
     def _decide(self, method: str, path: str) -> Rule | None:
         """Count the request and return the rule that fails it, if any."""
@@ -233,6 +241,7 @@ def _handler_for(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                 upstream.close()
             with proxy.lock:
                 proxy.forwarded += 1
+                proxy.transfers.append((self.command, self.path, 0 if self.command == "HEAD" else len(data)))
             proxy.log.append((self.command, self.path, str(status)))
             self.send_response(status)
             for k, v in reply:

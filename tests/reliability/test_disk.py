@@ -62,13 +62,15 @@ def test_preprocessing_onto_a_full_disk_keeps_what_it_finished_and_a_rerun_compl
     from pipelines.preprocess import run_preprocess
 
     mixture = Mixture.from_yaml(raw / "mixture.yaml")
-    config = PreprocessConfig(resolution=256, unit_size=4, workers=2)
+    # shard_rows=8: the units' parts merge into several shard files per bucket, not one.
+    config = PreprocessConfig(resolution=256, unit_size=4, workers=2, shard_rows=8)
     reference = run_preprocess(mixture, config, str(tmp_path / "reference"), echo=lambda *_: None).manifest
     sizes = sorted(p.stat().st_size for p in (tmp_path / "reference").rglob("*.parquet"))
     assert len(sizes) >= 6 and reference.read == 48
 
-    # Room for about half of the shards: several units finish (two are written at a time, a unit writes one shard
-    # per bucket it touches), the rest do not fit. A fixed 64k left no room when two large units came first.
+    # Room for about half of the shards: several units finish (two are written at a time, a unit writes one part
+    # file per bucket it touches; parts merge only once every unit is done, and take more room than the merged
+    # files), the rest do not fit. A fixed 64k left no room when two large units came first.
     room_k = sum(sizes) // 2 // 4096 * 4
     with disk(tmp_path / "disk", f"{room_k}k") as output:
         assert sizes[0] < room_k * 1024 < sum(sizes)
@@ -92,8 +94,8 @@ def test_preprocessing_onto_a_full_disk_keeps_what_it_finished_and_a_rerun_compl
         resize(output, "16m")  # space freed: the same command finishes the job
         lines: list[str] = []
         manifest = run_preprocess(mixture, config, str(output), echo=lines.append).manifest
-        # Every finished unit is recovered from its shards, and so is each shard a failed unit wrote before the one
-        # that did not fit (a unit writes one shard per bucket it touches).
+        # Every finished unit is recovered from its parts, and so is each part a failed unit wrote before the one
+        # that did not fit (a unit writes one part per bucket it touches).
         resumed = manifest.run.resumed
         assert resumed >= done and f"({resumed} more finished by an interrupted run)" in lines[0]
         assert manifest.run.processed == 48 - resumed

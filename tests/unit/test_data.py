@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from convllava.data import SampleInfo, collate, plan_epoch, text_padding_fraction
+from convllava.data import SampleInfo, ShardLayout, collate, plan_epoch, plan_shard_epoch, text_padding_fraction
 from convllava.image_processing import CLIP_MEAN, CLIP_STD
 
 SIZES = {"micro_batch_size": 4, "grad_accum": 2, "world_size": 3}
@@ -178,6 +178,123 @@ def test_out_of_range_rank_or_step():
         plan.micro_batches(0, -1)
     with pytest.raises(IndexError, match="step 39 out of range: the epoch has 39 steps"):
         plan.micro_batches(0, 39)
+
+
+# ---------------------------------------------------------------------------------------------------- plan_shard_epoch
+# SAMPLES written in 10 shard files of ~96 rows, row groups of 16 rows (61 row groups).
+LAYOUT = ShardLayout.of(SAMPLES, [96] * 9 + [len(SAMPLES) - 9 * 96], 16)
+
+
+def spearman(order: np.ndarray) -> float:
+    """Rank correlation between position in the epoch and position in the files (sample indices are distinct)."""
+    ranks = np.argsort(np.argsort(order)).astype(float)
+    return float(np.corrcoef(np.arange(len(order), dtype=float), ranks)[0, 1])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_shard_plan_trains_each_kept_sample_once_in_whole_one_bucket_micro_batches(world_size):
+    plan = plan_shard_epoch(LAYOUT, micro_batch_size=4, grad_accum=2, world_size=world_size, seed=0, epoch=0, window=4)
+    assert plan.batches.shape == (plan.num_steps, 2, world_size, 4)
+    used = plan.batches.ravel()
+    assert len(used) == len(set(used.tolist())) == plan.num_samples
+    assert plan.num_samples + plan.dropped == len(SAMPLES)
+    for mb in plan.batches.reshape(-1, 4):
+        assert len({SAMPLES[i].bucket for i in mb}) == 1
+    # Drops as plan_epoch's: per rank, fewer than a micro-batch per bucket, and micro-batches past the fewest
+    # whole steps any rank has (ranks get equal shares, so at most a micro-batch per bucket and a step's worth).
+    buckets = len(LAYOUT.bucket_names)
+    assert plan.dropped <= world_size * (buckets * 3 + (buckets + 1) * 4)
+    if world_size == 1:
+        assert (
+            plan.dropped == plan_epoch(SAMPLES, micro_batch_size=4, grad_accum=2, world_size=1, seed=0, epoch=0).dropped
+        )
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 8])
+def test_shard_plan_reads_each_row_group_of_a_ranks_share_once_in_bounded_windows(world_size):
+    window, rows_per_group = 4, 16
+    plan = plan_shard_epoch(
+        LAYOUT, micro_batch_size=4, grad_accum=1, world_size=world_size, seed=3, epoch=1, window=window
+    )
+    total = 0
+    shares = []
+    for rank in range(world_size):
+        stream = plan.batches[:, :, rank, :].reshape(-1, 4)
+        pieces = LAYOUT.piece_of(stream.ravel())
+        shares.append(set(pieces.tolist()))
+        total += len(shares[-1])
+        # What a loader that reads a row group when it is first needed holds: never more than the window's row
+        # groups plus the samples carried between windows (< one megabatch of 32 per bucket).
+        first_use = {p: i for i, p in reversed(list(enumerate(pieces.tolist())))}
+        last_use = {p: i for i, p in enumerate(pieces.tolist())}
+        held = 0
+        for i in range(len(pieces)):
+            rows_open = sum(
+                int(((pieces == p) & (np.arange(len(pieces)) >= i)).sum())
+                for p in first_use
+                if first_use[p] <= i <= last_use[p]
+            )
+            held = max(held, rows_open)
+        assert held <= window * rows_per_group + len(LAYOUT.bucket_names) * 32
+    # Shares meet inside at most world_size - 1 row groups: the whole epoch reads each row group about once.
+    assert total <= len(LAYOUT.piece_shard) + world_size - 1
+    assert sum(len(a & b) for i, a in enumerate(shares) for b in shares[i + 1 :]) <= world_size - 1
+
+
+def test_shard_plan_is_random_as_stated_and_deterministic():
+    big = skewed_samples({"256x256": 12000, "192x320": 8000, "320x192": 4000, "text": 1000}, seed=1)
+    layout = ShardLayout.of(big, [250] * 100, 8)  # 3,200 row groups; windows of 2: 1,600 windows
+    for world_size in (1, 2, 8):
+        plans = [
+            plan_shard_epoch(layout, micro_batch_size=4, grad_accum=2, world_size=world_size, seed=5, epoch=e, window=2)
+            for e in (0, 1)
+        ]
+        for plan in plans:  # the stated criterion: |Spearman| < 0.1 between epoch order and file order
+            assert abs(spearman(plan.batches.ravel())) < 0.1
+        # Two epochs: other micro-batches, not the same ones reordered.
+        before = {tuple(sorted(mb)) for mb in plans[0].batches.reshape(-1, 4).tolist()}
+        after = {tuple(sorted(mb)) for mb in plans[1].batches.reshape(-1, 4).tolist()}
+        assert len(before & after) < 0.05 * len(before)
+        if world_size == 8:  # a rank's share of the files is drawn again every epoch (the file order is)
+            shares = [set(plan.batches[:, :, 0, :].ravel().tolist()) for plan in plans]
+            assert len(shares[0] & shares[1]) < 0.5 * len(shares[0])
+        again = plan_shard_epoch(
+            ShardLayout.of(list(big), [250] * 100, 8),
+            micro_batch_size=4,
+            grad_accum=2,
+            world_size=world_size,
+            seed=5,
+            epoch=1,
+            window=2,
+        )
+        assert again.digest == plans[1].digest  # a pure function of (seed, epoch, layout, sizes)
+        resumed = list(again.rank_steps(rank=world_size - 1, start_step=again.num_steps - 3))
+        assert [mb for _, mb in resumed] == [
+            plans[1].micro_batches(world_size - 1, s) for s in range(again.num_steps - 3, again.num_steps)
+        ]
+    # Inside a window, a micro-batch's samples come from different row groups (not file neighbours).
+    plan = plan_shard_epoch(layout, micro_batch_size=4, grad_accum=1, world_size=1, seed=0, epoch=0, window=8)
+    mixed = np.mean([len(set(layout.piece_of(mb).tolist())) > 1 for mb in plan.batches.reshape(-1, 4)])
+    assert mixed > 0.9
+
+
+def test_shard_plan_pads_as_little_as_the_global_plan():
+    for world_size in (1, 2):
+        sizes = {"micro_batch_size": 4, "grad_accum": 2, "world_size": world_size}
+        shard = plan_shard_epoch(LAYOUT, **sizes, seed=0, epoch=0, window=4).padding_fractions(LAYOUT.lengths).mean()
+        whole = plan_epoch(SAMPLES, **sizes, seed=0, epoch=0).padding_fractions(SAMPLES).mean()
+        random = plan_epoch(SAMPLES, **sizes, seed=0, epoch=0, group_by_length=False).padding_fractions(SAMPLES).mean()
+        assert abs(shard - whole) < 0.01 and random - shard > 0.3
+
+
+def test_shard_plan_errors_name_the_field_and_the_data():
+    with pytest.raises(ValueError, match="^window must be a positive integer"):
+        plan_shard_epoch(LAYOUT, **SIZES, seed=0, epoch=0, window=0)
+    small = ShardLayout.of(SAMPLES[:20], [10, 10], 4)
+    with pytest.raises(ValueError, match=r"cannot fill one global step.*each rank needs 2"):
+        plan_shard_epoch(small, micro_batch_size=4, grad_accum=2, world_size=3, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="shard sizes add up to 19, not the 20 samples"):
+        ShardLayout.of(SAMPLES[:20], [10, 9], 4)
 
 
 # ---------------------------------------------------------------------------------------------------- padding metric
