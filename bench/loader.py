@@ -3,7 +3,8 @@
 Data: `--shards` shard files of `--rows` rows each (one bucket per file: 256x256, 192x320, 320x192 and a few text-only
 files), real JPEG images at bucket size, token lengths as in caption + instruct data (one in five long), row groups of
 `--row-group-rows` rows, written with `convllava.shards.write_shard` and uploaded to moto's S3 server on 127.0.0.1.
-Every S3 request goes through a proxy that counts response bytes (tests/reliability/faultproxy.py).
+Every S3 request goes through a proxy that counts response bytes (tests/reliability/faultproxy.py); moto and the
+proxy run in processes of their own, as a real endpoint would.
 
 Measured, for rank 0 of `--world-size` ranks (plan: `plan_shard_epoch`, micro-batch 4, grad_accum 2, window 16):
 - bytes: what its `RankLoader` fetches over one epoch, against the bytes of the row groups its share covers and
@@ -133,6 +134,63 @@ def build(root: Path, shards: int, rows: int, row_group_rows: int, seed: int = 0
         "file_mib": [round(min(sizes) / 2**20, 2), round(max(sizes) / 2**20, 2)],
         "total_mib": round(sum(sizes) / 2**20, 1),
     }
+
+
+# ------------------------------------------------------------------------------------ S3 endpoint (other processes)
+def _serve_moto(port_conn) -> None:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    port_conn.send(server._server.server_address[1])
+    port_conn.recv()  # until told to stop
+    server.stop()
+
+
+def _serve_proxy(upstream: str, conn) -> None:
+    from reliability.faultproxy import FaultProxy
+
+    with FaultProxy(upstream) as proxy:
+        conn.send(proxy.endpoint)
+        while (command := conn.recv()) != "stop":
+            if command == "clear":
+                with proxy.lock:
+                    proxy.transfers.clear()
+                conn.send(None)
+            else:
+                conn.send(proxy.body_bytes(*command))
+
+
+class Endpoint:
+    """moto's S3 server and the byte-counting proxy in front of it, each in a process of its own: like a real
+    endpoint, their Python threads do not share this process's GIL with the loader being measured."""
+
+    def __init__(self) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self._moto, moto_end = ctx.Pipe()
+        self._proxy, proxy_end = ctx.Pipe()
+        self.processes = [ctx.Process(target=_serve_moto, args=(moto_end,), daemon=True)]
+        self.processes[0].start()
+        self.upstream = f"http://127.0.0.1:{self._moto.recv()}"
+        self.processes.append(ctx.Process(target=_serve_proxy, args=(self.upstream, proxy_end), daemon=True))
+        self.processes[1].start()
+        self.endpoint = self._proxy.recv()
+
+    def clear(self) -> None:
+        self._proxy.send("clear")
+        self._proxy.recv()
+
+    def body_bytes(self, method: str, path: str) -> tuple[int, int]:
+        self._proxy.send((method, path))
+        return self._proxy.recv()
+
+    def stop(self) -> None:
+        self._proxy.send("stop")
+        self._moto.send("stop")
+        for process in self.processes:
+            process.join(timeout=30)
 
 
 def rank_loader_pass(shards, plan, rank: int) -> tuple[float, int]:
@@ -328,7 +386,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--row-group-rows", type=int, default=128)
     parser.add_argument("--world-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--index-samples", type=int, default=2_000_000)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--index-child", nargs=2, help=argparse.SUPPRESS)
@@ -338,8 +396,6 @@ def main() -> None:
         return
 
     import boto3
-    from moto.server import ThreadedMotoServer
-    from reliability.faultproxy import FaultProxy
 
     from convllava.data import plan_shard_epoch
     from convllava.shards import ShardSet
@@ -352,12 +408,9 @@ def main() -> None:
         work = Path(tmp)
         t = time.perf_counter()
         result["data"] = build(work / "data", args.shards, args.rows, args.row_group_rows)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server._server.server_address[:2]
-        endpoint = f"http://{host}:{port}"
+        endpoint = Endpoint()
         os.environ.update(
-            AWS_ENDPOINT_URL=endpoint,
+            AWS_ENDPOINT_URL=endpoint.upstream,
             AWS_ACCESS_KEY_ID="bench",
             AWS_SECRET_ACCESS_KEY="bench",
             AWS_DEFAULT_REGION="us-east-1",
@@ -366,26 +419,27 @@ def main() -> None:
         uri = "s3://bench-loader/data"
         upload_dir(work / "data", uri)
         result["data"]["build_s"] = round(time.perf_counter() - t, 1)
-        proxy = FaultProxy(endpoint).start()
-        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        os.environ["AWS_ENDPOINT_URL"] = endpoint.endpoint  # from here on, every request is counted
+        shards_path = "/bench-loader/data/shards/"
         try:
+            endpoint.clear()
             shards = ShardSet(uri)
-            opened, open_gets = proxy.body_bytes("GET", "/bench-loader/data/shards/")
+            opened, open_gets = endpoint.body_bytes("GET", shards_path)
             plan = plan_shard_epoch(shards.layout, **SIZES, world_size=args.world_size, seed=0, epoch=0, window=WINDOW)
             groups, files_bytes, files = share_bytes(shards, plan, 0)
             passes: dict[str, list] = {"loader": [], "scan": []}
             for r in range(args.repeats):
                 for kind in ("scan", "loader") if r % 2 == 0 else ("loader", "scan"):
                     gc.collect()
-                    proxy.transfers.clear()
                     load = os.getloadavg()[0]
                     if kind == "loader":
                         fresh = ShardSet(uri)  # a process's first epoch: no footer cached
-                        proxy.transfers.clear()
+                        endpoint.clear()
                         seconds, samples = rank_loader_pass(fresh, plan, 0)
                     else:
+                        endpoint.clear()
                         seconds, samples = plain_scan_pass(uri, files, SIZES["micro_batch_size"])
-                    fetched, gets = proxy.body_bytes("GET", "/bench-loader/data/shards/")
+                    fetched, gets = endpoint.body_bytes("GET", shards_path)
                     passes[kind].append(
                         {
                             "seconds": round(seconds, 3),
@@ -397,8 +451,7 @@ def main() -> None:
                         }
                     )
         finally:
-            proxy.stop()
-            server.stop()
+            endpoint.stop()
         best = {k: max(v, key=lambda p: p["samples_per_s"]) for k, v in passes.items()}
         result["rank0"] = {
             "world_size": args.world_size,
