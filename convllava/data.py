@@ -353,8 +353,9 @@ def plan_shard_epoch(
        shuffled, cut into whole megabatches of micro_batch_size × megabatch_factor, each sorted by length (as
        `plan_epoch` does; without `group_by_length`, micro-batches), and the remainder carries on to the next window; the window's
        micro-batches are shuffled across buckets. What is left at the end of the share is dropped.
-    3. Every rank gets the same number of steps: the fewest whole steps (grad_accum micro-batches) any rank has;
-       the micro-batches past that are dropped. A rank's micro-batch k goes to (step k // grad_accum, accum
+    3. Every rank gets the same number of steps, and every epoch too: the whole steps (grad_accum micro-batches)
+       in the fewest micro-batches a share of ⌊N/W⌋ samples in B buckets can make, ⌈(⌊N/W⌋ − B·(M−1)) / M⌉; the
+       micro-batches past that are dropped (at most B − 1 + grad_accum per rank more than the rank's own remainder). A rank's micro-batch k goes to (step k // grad_accum, accum
        k % grad_accum). Ranks may train different buckets in the same step.
 
     Randomness, as tested: the Spearman correlation between a sample's position in an epoch (global step order)
@@ -404,7 +405,10 @@ def plan_shard_epoch(
         dropped += left
         streams.append(stream)
 
-    num_steps = min(len(s) for s in streams) // grad_accum
+    # The same number of steps every epoch (a run's schedule is set from epoch 0): the fewest micro-batches any
+    # rank can get whatever its share, ⌈(⌊N/W⌋ − B·(M−1)) / M⌉ for B buckets, in whole steps.
+    fewest = -(-(n // world_size - len(layout.bucket_names) * (micro_batch_size - 1)) // micro_batch_size)
+    num_steps = max(0, fewest) // grad_accum
     per_step = grad_accum * world_size
     if num_steps == 0:
         counts = {layout.bucket_names[b]: int(c) for b, c in enumerate(np.bincount(layout.buckets, minlength=0))}
@@ -415,8 +419,9 @@ def plan_shard_epoch(
                 grad_accum,
                 world_size,
                 n,
-                f"per bucket {counts} give the ranks {[len(s) for s in streams]} complete micro-batches "
-                f"(each rank needs {grad_accum})",
+                f"per bucket {counts} give each rank a share of {n // world_size}, sure to make only "
+                f"{max(0, fewest)} complete micro-batches in {len(layout.bucket_names)} buckets (each rank needs "
+                f"{grad_accum})",
             )
         )
     used = num_steps * grad_accum

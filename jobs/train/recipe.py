@@ -242,9 +242,12 @@ class StageRecipe:
                 self.loader_steps = iter(loader)
             start = time.perf_counter()
             totals = [0.0] * 5  # loss·n, micro-batches, tokens, visual tokens, padding
-            planned, micro_rows = next(self.loader_steps)
+            planned, micro_rows = next(self.loader_steps, (None, None))
             if planned != index:
-                raise RuntimeError(f"internal error: the loader gave step {planned} for step {index}")
+                raise RuntimeError(
+                    f"internal error: epoch {epoch}'s loader gave step {planned} for step {index} of "
+                    f"{self.steps_per_epoch}"
+                )
             for rows in micro_rows:
                 batch = collate(rows, self.processor.tokenizer.pad_token_id)
                 out = self.engine(
