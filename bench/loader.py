@@ -78,17 +78,36 @@ def images(bucket: str, count: int, rng: np.random.Generator) -> list[bytes]:
     return out
 
 
+def write_manifest(store, files: list) -> None:
+    """A manifest listing `files` (ShardFile), every sample written: what ShardSet needs to open synthetic shards."""
+    from convllava.shards import Manifest
+
+    n = sum(f.rows for f in files)
+    Manifest.from_dict(
+        {
+            **{k: None for k in Manifest.__dataclass_fields__},
+            "read": n,
+            "written": n,
+            "quarantined": 0,
+            "reconciled": True,
+            "shards": [f.__dict__ for f in files],
+            "sources": {},
+            "run": {"processed": n, "reused": 0, "removed": 0, "resumed": 0, "seconds": 0.0},
+        }
+    ).save(store)
+
+
 def build(root: Path, shards: int, rows: int, row_group_rows: int, seed: int = 0) -> dict[str, Any]:
     """Shard files + manifest under `root` (local); returns sizes."""
     import pyarrow as pa
 
     from convllava.buckets import num_visual_tokens
-    from convllava.shards import SHARD_SCHEMA, Manifest, ShardFile, Store, write_shard
+    from convllava.shards import SHARD_SCHEMA, ShardFile, Store, write_shard
 
     rng = np.random.default_rng(seed)
     store = Store(str(root))
     pool = {b: images(b, 64, rng) for b in BUCKETS}
-    files, n = [], 0
+    files = []
     for f in range(shards):
         bucket = "text" if f % 8 == 7 else BUCKETS[f % 3]
         long = rng.random(rows) < 0.2
@@ -112,25 +131,13 @@ def build(root: Path, shards: int, rows: int, row_group_rows: int, seed: int = 0
         path = f"shards/bucket={bucket}/part-{f:05d}.parquet"
         write_shard(store, path, table, row_group_rows=row_group_rows)
         files.append(ShardFile(path, bucket, rows))
-        n += rows
-    Manifest.from_dict(
-        {
-            **{k: None for k in Manifest.__dataclass_fields__},
-            "read": n,
-            "written": n,
-            "quarantined": 0,
-            "reconciled": True,
-            "shards": [s.__dict__ for s in files],
-            "sources": {},
-            "run": {"processed": n, "reused": 0, "removed": 0, "resumed": 0, "seconds": 0.0},
-        }
-    ).save(store)
+    write_manifest(store, files)
     sizes = [(root / s.path).stat().st_size for s in files]
     return {
         "files": len(files),
         "rows_per_file": rows,
         "row_group_rows": row_group_rows,
-        "samples": n,
+        "samples": sum(f.rows for f in files),
         "file_mib": [round(min(sizes) / 2**20, 2), round(max(sizes) / 2**20, 2)],
         "total_mib": round(sum(sizes) / 2**20, 1),
     }
@@ -312,7 +319,7 @@ def index_child(kind: str, root: str) -> dict[str, Any]:
 def index_memory(samples: int, work: Path) -> dict[str, Any]:
     import pyarrow as pa
 
-    from convllava.shards import SHARD_SCHEMA, Manifest, ShardFile, Store, write_shard
+    from convllava.shards import SHARD_SCHEMA, ShardFile, Store, write_shard
 
     per_file = 10_000
     store, files = Store(str(work)), []
@@ -332,19 +339,7 @@ def index_memory(samples: int, work: Path) -> dict[str, Any]:
         path = f"shards/bucket={BUCKETS[f % 3]}/part-{f:05d}.parquet"
         write_shard(store, path, table)
         files.append(ShardFile(path, BUCKETS[f % 3], per_file))
-    n = per_file * len(files)
-    Manifest.from_dict(
-        {
-            **{k: None for k in Manifest.__dataclass_fields__},
-            "read": n,
-            "written": n,
-            "quarantined": 0,
-            "reconciled": True,
-            "shards": [s.__dict__ for s in files],
-            "sources": {},
-            "run": {"processed": n, "reused": 0, "removed": 0, "resumed": 0, "seconds": 0.0},
-        }
-    ).save(store)
+    write_manifest(store, files)
     out = {}
     for kind in ("old", "new"):
         proc = subprocess.run(
