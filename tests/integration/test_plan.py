@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_plan_cli_on_the_demo_shards_prints_the_table_and_fits(shards):
-    from convllava.data import plan_epoch
+    from convllava.data import plan_shard_epoch
     from convllava.shards import ShardSet
 
     config_path = CONFIG_DIR / "tiny" / "stage1.yaml"
@@ -32,8 +32,11 @@ def test_plan_cli_on_the_demo_shards_prints_the_table_and_fits(shards):
     config = StageConfig.from_yaml(config_path, [f"data={shards}"])
     plan = plan_stage(config, gpu_memory_gib=16)
     assert float(m.group(1)) == pytest.approx(plan.peak_bytes() / GIB, abs=0.006)
-    infos = ShardSet(str(shards)).infos
-    steps = plan_epoch(infos, micro_batch_size=4, grad_accum=config.grad_accum, world_size=2, seed=0, epoch=0).num_steps
+    opened = ShardSet(str(shards))
+    infos = opened.infos
+    steps = plan_shard_epoch(  # what the stage trains by
+        opened.layout, micro_batch_size=4, grad_accum=config.grad_accum, world_size=2, seed=0, epoch=0
+    ).num_steps
     assert f"steps per epoch: {steps}" in lines and plan.steps_per_epoch == steps
     # The largest micro-batch: the largest image bucket at its longest sample (and the longest bucket).
     longest = {}

@@ -85,7 +85,7 @@ def test_text_only_micro_batch_on_one_rank_does_not_stall_zero3(shards, tiny_mod
     hung this way in stage 3, which starts from a saved model (loaded in inference mode, so `model.train()` matters).
     """
     from convllava.checkpoint import save_checkpoint
-    from convllava.data import plan_epoch
+    from convllava.data import plan_shard_epoch
     from convllava.shards import ShardSet
     from pipelines.config import Mixture, PreprocessConfig
     from pipelines.preprocess import run_preprocess
@@ -111,14 +111,16 @@ def test_text_only_micro_batch_on_one_rank_does_not_stall_zero3(shards, tiny_mod
     )
     init = save_checkpoint(tiny_model, tiny_processor, tmp_path / "init")
     config = tiny(3, tmp_path / "shards", init_from=str(init), checkpoint_every=0)
-    infos = ShardSet(str(tmp_path / "shards")).infos
-    plan = plan_epoch(
-        infos,
+    opened = ShardSet(str(tmp_path / "shards"))
+    infos = opened.infos
+    plan = plan_shard_epoch(  # the plan the stage trains by
+        opened.layout,
         micro_batch_size=config.micro_batch_size,
         grad_accum=config.grad_accum,
         world_size=config.workers,
         seed=config.seed,
         epoch=0,
+        window=config.shuffle_window,
         group_by_length=config.group_by_length,
     )
     text = [
