@@ -264,7 +264,7 @@ def share_bytes(shards, plan, rank: int) -> tuple[int, int, list[str]]:
     for f in files:
         with shards.store.fs.open_input_file(shards.store.path(shards.shards[f])) as handle:
             md = read_footer(handle)
-        first = int(np.searchsorted(shards.layout.piece_shard, f))
+        first = int(shards.layout.shard_pieces[f])
         for p in pieces[shards.layout.piece_shard[pieces] == f].tolist():
             rg = md.row_group(p - first)
             groups += sum(rg.column(c).total_compressed_size for c in range(rg.num_columns))

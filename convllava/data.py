@@ -18,6 +18,7 @@ micro-batch from files; it is the reference the shard-aware plan's padding and r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -257,6 +258,12 @@ class ShardLayout:
     def num_shards(self) -> int:
         return int(self.piece_shard.max()) + 1 if len(self.piece_shard) else 0
 
+    @functools.cached_property
+    def shard_pieces(self) -> np.ndarray:
+        """(F+1,) the first row group (piece) of each shard file, then P: shard f's pieces are
+        shard_pieces[f] .. shard_pieces[f + 1] - 1."""
+        return np.searchsorted(self.piece_shard, np.arange(self.num_shards + 1), side="left")
+
     def piece_of(self, samples: np.ndarray) -> np.ndarray:
         """The row group (piece index) each of these sample indices lies in."""
         return np.searchsorted(self.piece_starts, samples, side="right") - 1
@@ -384,7 +391,7 @@ def plan_shard_epoch(
     n = len(layout)
     starts = layout.piece_starts
     # 1. shard order, then the pieces in that order; cumulative sample counts along it.
-    first_piece = np.searchsorted(layout.piece_shard, np.arange(layout.num_shards + 1), side="left")
+    first_piece = layout.shard_pieces
     order = np.random.default_rng([seed, epoch]).permutation(layout.num_shards)
     pieces = np.concatenate([np.arange(first_piece[f], first_piece[f + 1]) for f in order] or [np.empty(0, np.int64)])
     sizes = (starts[1:] - starts[:-1])[pieces]

@@ -9,7 +9,6 @@ process's ShardSet.
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -76,7 +75,6 @@ class RankLoader:
         buffer: dict[int, Row] = {}
         pending: deque[Future] = deque()
         upcoming = iter(self.order)
-        lock = threading.Lock()
         pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix=f"convllava-loader-r{self.rank}")
 
         def fill() -> None:
@@ -85,8 +83,7 @@ class RankLoader:
                 if piece is None:
                     return
                 pending.append(pool.submit(self._read, piece))
-            with lock:
-                self.stats.max_in_flight = max(self.stats.max_in_flight, len(pending))
+            self.stats.max_in_flight = max(self.stats.max_in_flight, len(pending))
 
         try:
             fill()

@@ -418,7 +418,6 @@ class ShardSet:
         self.num_image_tokens = np.concatenate(tokens) if tokens else np.empty(0, dtype=np.int32)
         self.keys = pa.concat_arrays(keys) if keys else pa.array([], pa.string())
         self.file_bytes = np.asarray(sizes, dtype=np.int64)  # (F,) bytes of each shard file
-        self._first_piece = np.searchsorted(self.layout.piece_shard, np.arange(len(self.shards) + 1))
         self._lock = threading.Lock()
         self._footers: OrderedDict[int, pq.FileMetaData] = OrderedDict()
         self._cache: OrderedDict[int, pa.Table] = OrderedDict()
@@ -460,13 +459,13 @@ class ShardSet:
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range for {len(self)} samples")
         shard = int(self.layout.piece_shard[self.layout.piece_of(np.asarray([index]))[0]])
-        first = int(self.layout.piece_starts[self._first_piece[shard]])
+        first = int(self.layout.piece_starts[self.layout.shard_pieces[shard]])
         return self.shards[shard], index - first
 
     def piece_location(self, piece: int) -> tuple[str, int]:
         """(shard path, row-group index in that file) of a piece."""
         shard = int(self.layout.piece_shard[piece])
-        return self.shards[shard], piece - int(self._first_piece[shard])
+        return self.shards[shard], piece - int(self.layout.shard_pieces[shard])
 
     def _footer(self, shard: int) -> pq.FileMetaData:
         with self._lock:
