@@ -85,9 +85,10 @@ def run_preprocess(
     previous = read_index(store)
     current = {r.key: r for r in records}
     on_disk = set(store.list_files(SHARDS_DIR))
-    # Unchanged samples are reused, unless their shard went missing since (then they are redone).
+    # Unchanged samples are reused, unless their shard went missing since (then they are redone). Their entries take
+    # the line the record is on now, so the quarantine report points at the annotation file as it is.
     reused = {
-        k: e
+        k: {**e, "line": current[k].line}
         for k, e in previous.items()
         if k in current
         and current[k].content_hash == e["content_hash"]

@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 from preprocess_harness import ASK, conv, good_set, rec, rows, run, save, write_jsonl
 
+from convllava.shards import read_index
+from convllava.storage import Store
 from pipelines.config import Mixture, PreprocessConfig, Source
 from pipelines.preprocess import run_preprocess
 
@@ -57,11 +59,16 @@ def test_deterministic_and_incremental(ray_local, tmp_path):
     assert sorted(ids) == sorted(r["id"] for r in updated)  # no stale or duplicate rows
     answer = next(r for r in rows(tmp_path / "one") if r["id"] == changed["id"])
     assert 5 < len(answer["labels"]) and answer["content_hash"] != "" and len(ids) == len(set(ids))
+    lines = {e["id"]: e["line"] for e in read_index(Store(str(tmp_path / "one"))).values()}
+    assert lines == {r["id"]: i for i, r in enumerate(updated, 1)}  # reused entries moved with their records
 
-    # A shard file that went missing: its samples are redone into the same file, which stays.
-    (tmp_path / "one" / manifest["shards"][0]["path"]).unlink()
+    # A shard file that went missing: its samples are redone into the same file, which stays. (The file of a sample
+    # written with its current annotation line: a row records the line its sample had when it was processed.)
+    lost = next(p for p in after if new["id"] in pq.read_table(tmp_path / "one" / p).column("id").to_pylist())
+    (tmp_path / "one" / lost).unlink()
     redone = run(root, updated, tmp_path / "one")
-    assert redone["run"]["processed"] == manifest["shards"][0]["rows"] and _tree(tmp_path / "one") == after
+    assert redone["run"]["processed"] == pq.read_metadata(tmp_path / "one" / lost).num_rows
+    assert _tree(tmp_path / "one") == after
 
 
 def test_mixture_yaml_ratios_and_caps(ray_local, tmp_path):
