@@ -4,8 +4,10 @@ A preprocessing output (local directory or `s3://` prefix) holds
 - `shards/bucket=HxW/part-<hash>.parquet`: Parquet files of one resolution bucket each (up to SHARD_ROWS rows /
   SHARD_BYTES, in row groups of up to ROW_GROUP_ROWS rows / ROW_GROUP_BYTES of images), rows of `SHARD_SCHEMA`
   sorted by key, named by the hash of their rows' content hashes (identical input, identical files);
-- `index.jsonl`: one entry per sample read, `written` (with its shard) or `quarantined` (with a reason);
-- `quarantine.jsonl`: the quarantined samples' records and reasons;
+- `index/<version>/part-NNNNN-of-PPPPP.parquet`: the index, one entry (`INDEX_SCHEMA`) per sample read, `written`
+  (with its shard) or `quarantined` (with a reason), hash-partitioned by sample key (`pipelines.partition`); the
+  manifest names the version, so a new index takes effect with the manifest that points at it;
+- `quarantine/part-NNNNN.jsonl`: the quarantined samples' records and reasons, by (source, line) in each part;
 - `manifest.json`: the `Manifest`, written last, so that its presence means a finished output.
 
 `ShardSet` opens such an output as a compact index: it reads the manifest and only the light columns and footer of
@@ -38,7 +40,7 @@ import pyarrow.parquet as pq
 from convllava.data import SampleInfo, ShardLayout
 from convllava.storage import Store
 
-INDEX, QUARANTINE, MANIFEST = "index.jsonl", "quarantine.jsonl", "manifest.json"
+INDEX_DIR, QUARANTINE, MANIFEST = "index", "quarantine", "manifest.json"
 SHARDS_DIR = "shards"
 TEXT_BUCKET = "text"  # the bucket of samples without an image
 # Shard file sizes (preprocessing's defaults): a shard file holds at most SHARD_ROWS rows and about SHARD_BYTES of
@@ -76,7 +78,27 @@ LIGHT_COLUMNS = ("key", "bucket", "length", "num_image_tokens")  # what the plan
 # An index entry copies ENTRY_KEYS from its shard row and derives the rest from ENTRY_COLUMNS (`written_entry`).
 ENTRY_KEYS = ("key", "id", "source", "line", "content_hash", "bucket", "length", "num_image_tokens")
 ENTRY_COLUMNS = (*ENTRY_KEYS, "padded_fraction", "orig_width", "orig_height", "height", "width")
-QUARANTINE_FIELDS = ("id", "source", "line", "category", "reason", "record")  # a quarantine.jsonl row
+QUARANTINE_FIELDS = ("id", "source", "line", "category", "reason", "record")  # a quarantine/ row
+INDEX_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("line", pa.int64()),
+        ("content_hash", pa.string()),
+        ("status", pa.string()),  # written | quarantined
+        ("shard", pa.string()),
+        ("bucket", pa.string()),
+        ("length", pa.int32()),
+        ("num_image_tokens", pa.int32()),
+        ("padded_fraction", pa.float64()),
+        ("orig_aspect", pa.float64()),
+        ("pixels", pa.int64()),
+        ("category", pa.string()),
+        ("reason", pa.string()),
+        ("record", pa.string()),
+    ]
+)
 
 
 # ------------------------------------------------------------------------------------------------ shards and index
@@ -137,6 +159,13 @@ def write_shard(
     store.write_bytes(path, sink.getvalue().to_pybytes())
 
 
+def write_parquet(store: Store, path: str, table: pa.Table) -> None:
+    """A plain zstd Parquet file (the index, preprocessing's work files)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    store.write_bytes(path, sink.getvalue().to_pybytes())
+
+
 @functools.cache
 def _codecs(schema: pa.Schema) -> dict[str, str]:
     """Parquet's codec per leaf column (`input_ids.list.element`): none for `image`, zstd for the rest."""
@@ -159,22 +188,25 @@ def written_entry(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_index(store: Store) -> dict[str, dict[str, Any]]:
-    """key → index entry of the output's `index.jsonl`; {} when there is none."""
-    data = store.read_bytes(INDEX)
-    if data is None:
+    """key → index entry of the output's finished index (all of it in memory: for tools and tests on small outputs;
+    the pipeline reads it a partition at a time); {} when there is none."""
+    manifest = Manifest.find(store)
+    if manifest is None:
         return {}
-    entries = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+    entries = [e for p in store.list_files(manifest.index) for e in store.read_table(p).to_pylist()]
     return {e["key"]: e for e in entries}
 
 
-def write_index(store: Store, entries: list[dict[str, Any]]) -> None:
-    store.write_text(INDEX, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+def read_quarantine(store: Store) -> list[dict[str, Any]]:
+    """The rows of every `quarantine/` part, in part order."""
+    data = (store.read_bytes(p) or b"" for p in store.list_files(QUARANTINE))
+    return [json.loads(line) for chunk in data for line in chunk.decode().splitlines() if line.strip()]
 
 
-def write_quarantine(store: Store, entries: list[dict[str, Any]]) -> None:
-    """`quarantine.jsonl` from the quarantined index entries, in the order given."""
+def quarantine_text(entries: list[dict[str, Any]]) -> str:
+    """A `quarantine/` part from quarantined index entries, in the order given."""
     rows = ({k: e.get(k) for k in QUARANTINE_FIELDS} for e in entries)
-    store.write_text(QUARANTINE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
 
 # -------------------------------------------------------------------------------------------------------- manifest
@@ -235,6 +267,8 @@ class Manifest:
     shards: list[ShardFile]
     run: RunCounts
     mean_length: float
+    index: str  # the index version's folder (`index/<version>`)
+    index_partitions: int
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,54 +1,62 @@
 """`convllava preprocess`: LLaVA-style annotations + images → Parquet shards partitioned by resolution bucket.
 
-Driver: read every source (cheap: JSON + image fingerprints) → diff against the previous run's index by
-content hash → Ray Data processes only new or changed samples in parallel work units, each writing one "part" file
-per bucket it touches → merge phase: per bucket, this run's parts in key order are grouped greedily into runs of at
-most `shard_rows` rows and `shard_bytes` file bytes, and each run of several parts becomes one shard file (a Ray
-task per run; the driver never reads shard data) → rows of removed or changed samples are dropped from their old
-shards → `index.jsonl`, `quarantine.jsonl`, `manifest.json` and `buckets.png` are written from the complete index,
-so `written + quarantined == read` always holds → shard files the index does not reference (merged parts, stale
-files) are deleted.
+The driver holds per-file, per-partition, per-unit and per-shard aggregates only; every per-record step is a Ray
+Data stage (`pipelines.partition`, `pipelines.worker`), its records in files under the output's `_work/` folder:
 
-The units and the grouping depend only on the samples to do, `unit_size` and the size limits, never on the
-cluster: the same input and config give the same shard files. An incremental run leaves the shard files of
-unchanged samples untouched and writes its new samples into new ones. A run that dies after some merges leaves a
-sample in both a part and a merged file; the next run's `_recover_from_shards` keeps one of them.
+1. read: JSONL files in byte ranges in parallel (a count pass first numbers their lines), JSON arrays streamed;
+   records are validated and hash-partitioned by sample key (a power-of-two count chosen from the input's bytes).
+2. select: a source sampled by `ratio` or `cap` keeps the records with the smallest pick hashes: the driver finds
+   the cut from the readers' hash histograms and the few records of the boundary bin.
+3. diff, per partition: duplicate ids, image fingerprints, content hashes, and the join with the previous run's
+   index partition → samples to do (in work units), unchanged entries, entries to drop.
+4. process: Ray Data actors work unit by unit, each writing one "part" file per bucket it touches and then the
+   unit's entries (`_work/units/<unit>.parquet`, its record of being finished: a rerun after an interruption skips
+   it).
+5. merge: per bucket, this run's parts in first-key order are grouped greedily into runs of at most `shard_rows`
+   rows and `shard_bytes` file bytes; each run of several parts becomes one shard file (a Ray task).
+6. drop: rows of removed or changed samples leave their old shards (a Ray task per few shards).
+7. index, per partition: a new index version (`index/<version>/`), the `quarantine/` parts and the manifest's
+   aggregates; then `manifest.json` (pointing at the new index: the switch), `buckets.png`, and the clean-up of
+   files nothing references (merged parts, dropped shards, old index versions, `_work/`).
+
+`written + quarantined == read` always holds; the units and the merge groups depend only on the samples to do,
+`unit_size` and the size limits, never on the cluster: the same input and config give the same shard files. An
+incremental run leaves the shard files of unchanged samples untouched and writes its new samples into new ones.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from convllava.shards import (
-    ENTRY_COLUMNS,
+    INDEX_DIR,
     QUARANTINE,
     SHARDS_DIR,
     Manifest,
     RunCounts,
     ShardFile,
     SourceCounts,
-    read_index,
     shard_bucket,
-    shard_path,
-    write_index,
-    write_quarantine,
-    write_shard,
-    written_entry,
 )
 from convllava.storage import OutputError, Store
+from pipelines import annotations, partition
 from pipelines.config import Mixture, PreprocessConfig
-from pipelines.report import bucket_histogram_png, code_version, length_histogram, summary_table
-from pipelines.sources import Record, assign_content_hashes, image_fingerprints, read_records, select
+from pipelines.report import bucket_histogram_png, code_version, summary_table
+from pipelines.sources import SourceError
 from pipelines.worker import UnitProcessor
 
 log = logging.getLogger(__name__)
+WORK = "_work"  # the work folder in the output: this run's record files, and finished units (kept until success)
+UNITS = f"{WORK}/units"
 
 
 class QuarantineLimitExceeded(RuntimeError):
@@ -78,264 +86,307 @@ def run_preprocess(
     start = time.time()
     store = Store(output)
     store.check_writable()
-    config_hash = config.output_hash()
-
-    records, per_source = read_mixture(mixture, config)
-
-    previous = read_index(store)
-    current = {r.key: r for r in records}
-    on_disk = set(store.list_files(SHARDS_DIR))
-    # Unchanged samples are reused, unless their shard went missing since (then they are redone). Their entries take
-    # the line the record is on now, so the quarantine report points at the annotation file as it is.
-    reused = {
-        k: {**e, "line": current[k].line}
-        for k, e in previous.items()
-        if k in current
-        and current[k].content_hash == e["content_hash"]
-        and (not e.get("shard") or e["shard"] in on_disk)
-    }
-    removed = [e for k, e in previous.items() if k not in reused]
-    resumed = _recover_from_shards(store, on_disk, current, previous, reused)
-    todo = sorted((r for r in records if r.key not in reused and r.key not in resumed), key=lambda r: r.key)
+    previous = Manifest.find(store)
+    stages = _Stages(store, config, address)
+    read = stages.read(mixture)
+    on_disk = store.list_files(SHARDS_DIR)
+    prior = {"index": previous.index, "bits": int(math.log2(previous.index_partitions))} if previous else None
+    diffs = stages.diff(read, prior, on_disk)
+    counts = {k: sum(d[k] for d in diffs) for k in ("todo", "reused", "removed")}
+    units = [(d["p"], *u) for d in diffs for u in d["units"]]
     echo(
-        f"preprocess: {len(records)} samples read, {len(reused)} unchanged, {len(todo)} to process"
-        + (f" ({len(resumed)} more finished by an interrupted run)" if resumed else "")
-        + f", {len(removed)} removed or changed since the last run"
+        f"preprocess: {sum(read.available.values())} records in {read.partitions} partitions, "
+        f"{sum(sum(d['read'].values()) for d in diffs)} selected: {counts['reused']} unchanged, "
+        f"{counts['todo']} to process in {len(units)} units, {counts['removed']} removed or changed since the last run"
     )
-
-    done, failures = _process(todo, config, output, address) if todo else ([], [])
+    results = stages.process(units) if units else []
+    failures = [r["failed"] for r in results if r["failed"]]
+    resumed = sum(r["resumed"] for r in results)
+    if resumed:
+        echo(f"preprocess: {resumed} samples finished by an interrupted run are reused")
     if failures:
-        _stop(
-            store,
-            len(done) + len(resumed),
-            failures,
-            len(todo) + len(resumed),
-            "The previous index and manifest are unchanged.",
-        )
-    if done:
-        _merge_parts(store, done, config)
-    new_entries = [*done, *resumed.values()]
+        done = sum(u[3] for u, r in zip(units, results, strict=True) if not r["failed"])
+        _stop(store, done, failures, counts["todo"], "The previous index and manifest are unchanged.")
+    parts = [part for r in results for part in r["parts"]]
+    part_map = stages.merge(parts) if parts else {}
+    fresh = {*part_map, *part_map.values(), *(part["path"] for part in parts)}
+    removed_by_shard: Counter[str] = sum((Counter(d["removed_by_shard"]) for d in diffs), Counter())
+    shard_map = stages.drop_stale_rows(sorted(set(removed_by_shard) - fresh))
+    version = f"{INDEX_DIR}/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    units_of = {}
+    for p, _, unit, _ in units:
+        units_of.setdefault(p, []).append(unit)
     try:
-        _drop_stale_rows(store, removed, reused, {e.get("shard") for e in new_entries}, config)
-        entries = sorted([*reused.values(), *new_entries], key=lambda e: e["key"])
-        if len(entries) != len(records):
-            raise RuntimeError(f"internal error: {len(records)} samples read but {len(entries)} accounted for")
-        write_index(store, entries)
-        quarantined = [e for e in entries if e["status"] == "quarantined"]
-        write_quarantine(store, sorted(quarantined, key=lambda e: (e["source"], e["line"])))
-        run = RunCounts(len(todo), len(reused), len(removed), len(resumed), round(time.time() - start, 2))
-        manifest = _manifest(entries, per_source, config, config_hash, run)
+        aggregates = stages.index(version, units_of, part_map, shard_map)
+        run = RunCounts(counts["todo"] - resumed, counts["reused"], counts["removed"], resumed, 0.0)
+        manifest = _manifest(aggregates, read, diffs, config, version, run)
+        if not all(a["unique"] for a in aggregates) or manifest.read != sum(sum(d["read"].values()) for d in diffs):
+            raise RuntimeError(f"internal error: the index of {output} does not account for every sample once")
+        manifest.run.seconds = round(time.time() - start, 2)
         manifest.save(store)
-        store.write_bytes("buckets.png", bucket_histogram_png(entries))
+        store.write_bytes("buckets.png", bucket_histogram_png(manifest.buckets, _sum_lists(aggregates, "aspects")))
     except OSError as e:
         if isinstance(e, OutputError):
             raise
         _stop(
             store,
-            len(new_entries),
+            counts["todo"],
             [f"writing the index and manifest failed: {type(e).__name__}: {e}"],
-            len(new_entries),
+            counts["todo"],
             "The output is not usable until a rerun finishes it.",
         )
     try:
-        _delete_unreferenced_shards(store, entries)
+        _clean_up(store, manifest, read.partitions)
     except OSError as e:
-        log.warning("could not delete unreferenced shard files under %s: %s", output, e)
+        log.warning("could not delete unreferenced files under %s: %s", output, e)
     result = PreprocessResult(manifest, summary_table(manifest))
     echo(result.summary)
     if not result.ok:
         raise QuarantineLimitExceeded(
             f"{manifest.quarantined} of {manifest.read} samples quarantined "
             f"({manifest.quarantine_fraction:.1%}), over the limit {config.max_quarantine_fraction:.1%}; "
-            f"see {output.rstrip('/')}/{QUARANTINE}"
+            f"see {output.rstrip('/')}/{QUARANTINE}/"
         )
     return result
 
 
-def read_mixture(mixture: Mixture, config: PreprocessConfig) -> tuple[list[Record], dict[str, SourceCounts]]:
-    """Every selected record of every source, with its content hash (cheap: JSON + image fingerprints)."""
-    records: list[Record] = []
-    per_source: dict[str, SourceCounts] = {}
-    for source in mixture.sources:
-        found = read_records(source)
-        chosen = select(found, source, config.seed)
-        assign_content_hashes(chosen, image_fingerprints(chosen, source.image_root), config.output_hash())
-        per_source[source.name] = SourceCounts(available=len(found), read=len(chosen))
-        records.extend(chosen)
-    return records, per_source
-
-
-def input_fingerprint(content_hashes_by_key: dict[str, str]) -> str:
-    """The manifest's `input_fingerprint`: one hash over every sample's content hash, in key order."""
-    return hashlib.sha256("".join(content_hashes_by_key[k] for k in sorted(content_hashes_by_key)).encode()).hexdigest()
-
-
-def fingerprint_mixture(mixture: Mixture, config: PreprocessConfig) -> str:
-    """What `manifest.json` would record as `input_fingerprint` for this input and config, without processing."""
-    records, _ = read_mixture(mixture, config)
-    return input_fingerprint({r.key: r.content_hash for r in records})
-
-
-def _process(
-    todo: list[Record], config: PreprocessConfig, output: str, address: str | None
-) -> tuple[list[dict], list[str]]:
-    """Entries of the samples done, and one message per unit whose shards could not be written."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from pipelines.ray_runtime import ensure_ray, share_secrets, worker_runtime_env
-
-    ensure_ray(address)
-    workers, threads = config.actors(max(1, int(ray.available_resources().get("CPU", 1))))
-    units = _units(todo, config.unit_size)
-    items = [{"unit": json.dumps([_unit_record(r) for r in unit])} for unit in units]
-    workers = min(workers, len(units))
-    ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-        UnitProcessor,
-        fn_constructor_kwargs={
-            "config": config.to_dict(),
-            "output": output,
-            "secrets": share_secrets(),
-            "threads": threads,
-        },
-        compute=ActorPoolStrategy(size=workers),  # a fixed pool: all actors load the tokenizer at once, up front
-        num_cpus=threads,
-        runtime_env=worker_runtime_env(),
-    )
-    rows = ds.take_all()
-    return [entry for row in rows for entry in json.loads(row["entries"])], [r["failed"] for r in rows if r["failed"]]
-
-
-def _units(todo: list[Record], unit_size: int) -> list[list[Record]]:
-    """Units of at most `unit_size` samples, as even as possible (no short last unit for one actor to finish alone).
-
-    A pure function of the samples and `unit_size`, never of the cluster: the same input gives the same shard files.
-    """
-    count = -(-len(todo) // unit_size)
-    bounds = [round(i * len(todo) / count) for i in range(count + 1)] if count else [0]
-    return [todo[bounds[i] : bounds[i + 1]] for i in range(count)]
-
-
-def _merge_parts(store: Store, done: list[dict], config: PreprocessConfig) -> None:
-    """The merge phase: each run of several parts that `_merge_groups` finds becomes one shard file, merged by a Ray
-    task on the cluster (all at once), and the entries of its parts point at it. A merge that fails keeps its parts
-    (a valid output, in smaller files) with a warning."""
-    import ray
-
-    from pipelines.ray_runtime import share_secrets, worker_runtime_env
-    from pipelines.worker import merge_parts
-
+def fingerprint_mixture(mixture: Mixture, config: PreprocessConfig, output: str, address: str | None = None) -> str:
+    """What `manifest.json` would record as `input_fingerprint` for this input and config, without processing:
+    the read, select and hash stages on the cluster, in a work folder under `output` that is removed after."""
+    store = Store(output)
+    store.check_writable()
+    stages = _Stages(store, config, address)
     try:
-        sizes = {path: info.size for path, info in store.listing(SHARDS_DIR).items()}
-    except OSError as e:
-        log.warning("not merging part files: listing %s/%s failed: %s", store.uri, SHARDS_DIR, e)
-        return
-    groups = _merge_groups(done, sizes, config.shard_rows, config.shard_bytes)
-    if not groups:
-        return
-    task = ray.remote(merge_parts).options(runtime_env=worker_runtime_env())
-    secrets = share_secrets()
-    refs = [
-        task.remote(store.uri, bucket, parts, config.row_group_rows, config.row_group_bytes, secrets)
-        for bucket, parts in groups
-    ]
-    merged: dict[str, str] = {}
-    for (bucket, parts), ref in zip(groups, refs, strict=True):
-        try:
-            path = ray.get(ref)
-        except ray.exceptions.RayError as e:
-            log.warning("bucket %s: merging %d part files %s failed, keeping them: %s", bucket, len(parts), parts, e)
-            continue
-        merged.update(dict.fromkeys(parts, path))
-    for e in done:
-        if e.get("shard") in merged:
-            e["shard"] = merged[e["shard"]]
+        read = stages.read(mixture)
+        diffs = stages.diff(read, None, [], fingerprint_only=True)
+    finally:
+        stages.remove_work()
+    return _fingerprint_hex(d["fingerprint"] for d in diffs)
 
 
-def _merge_groups(
-    entries: list[dict], sizes: dict[str, int], max_rows: int, max_bytes: int
-) -> list[tuple[str, list[str]]]:
-    """(bucket, part paths) of each merge: per bucket, the parts that `entries` point at, ordered by first key, cut
-    greedily into consecutive runs of at most `max_rows` rows and `max_bytes` file bytes (`sizes`); runs of one
-    part are left out (nothing to merge). A pure function of the parts, so of the samples, unit_size and the limits.
-
-    >>> part = "shards/bucket=text/part-{}.parquet".format
-    >>> entries = [{"key": k, "shard": part(n)} for k, n in [("a", 1), ("b", 1), ("c", 2), ("d", 3), ("e", 3)]]
-    >>> _merge_groups(entries, dict.fromkeys(map(part, (1, 2, 3)), 100), max_rows=4, max_bytes=1000)
-    [('text', ['shards/bucket=text/part-1.parquet', 'shards/bucket=text/part-2.parquet'])]
-    """
-    keys: dict[str, list[str]] = {}
-    for e in entries:
-        if e.get("shard"):
-            keys.setdefault(e["shard"], []).append(e["key"])
-    by_bucket: dict[str, list[tuple[str, str]]] = {}
-    for path, found in keys.items():
-        if path in sizes:  # a part that is not there (never expected) stays out of every merge
-            by_bucket.setdefault(shard_bucket(path), []).append((min(found), path))
-    groups = []
-    for bucket, parts in sorted(by_bucket.items()):
-        runs: list[list[str]] = []
-        rows = size = 0
-        for _, path in sorted(parts):
-            n, nbytes = len(keys[path]), sizes[path]
-            if runs and rows + n <= max_rows and size + nbytes <= max_bytes:
-                runs[-1].append(path)
-                rows, size = rows + n, size + nbytes
-            else:
-                runs.append([path])
-                rows, size = n, nbytes
-        groups.extend((bucket, run) for run in runs if len(run) > 1)
-    return groups
+def _fingerprint_hex(parts) -> str:
+    return f"{sum(int(x, 16) for x in parts) % (1 << 256):064x}"
 
 
-def _unit_record(r: Record) -> dict[str, Any]:
-    return {
-        "key": r.key,
-        "id": r.id,
-        "source": r.source,
-        "line": r.line,
-        "raw": r.raw,
-        "error": r.error,
-        "conversations": (r.data or {}).get("conversations"),
-        "image": r.image,
-        "image_uri": r.image_uri,
-        "content_hash": r.content_hash,
-    }
+@dataclass
+class _Read:
+    partitions: int
+    bits: int
+    available: dict[str, int]
+    cuts: dict[str, list]
 
 
-def _recover_from_shards(
-    store: Store, on_disk: set[str], current: dict[str, Record], previous: dict[str, dict], reused: dict[str, dict]
-) -> dict[str, dict]:
-    """Samples an interrupted run finished: shard files the index does not know, whose every row is a sample still
-    to do with the same content. A full disk may leave no room for any record of progress; the shards are it."""
-    known = {e.get("shard") for e in previous.values()}
-    found: dict[str, dict] = {}
-    for path in sorted(on_disk - known):
-        if not path.endswith(".parquet"):
-            continue
-        try:
-            rows = store.read_table(path, columns=list(ENTRY_COLUMNS)).to_pylist()
-        except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) for a truncated file
-            log.warning("ignoring unreadable shard %s from an interrupted run: %s", path, e)
-            continue
-        usable = all(
-            r["key"] in current
-            and r["key"] not in reused
-            and r["key"] not in found
-            and current[r["key"]].content_hash == r["content_hash"]
-            for r in rows
+class _Stages:
+    """The Ray Data stages of one run, each over a few small items (chunks, partitions, units), returning one
+    aggregate per item."""
+
+    def __init__(self, store: Store, config: PreprocessConfig, address: str | None) -> None:
+        from pipelines.ray_runtime import ensure_ray, share_secrets
+
+        ensure_ray(address)
+        self.store, self.config = store, config
+        self.work = f"{WORK}/run-{uuid.uuid4().hex[:12]}"
+        self.secrets = share_secrets()
+        self.partitions = 1
+
+    def run(self, fn, items: list[dict[str, Any]], **kwargs) -> list[dict[str, Any]]:
+        import ray
+
+        from pipelines.ray_runtime import worker_runtime_env
+
+        if not items:
+            return []
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+            fn,
+            fn_kwargs={"output": self.store.uri, "secrets": self.secrets, **kwargs},
+            runtime_env=worker_runtime_env(),
         )
-        if usable:
-            found.update({r["key"]: {**written_entry(r), "shard": path} for r in rows})
-    return found
+        results = [json.loads(row["result"]) for row in ds.take_all()]
+        errors = sorted({r["error"] for r in results if "error" in r})
+        if errors:
+            raise SourceError("; ".join(errors))
+        return results
 
+    def read(self, mixture: Mixture) -> _Read:
+        files = []
+        for source in mixture.sources:
+            files.append((source, annotations.file_size(source.annotations), annotations.file_kind(source.annotations)))
+        bits = partition.partition_bits(sum(size for _, size, _ in files))
+        chunks, jsonl = [], []
+        for source, size, kind in files:
+            selecting = source.ratio < 1.0 or source.cap is not None
+            ranges = annotations.split(size, partition.CHUNK_BYTES) if kind == "jsonl" else [(0, size)]
+            for start, stop in ranges:
+                chunk = {
+                    "chunk": len(chunks),
+                    "source": source.name,
+                    "uri": source.annotations,
+                    "image_root": source.image_root,
+                    "kind": kind,
+                    "start": start,
+                    "stop": stop,
+                    "first_line": 1,
+                    "selecting": selecting,
+                }
+                chunks.append(chunk)
+                if kind == "jsonl":
+                    jsonl.append(chunk)
+        lines = {r["chunk"]: r["lines"] for r in self.run(partition.count_chunk, [dict(c) for c in jsonl])}
+        next_line: dict[str, int] = {}
+        for c in jsonl:  # chunks of a file are in byte order
+            c["first_line"] = next_line.get(c["uri"], 1)
+            next_line[c["uri"]] = c["first_line"] + lines[c["chunk"]]
+        done = self.run(partition.read_chunk, chunks, work=self.work, bits=bits, seed=self.config.seed)
+        available: Counter[str] = Counter()
+        hists: dict[str, np.ndarray] = {}
+        for r in done:
+            available[r["source"]] += r["records"]
+            if r["hist"] is not None:
+                hist = hists.setdefault(r["source"], np.zeros(partition.PICK_BINS, dtype=np.int64))
+                np.add.at(hist, r["hist"], r["hist_counts"])
+        cuts = self.cuts(mixture, available, hists, 1 << bits)
+        self.partitions = 1 << bits
+        return _Read(1 << bits, bits, {s.name: available[s.name] for s in mixture.sources}, cuts)
 
-def _delete_unreferenced_shards(store: Store, entries: list[dict]) -> None:
-    """Shard files no entry points at (left by an interrupted run, or replaced): they only take space."""
-    referenced = {e.get("shard") for e in entries}
-    for path in store.list_files(SHARDS_DIR):
-        if path not in referenced:
-            store.delete(path)
+    def cuts(self, mixture: Mixture, available: Counter, hists: dict[str, np.ndarray], partitions: int) -> dict:
+        """Per sampled source, the largest (pick, line) kept: `ratio` of its records (rounded up), at most `cap`."""
+        wanted, ranks = {}, {}
+        for source in mixture.sources:
+            k = available[source.name]
+            if source.ratio < 1.0:
+                k = math.ceil(source.ratio * k)
+            if source.cap is not None:
+                k = min(k, source.cap)
+            if source.name in hists and k < available[source.name]:
+                if k == 0:
+                    wanted[source.name], ranks[source.name] = -1, 0
+                    continue
+                wanted[source.name], ranks[source.name] = partition.selection_bin(hists[source.name], k)
+        if not wanted:
+            return {}
+        found: dict[str, list] = {}
+        looking = {s: b for s, b in wanted.items() if b >= 0}
+        for r in self.run(partition.picks_in_bin, [{"p": p} for p in range(partitions)], work=self.work, wanted=looking):
+            for source, picks in r.items():
+                found.setdefault(source, []).extend(map(tuple, picks))
+        return {s: list(sorted(found[s])[ranks[s] - 1]) if b >= 0 else ["", -1] for s, b in wanted.items()}
+
+    def diff(self, read: _Read, prior: dict | None, on_disk: list[str], fingerprint_only: bool = False) -> list[dict]:
+        c = self.config
+        layout = f"{c.shard_rows}:{c.shard_bytes}:{c.row_group_rows}:{c.row_group_bytes}"
+        items = [{"p": p} for p in range(read.partitions)]
+        return sorted(
+            self.run(
+                partition.diff_partition,
+                items,
+                work=self.work,
+                bits=read.bits,
+                cuts=read.cuts,
+                config_hash=c.output_hash(),
+                previous=prior,
+                on_disk=on_disk,
+                unit_size=c.unit_size,
+                layout=layout,
+                fingerprint_only=fingerprint_only,
+            ),
+            key=lambda d: d["p"],
+        )
+
+    def process(self, units: list[tuple]) -> list[dict[str, Any]]:
+        """One result per unit, in the order given: its parts, a failure message or "", how many samples it
+        found finished by an earlier run."""
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        from pipelines.ray_runtime import worker_runtime_env
+
+        workers, threads = self.config.actors(max(1, int(ray.available_resources().get("CPU", 1))))
+        items = [
+            {"i": i, "todo": partition.work_file(self.work, "todo", p), "group": g, "unit": unit, "work_root": WORK}
+            for i, (p, g, unit, _) in enumerate(units)
+        ]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+            UnitProcessor,
+            fn_constructor_kwargs={
+                "config": self.config.to_dict(),
+                "output": self.store.uri,
+                "secrets": self.secrets,
+                "threads": threads,
+            },
+            compute=ActorPoolStrategy(size=min(workers, len(items))),  # a fixed pool: every actor loads at once
+            num_cpus=threads,
+            runtime_env=worker_runtime_env(),
+        )
+        by_item = {row["i"]: json.loads(row["result"]) for row in ds.take_all()}
+        return [by_item[i] for i in range(len(items))]
+
+    def merge(self, parts: list[dict[str, Any]]) -> dict[str, str]:
+        """part path → the shard file it was merged into (a part left alone, or whose merge failed, is absent)."""
+        import ray
+
+        from pipelines.ray_runtime import worker_runtime_env
+        from pipelines.worker import merge_parts
+
+        try:
+            sizes = {path: info.size for path, info in self.store.listing(SHARDS_DIR).items()}
+        except OSError as e:
+            log.warning("not merging part files: listing %s/%s failed: %s", self.store.uri, SHARDS_DIR, e)
+            return {}
+        groups = _merge_groups(parts, sizes, self.config.shard_rows, self.config.shard_bytes)
+        task = ray.remote(merge_parts).options(runtime_env=worker_runtime_env())
+        c = self.config
+        refs = [
+            task.remote(self.store.uri, bucket, paths, c.row_group_rows, c.row_group_bytes, self.secrets)
+            for bucket, paths in groups
+        ]
+        merged: dict[str, str] = {}
+        for (bucket, paths), ref in zip(groups, refs, strict=True):
+            try:
+                path = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                log.warning("bucket %s: merging %d part files %s failed, keeping them: %s", bucket, len(paths), paths, e)
+                continue
+            merged.update(dict.fromkeys(paths, path))
+        return merged
+
+    def drop_stale_rows(self, affected: list[str]) -> dict[str, str]:
+        """Rewrite each shard that holds a removed or changed sample without it (other shards stay untouched);
+        returns old path → new path ("" when no row is left)."""
+        import ray
+
+        from pipelines.ray_runtime import worker_runtime_env
+        from pipelines.worker import drop_rows
+
+        if not affected:
+            return {}
+        c = self.config
+        task = ray.remote(drop_rows).options(runtime_env=worker_runtime_env())
+        batches = [affected[i :: max(1, min(len(affected), 16))] for i in range(min(len(affected), 16))]
+        refs = [
+            task.remote(
+                self.store.uri, batch, self.work, self.partitions, c.row_group_rows, c.row_group_bytes, self.secrets
+            )
+            for batch in batches
+        ]
+        return {old: new for ref in refs for old, new in ray.get(ref).items()}
+
+    def index(self, version: str, units_of: dict[int, list[str]], part_map: dict, shard_map: dict) -> list[dict]:
+        items = [{"p": p, "units": units_of.get(p, [])} for p in range(self.partitions)]
+        return self.run(
+            partition.index_partition,
+            items,
+            work=self.work,
+            units_dir=UNITS,
+            index=version,
+            bits=int(math.log2(self.partitions)),
+            part_map=part_map,
+            shard_map=shard_map,
+            max_length=self.config.max_length,
+        )
+
+    def remove_work(self) -> None:
+        for path in self.store.list_files(self.work):
+            self.store.delete(path)
 
 
 def _stop(store: Store, done: int, failures: list[str], total: int, after: str) -> None:
@@ -347,60 +398,97 @@ def _stop(store: Store, done: int, failures: list[str], total: int, after: str) 
     )
 
 
-def _drop_stale_rows(
-    store: Store, removed: list[dict], reused: dict[str, dict], fresh: set[str], config: PreprocessConfig
-) -> None:
-    """Rewrite each shard that holds a removed/changed sample without it; other shards stay untouched.
+def _merge_groups(
+    parts: list[dict[str, Any]], sizes: dict[str, int], max_rows: int, max_bytes: int
+) -> list[tuple[str, list[str]]]:
+    """(bucket, part paths) of each merge: per bucket, the parts (`{path, bucket, rows, first}` with `first` their
+    first key) ordered by first key, cut greedily into consecutive runs of at most `max_rows` rows and `max_bytes`
+    file bytes (`sizes`); runs of one part are left out (nothing to merge). A pure function of the parts, so of the
+    samples, unit_size and the limits.
 
-    A shard this run wrote (`fresh`) is never deleted: redoing the samples of a shard that went missing writes the
-    same rows under the same name."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    affected = sorted({e["shard"] for e in removed if e.get("shard")} - fresh)
-    for path in affected:
-        keep = [k for k, e in reused.items() if e.get("shard") == path]
-        if keep:
-            table = store.read_table(path)
-            table = table.filter(pc.is_in(table["key"], value_set=pa.array(keep)))
-            new_path = shard_path(shard_bucket(path), table["content_hash"].to_pylist())
-            write_shard(store, new_path, table, config.row_group_rows, config.row_group_bytes)
-            for k in keep:
-                reused[k]["shard"] = new_path
-            if new_path == path:
-                continue
-        store.delete(path)
+    >>> part = lambda n, first, rows: {"path": f"p{n}", "bucket": "text", "rows": rows, "first": first}
+    >>> parts = [part(1, "a", 2), part(3, "d", 2), part(2, "c", 1)]
+    >>> _merge_groups(parts, {"p1": 100, "p2": 100, "p3": 100}, max_rows=4, max_bytes=1000)
+    [('text', ['p1', 'p2'])]
+    """
+    by_bucket: dict[str, list[dict[str, Any]]] = {}
+    for part in parts:
+        if part["path"] in sizes:  # a part that is not there (never expected) stays out of every merge
+            by_bucket.setdefault(part["bucket"], []).append(part)
+    groups = []
+    for bucket, found in sorted(by_bucket.items()):
+        runs: list[list[str]] = []
+        rows = size = 0
+        for part in sorted(found, key=lambda x: (x["first"], x["path"])):
+            n, nbytes = part["rows"], sizes[part["path"]]
+            if runs and rows + n <= max_rows and size + nbytes <= max_bytes:
+                runs[-1].append(part["path"])
+                rows, size = rows + n, size + nbytes
+            else:
+                runs.append([part["path"]])
+                rows, size = n, nbytes
+        groups.extend((bucket, run) for run in runs if len(run) > 1)
+    return groups
 
 
 def _manifest(
-    entries: list[dict], per_source: dict[str, SourceCounts], config: PreprocessConfig, config_hash: str, run: RunCounts
+    aggregates: list[dict], read: _Read, diffs: list[dict], config: PreprocessConfig, version: str, run: RunCounts
 ) -> Manifest:
-    written = [e for e in entries if e["status"] == "written"]
-    quarantined = [e for e in entries if e["status"] == "quarantined"]
-    for name, counts in per_source.items():
-        counts.written = sum(e["source"] == name for e in written)
-        counts.quarantined = sum(e["source"] == name for e in quarantined)
-    shards = Counter(e["shard"] for e in written)
-    pixels = sum(e.get("pixels") or 0 for e in written)
-    padded = sum((e.get("padded_fraction") or 0) * (e.get("pixels") or 0) for e in written)
-    read = len(entries)
+    sources = {}
+    for name, available in read.available.items():
+        chosen = sum(d["read"].get(name, 0) for d in diffs)
+        written = sum(a["written"].get(name, 0) for a in aggregates)
+        quarantined = sum(a["quarantined"].get(name, 0) for a in aggregates)
+        sources[name] = SourceCounts(available, chosen, written, quarantined)
+    written = sum(s.written for s in sources.values())
+    quarantined = sum(s.quarantined for s in sources.values())
+    total = sum(a["entries"] for a in aggregates)
+    shards: Counter[str] = sum((Counter(a["shards"]) for a in aggregates), Counter())
+    pixels = sum(a["pixels"] for a in aggregates)
+    lengths = _sum_lists(aggregates, "lengths")
+    from pipelines.report import length_histogram
+
+    edges = length_histogram([], config.max_length)["edges"]
     return Manifest(
-        read=read,
-        written=len(written),
-        quarantined=len(quarantined),
-        reconciled=len(written) + len(quarantined) == read,
-        quarantine_fraction=len(quarantined) / read if read else 0.0,
-        buckets=dict(sorted(Counter(e["bucket"] for e in written).items())),
-        sources=per_source,
-        quarantine_reasons=dict(sorted(Counter(e["category"] for e in quarantined).items())),
-        input_fingerprint=input_fingerprint({e["key"]: e["content_hash"] for e in entries}),
+        read=total,
+        written=written,
+        quarantined=quarantined,
+        reconciled=written + quarantined == total,
+        quarantine_fraction=quarantined / total if total else 0.0,
+        buckets=dict(sorted(sum((Counter(a["buckets"]) for a in aggregates), Counter()).items())),
+        sources=sources,
+        quarantine_reasons=dict(sorted(sum((Counter(a["reasons"]) for a in aggregates), Counter()).items())),
+        input_fingerprint=_fingerprint_hex(a["fingerprint"] for a in aggregates),
         config=config.to_dict(),
-        config_hash=config_hash,
+        config_hash=config.output_hash(),
         code_version=code_version(),
-        padded_pixel_fraction=padded / pixels if pixels else 0.0,
-        token_length_histogram=length_histogram([e["length"] for e in written], config.max_length),
-        visual_tokens=sum(e["num_image_tokens"] for e in written),
+        padded_pixel_fraction=math.fsum(a["padded"] for a in aggregates) / pixels if pixels else 0.0,
+        token_length_histogram={"edges": edges, "counts": lengths},
+        visual_tokens=sum(a["visual_tokens"] for a in aggregates),
         shards=[ShardFile(p, shard_bucket(p), n) for p, n in sorted(shards.items())],
         run=run,
-        mean_length=math.fsum(e["length"] for e in written) / len(written) if written else 0.0,
+        mean_length=sum(a["length_sum"] for a in aggregates) / written if written else 0.0,
+        index=version,
+        index_partitions=read.partitions,
     )
+
+
+def _sum_lists(aggregates: list[dict], key: str) -> list[int]:
+    return np.sum([a[key] for a in aggregates], axis=0).astype(int).tolist()
+
+
+def _clean_up(store: Store, manifest: Manifest, partitions: int) -> None:
+    """Delete what the new manifest does not reference: shard files (merged parts, dropped shards), other index
+    versions, quarantine parts of partitions that no longer exist, and the work folder."""
+    keep = {s.path for s in manifest.shards}
+    for path in store.list_files(SHARDS_DIR):
+        if path not in keep:
+            store.delete(path)
+    for path in store.list_files(INDEX_DIR):
+        if not path.startswith(f"{manifest.index}/"):
+            store.delete(path)
+    for path in store.list_files(QUARANTINE):
+        if int(path.rsplit("part-", 1)[1].split(".")[0]) >= partitions:
+            store.delete(path)
+    for path in store.list_files(WORK):
+        store.delete(path)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import io
 import math
 import subprocess
-from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
 
 from convllava.shards import Manifest
 
@@ -69,24 +67,24 @@ def summary_table(m: Manifest) -> str:
     return "\n".join(lines)
 
 
-def bucket_histogram_png(entries: list[dict[str, Any]]) -> bytes:
-    """Bar chart of samples per bucket and a histogram of the original aspect ratios (log scale)."""
+ASPECT_BINS = [2 ** (x / 4) for x in range(-10, 11)]  # original aspect ratios (W / H) from 1:5.7 to 5.7:1
+
+
+def bucket_histogram_png(buckets: dict[str, int], aspect_counts: list[int]) -> bytes:
+    """Bar chart of samples per bucket and a histogram of the original aspect ratios (log scale): `aspect_counts`
+    are the written samples' counts in ASPECT_BINS (aggregated over the index's partitions)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = [e for e in entries if e["status"] == "written"]
-    buckets = Counter(e["bucket"] for e in written)
     names = sorted(buckets, key=lambda b: (b == "text", _aspect(b)))
-    aspects = [e["orig_aspect"] for e in written if e.get("orig_aspect")]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.bar(range(len(names)), [buckets[n] for n in names])
     left.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     left.set_title("samples per bucket (H x W)")
-    if aspects:
-        bins = [2 ** (x / 4) for x in range(-10, 11)]
-        right.hist(aspects, bins=bins)
+    if any(aspect_counts):
+        right.hist(ASPECT_BINS[:-1], bins=ASPECT_BINS, weights=aspect_counts)
         right.set_xscale("log")
         ticks = [0.25, 0.5, 1, 2, 4]
         right.set_xticks(ticks, [f"{t:g}" for t in ticks])

@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from convllava.image_processing import ImageError, ImageProcessorConfig, load_image
@@ -26,10 +27,13 @@ from convllava.labels import PreflightError, SequenceTooLongError
 from convllava.processor import ConvLlavaProcessor
 from convllava.processor_config import ProcessorConfig
 from convllava.shards import (
+    INDEX_SCHEMA,
     SHARD_SCHEMA,
     TEXT_BUCKET,
     row_group_bounds,
+    shard_bucket,
     shard_path,
+    write_parquet,
     write_shard,
     written_entry,
 )
@@ -75,7 +79,18 @@ class UnitProcessor:
         self.tokenizing = threading.Lock()  # a fast tokenizer's settings are shared state: one call at a time
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        records = json.loads(row["unit"])
+        """One work unit: row group `group` of the partition's todo file → {i, result: JSON of {parts, failed,
+        resumed}}. A unit finished by an earlier, interrupted run (its record `units/<unit>.parquet` is there, and
+        so are its parts) is not redone."""
+        return {"i": row["i"], "result": json.dumps(self.unit(row))}
+
+    def unit(self, row: dict[str, Any]) -> dict[str, Any]:
+        done_path = f"{row['work_root']}/units/{row['unit']}.parquet"
+        resumed = self.finished(done_path)
+        if resumed is not None:
+            return {"parts": part_aggregates(resumed), "failed": "", "resumed": len(resumed)}
+        with self.store.fs.open_input_file(self.store.path(row["todo"])) as f:
+            records = pq.ParquetFile(f).read_row_group(row["group"]).to_pylist()
         done = self.pool.map(self.sample, records) if self.pool else map(self.sample, records)
         entries, rows = [], []
         for entry, sample in done:  # in record order, whatever order the threads finished in
@@ -84,16 +99,26 @@ class UnitProcessor:
                 rows.append(sample)
         try:
             shard_of = self.write_parts(rows)
+            for entry in entries:
+                if entry["status"] == "written":
+                    entry["shard"] = shard_of[entry["key"]]
+            write_parquet(self.store, done_path, pa.Table.from_pylist(entries, schema=INDEX_SCHEMA))
         except OSError as e:  # a full disk, lost permissions, a storage outage: this unit is not done
-            return {
-                "entries": "[]",
-                "failed": f"writing the shards of {len(records)} samples ({records[0]['key']} …) "
-                f"to {self.store.uri} failed: {type(e).__name__}: {e}",
-            }
-        for entry in entries:
-            if entry["status"] == "written":
-                entry["shard"] = shard_of[entry["key"]]
-        return {"entries": json.dumps(entries), "failed": ""}
+            failed = (
+                f"writing the shards of {len(records)} samples ({records[0]['key']} …) "
+                f"to {self.store.uri} failed: {type(e).__name__}: {e}"
+            )
+            return {"parts": [], "failed": failed, "resumed": 0}
+        return {"parts": part_aggregates(entries), "failed": "", "resumed": 0}
+
+    def finished(self, path: str) -> list[dict[str, Any]] | None:
+        """The entries of a unit an earlier run finished, when its record and every part it names are there."""
+        try:
+            entries = self.store.read_table(path).to_pylist()
+        except (OSError, ValueError):  # not there, or cut short (pyarrow's ArrowInvalid is a ValueError)
+            return None
+        shards = {e["shard"] for e in entries if e["shard"]}
+        return entries if all(self.store.exists(s) for s in shards) else None
 
     def write_parts(self, rows: list[dict[str, Any]]) -> dict[str, str]:
         """One part file per bucket (several when its rows pass `shard_rows` or `shard_bytes` of images), rows
@@ -120,14 +145,14 @@ class UnitProcessor:
         try:
             sample = self.process(rec)
         except Quarantined as q:
-            entry.update(status="quarantined", category=q.category, reason=q.reason, record=rec["raw"])
+            entry.update(status="quarantined", shard=None, category=q.category, reason=q.reason, record=rec["raw"])
             return entry, None
         entry.update(written_entry(sample))
         return entry, sample
 
     def process(self, rec: dict[str, Any]) -> dict[str, Any]:
-        if rec.get("error"):
-            raise Quarantined(*rec["error"])
+        if rec.get("category"):
+            raise Quarantined(rec["category"], rec["reason"])
         sid = rec["key"]
         image_sizes, encoded, orig, placement = [], None, (0, 0), None
         if rec.get("image_uri"):
@@ -138,7 +163,7 @@ class UnitProcessor:
             encoded = self.encode(resized)
         try:
             with self.tokenizing:
-                sample = self.processor.tokenize(rec["conversations"], image_sizes, sample_id=sid)
+                sample = self.processor.tokenize(json.loads(rec["conversations"]), image_sizes, sample_id=sid)
         except ConversationError as e:
             raise Quarantined("malformed_record", str(e)) from None
         except SequenceTooLongError as e:
@@ -198,6 +223,17 @@ class UnitProcessor:
         return encode_image(image, self.config.image_format, self.config.jpeg_quality)
 
 
+def part_aggregates(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """{path, bucket, rows, first} of each part file a unit's entries point at (what the merge phase groups by)."""
+    parts: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        if e["shard"]:
+            part = parts.setdefault(e["shard"], {"path": e["shard"], "bucket": e["bucket"], "rows": 0, "first": e["key"]})
+            part["rows"] += 1
+            part["first"] = min(part["first"], e["key"])
+    return list(parts.values())
+
+
 def encode_image(image: Image.Image, image_format: str, jpeg_quality: int = 95) -> bytes:
     """The bytes a shard stores for a model-input-sized image. `png` is lossless: training reads back exactly the
     pixels the processor produced (for `square`, the released models' pixels); `jpeg` trades that for size."""
@@ -227,3 +263,32 @@ def merge_parts(
     path = shard_path(bucket, table.column("content_hash").to_pylist())
     write_shard(store, path, table, row_group_rows, row_group_bytes)
     return path
+
+
+def drop_rows(
+    output: str,
+    shards: list[str],
+    work: str,
+    partitions: int,
+    row_group_rows: int,
+    row_group_bytes: int,
+    secrets: dict[str, Any] | None = None,
+) -> dict[str, str]:
+    """Ray task: each of `shards` rewritten without the rows the run's `removed` files name for it, under the name
+    of its remaining rows (deleted when none is left); returns old path → new path ("" for none)."""
+    from pipelines.partition import removed_keys
+
+    adopt_secrets(secrets)
+    store = Store(output)
+    drop = removed_keys(store, work, partitions, set(shards))
+    moved = {}
+    for path in shards:
+        table = store.read_table(path)
+        table = table.filter(pc.invert(pc.is_in(table["key"], value_set=pa.array(sorted(drop.get(path, ())), pa.string()))))
+        if table.num_rows == 0:
+            moved[path] = ""
+            continue
+        new_path = shard_path(shard_bucket(path), table["content_hash"].to_pylist())
+        write_shard(store, new_path, table, row_group_rows, row_group_bytes)
+        moved[path] = new_path
+    return moved

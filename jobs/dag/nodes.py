@@ -69,8 +69,8 @@ def preprocess_node(dag: TrainingDag) -> tuple[NodeWork, dict[str, str], dict[st
 
     pconfig = dag.config.preprocess_config()
     mixtures = {name: dag.config.mixture(name, dag.data_root) for name in sorted(dag.config.datasets)}
-    fingerprints = {name: fingerprint_mixture(m, pconfig) for name, m in mixtures.items()}
     shards = {name: dag.shards_uri(name) for name in mixtures}
+    fingerprints = {name: fingerprint_mixture(m, pconfig, shards[name], dag.address) for name, m in mixtures.items()}
 
     def execute(run_id: str) -> Executed:
         log_params(dag.tracking_uri, run_id, pconfig.to_dict())

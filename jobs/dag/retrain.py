@@ -43,7 +43,7 @@ def run_retrain(
     with workdir_lock(wd, wait_s=lock_timeout_s):
         dag = TrainingDag(config, wd, tracking_uri, address, progress)
         dag.ensure_demo_data()
-        fingerprint = raw_fingerprint(config, dag.data_root)
+        fingerprint = raw_fingerprint(dag)
         last = dag.runs.last_success(TAG_RAW_FINGERPRINT)
         if last is not None and last.data.tags[TAG_RAW_FINGERPRINT] == fingerprint:
             return RetrainOutcome(

@@ -183,13 +183,18 @@ class TrainingDag:
         return registry.champion_source(self.tracking_uri, self.config.registered_model)
 
 
-def raw_fingerprint(config: PipelineConfig, data_root: Path | str) -> str:
-    """One hash over every data set's input fingerprint (records + image fingerprints), as the parent run records."""
+def raw_fingerprint(dag: TrainingDag) -> str:
+    """One hash over every data set's input fingerprint (records + image fingerprints), as the parent run records;
+    computed on the DAG's cluster, in a work folder under each data set's shard location."""
     from pipelines.preprocess import fingerprint_mixture
 
+    config = dag.config
     pconfig = config.preprocess_config()
     return node_key(
-        {name: fingerprint_mixture(config.mixture(name, data_root), pconfig) for name in sorted(config.datasets)}
+        {
+            name: fingerprint_mixture(config.mixture(name, dag.data_root), pconfig, dag.shards_uri(name), dag.address)
+            for name in sorted(config.datasets)
+        }
     )
 
 

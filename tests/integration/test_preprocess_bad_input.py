@@ -13,6 +13,8 @@ import pytest
 from PIL import Image
 from preprocess_harness import ASK, conv, good_set, rec, rows, run, save
 
+from convllava.shards import read_quarantine
+from convllava.storage import Store
 from pipelines.preprocess import QuarantineLimitExceeded
 
 pytestmark = pytest.mark.integration
@@ -104,7 +106,7 @@ def test_every_bad_input_is_quarantined_with_its_reason_and_counts_reconcile(ray
     # truncate policy: "toolong" is cut and kept, "masked" loses every reply to the cut → preflight.
     config = dict(max_pixels=1_000_000, too_long="truncate", max_quarantine_fraction=1.0)
     manifest = run(root, good + bad + odd, tmp_path / "out", **config)
-    quarantine = [json.loads(line) for line in (tmp_path / "out/quarantine.jsonl").read_text().splitlines()]
+    quarantine = read_quarantine(Store(str(tmp_path / "out")))
     by_id = {q["id"]: q for q in quarantine}
     for rid, category in expected.items():
         match = [q for q in quarantine if q["id"] == rid or (rid == "line-" and q["id"].startswith("line-"))]

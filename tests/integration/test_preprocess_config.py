@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from preprocess_harness import good_set, rec, write_jsonl
 
-from convllava.shards import SHARD_BYTES
-from convllava.storage import OutputError
+from convllava.shards import SHARD_BYTES, read_quarantine
+from convllava.storage import OutputError, Store
 from pipelines.config import ConfigError, Mixture, PreprocessConfig, Source
 from pipelines.preprocess import run_preprocess
 
@@ -73,7 +73,7 @@ def test_cli_contract(tmp_path):
     manifest = json.loads((tmp_path / "out/manifest.json").read_text())
     assert all(isinstance(manifest[k], int) for k in ("read", "written", "quarantined"))
     assert manifest["sources"]["b"] == {"available": 2, "read": 2, "written": 1, "quarantined": 1}
-    assert json.loads((tmp_path / "out/quarantine.jsonl").read_text())["id"] == "b2"
+    assert [q["id"] for q in read_quarantine(Store(str(tmp_path / "out")))] == ["b2"]
     shutil.rmtree(tmp_path / "out")
     ok = subprocess.run(args[:4] + args[6:], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert ok.returncode == 0, ok.stderr

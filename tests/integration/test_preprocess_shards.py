@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,9 @@ from transformers import CLIPImageProcessorPil
 
 from convllava.data import collate
 from convllava.image_processing import ConvLlavaImageProcessor, load_image
+from convllava.shards import read_index
+from convllava.storage import Store
+from pipelines.worker import part_aggregates
 
 pytestmark = pytest.mark.integration
 
@@ -53,11 +55,11 @@ def test_shards_hold_everything_training_needs(ray_local, tmp_path, tiny_process
 
 
 def _tree(out: Path) -> dict[str, str]:
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*.parquet")}
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("shards/*/*.parquet")}
 
 
 def _index(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    return list(read_index(Store(str(out))).values())
 
 
 def _unit_parts(index: list[dict], unit_size: int) -> list[tuple[str, int]]:
@@ -93,7 +95,7 @@ def test_units_parts_merge_into_shard_files_of_the_configured_size(ray_local, tm
     assert manifest["reconciled"] and manifest["written"] + manifest["quarantined"] == manifest["read"] == 41
     assert sum(s["rows"] for s in manifest["shards"]) == manifest["written"] == 41
     referenced = sorted({e["shard"] for e in index if e["status"] == "written"})
-    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    on_disk = sorted(str(p.relative_to(out)) for p in out.glob("shards/*/*.parquet"))
     assert on_disk == referenced == sorted(s["path"] for s in manifest["shards"])  # no part left over
 
     found: dict[str, list[tuple[str, int]]] = {}
@@ -145,7 +147,7 @@ def test_a_run_that_dies_after_its_merges_is_recovered(ray_local, tmp_path, monk
         raise _Killed
 
     with monkeypatch.context() as m:
-        m.setattr(pipelines.preprocess, "write_index", die)
+        m.setattr(pipelines.preprocess, "_manifest", die)
         with pytest.raises(_Killed):
             run(root, records, out, **sizes)
     left = set(_tree(out))
@@ -155,7 +157,7 @@ def test_a_run_that_dies_after_its_merges_is_recovered(ray_local, tmp_path, monk
     assert again["reconciled"] and again["written"] == reference["written"] == 41
     ids = [r["id"] for r in rows(out)]
     assert sorted(ids) == sorted(r["id"] for r in records)  # every sample once
-    on_disk = sorted(str(p.relative_to(out)) for p in out.rglob("*.parquet"))
+    on_disk = sorted(str(p.relative_to(out)) for p in out.glob("shards/*/*.parquet"))
     assert on_disk == sorted(s["path"] for s in again["shards"])
 
 
@@ -174,7 +176,7 @@ def test_a_failed_merge_keeps_its_parts(ray_local, tmp_path, monkeypatch, caplog
     monkeypatch.setattr(pipelines.preprocess, "_merge_groups", one_bad)
     manifest = run(root, records, out, unit_size=2)
     # The failed merge's bucket keeps its parts (valid files, only smaller); every other bucket is one file.
-    [(bucket, parts)] = merge_groups(_index(out), dict.fromkeys(_tree(out), 1), 10_000, 1 << 30)
+    [(bucket, parts)] = merge_groups(part_aggregates(_index(out)), dict.fromkeys(_tree(out), 1), 10_000, 1 << 30)
     files = Counter(s["bucket"] for s in manifest["shards"])
     assert files == {**dict.fromkeys(files, 1), bucket: len(parts)} and len(parts) > 1
     assert sorted(s["path"] for s in manifest["shards"]) == sorted(_tree(out))  # nothing else on disk

@@ -6,7 +6,6 @@ so every error seen here is the kernel's ENOSPC or EROFS, not a stand-in.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 from contextlib import contextmanager
@@ -52,7 +51,10 @@ def raw(tmp_path_factory) -> Path:
 
 
 def _index(output: Path) -> dict[str, str]:
-    return {e["key"]: e["status"] for e in map(json.loads, (output / "index.jsonl").read_text().splitlines())}
+    from convllava.shards import read_index
+    from convllava.storage import Store
+
+    return {k: e["status"] for k, e in read_index(Store(str(output))).items()}
 
 
 def test_preprocessing_onto_a_full_disk_keeps_what_it_finished_and_a_rerun_completes(ray_local, raw, tmp_path):
@@ -65,7 +67,7 @@ def test_preprocessing_onto_a_full_disk_keeps_what_it_finished_and_a_rerun_compl
     # shard_rows=8: the units' parts merge into several shard files per bucket, not one.
     config = PreprocessConfig(resolution=256, unit_size=4, workers=2, shard_rows=8)
     reference = run_preprocess(mixture, config, str(tmp_path / "reference"), echo=lambda *_: None).manifest
-    sizes = sorted(p.stat().st_size for p in (tmp_path / "reference").rglob("*.parquet"))
+    sizes = sorted(p.stat().st_size for p in (tmp_path / "reference").glob("shards/*/*.parquet"))
     assert len(sizes) >= 6 and reference.read == 48
 
     # Room for about half of the shards: several units finish (two are written at a time, a unit writes one part
@@ -97,13 +99,13 @@ def test_preprocessing_onto_a_full_disk_keeps_what_it_finished_and_a_rerun_compl
         # Every finished unit is recovered from its parts, and so is each part a failed unit wrote before the one
         # that did not fit (a unit writes one part per bucket it touches).
         resumed = manifest.run.resumed
-        assert resumed >= done and f"({resumed} more finished by an interrupted run)" in lines[0]
+        assert resumed >= done and f"{resumed} samples finished by an interrupted run are reused" in lines[1]
         assert manifest.run.processed == 48 - resumed
         assert manifest.reconciled and manifest.read == 48
         assert manifest.written == reference.written and manifest.quarantined == reference.quarantined
         assert _index(output) == _index(tmp_path / "reference")  # nothing lost, nothing twice
         assert len(ShardSet(str(output))) == reference.written
-        on_disk = sorted(str(p.relative_to(output)) for p in output.rglob("*.parquet"))
+        on_disk = sorted(str(p.relative_to(output)) for p in output.glob("shards/*/*.parquet"))
         assert on_disk == sorted(s.path for s in manifest.shards)  # no stray shard left behind
 
 
