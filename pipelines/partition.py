@@ -26,6 +26,7 @@ import json
 import math
 import os
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -38,6 +39,7 @@ from convllava import storage
 from convllava.shards import INDEX_SCHEMA, QUARANTINE, quarantine_text, write_parquet
 from convllava.storage import Store, is_s3
 from pipelines import annotations
+from pipelines.config import Source
 from pipelines.ray_runtime import adopt_secrets
 from pipelines.sources import MAX_RECORD_BYTES, SourceError, _check_record, resolve_image
 
@@ -176,6 +178,18 @@ def _read_chunk(item: dict[str, Any], store: Store, work: str, bits: int, seed: 
     }
 
 
+def iter_source(source: Source, seed: int | None = None) -> Iterator[dict[str, Any]]:
+    """Every record row of one source, read as one stream in this process (for tools and tests; preprocessing reads
+    a source's chunks in parallel)."""
+    uri = source.annotations
+    if annotations.file_kind(uri) == "json":
+        entries = annotations.iter_json_array(uri)
+    else:
+        entries = annotations.iter_jsonl(uri, 0, annotations.file_size(uri), 1)
+    for entry in entries:
+        yield record_row(source.name, source.image_root, seed, *entry)
+
+
 def record_row(
     source: str, image_root: str, seed: int | None, line: int, raw: str, item: object, error: tuple | None
 ) -> dict[str, Any]:
@@ -265,13 +279,15 @@ def diff_partition(
     table = _read_dir(store, f"{work}/records/p={p:05d}")
     rows = table.to_pylist() if table is not None else []
     first: dict[str, int] = {}
-    for r in rows:
-        first[r["key"]] = min(first.get(r["key"], r["line"]), r["line"])
-    for r in rows:
-        if r["checkable"] and r["line"] > first[r["key"]]:
+    seen: Counter[str] = Counter()
+    for r in sorted(rows, key=lambda r: (r["source"], r["line"])):
+        first.setdefault(r["key"], r["line"])
+        seen[r["key"]] += 1
+        if r["checkable"] and seen[r["key"]] > 1:
             r["category"], r["reason"] = "duplicate_id", f"id {r['id']!r} already used at line {first[r['key']]}"
             r["conversations"] = None
-            r["key"] = f"{r['key']}#{r['line']}"  # quarantined under a key of its own: index keys stay unique
+            # Quarantined under a key of its own (its occurrence: stable when lines move), so index keys stay unique.
+            r["key"] = f"{r['key']}#{seen[r['key']]}"
     chosen = [r for r in rows if r["source"] not in cuts or (r["pick"], r["line"]) <= tuple(cuts[r["source"]])]
     prints = image_fingerprints({r["image_uri"] for r in chosen if r["image_uri"] and not r["category"]})
     for r in chosen:

@@ -52,7 +52,6 @@ from pipelines import annotations, partition
 from pipelines.config import Mixture, PreprocessConfig
 from pipelines.report import bucket_histogram_png, code_version, summary_table
 from pipelines.sources import SourceError
-from pipelines.worker import UnitProcessor
 
 log = logging.getLogger(__name__)
 WORK = "_work"  # the work folder in the output: this run's record files, and finished units (kept until success)
@@ -266,7 +265,9 @@ class _Stages:
             return {}
         found: dict[str, list] = {}
         looking = {s: b for s, b in wanted.items() if b >= 0}
-        for r in self.run(partition.picks_in_bin, [{"p": p} for p in range(partitions)], work=self.work, wanted=looking):
+        for r in self.run(
+            partition.picks_in_bin, [{"p": p} for p in range(partitions)], work=self.work, wanted=looking
+        ):
             for source, picks in r.items():
                 found.setdefault(source, []).extend(map(tuple, picks))
         return {s: list(sorted(found[s])[ranks[s] - 1]) if b >= 0 else ["", -1] for s, b in wanted.items()}
@@ -299,6 +300,7 @@ class _Stages:
         from ray.data import ActorPoolStrategy
 
         from pipelines.ray_runtime import worker_runtime_env
+        from pipelines.worker import UnitProcessor  # torch and a tokenizer: the actors import them, not the driver
 
         workers, threads = self.config.actors(max(1, int(ray.available_resources().get("CPU", 1))))
         items = [
@@ -344,7 +346,9 @@ class _Stages:
             try:
                 path = ray.get(ref)
             except ray.exceptions.RayError as e:
-                log.warning("bucket %s: merging %d part files %s failed, keeping them: %s", bucket, len(paths), paths, e)
+                log.warning(
+                    "bucket %s: merging %d part files %s failed, keeping them: %s", bucket, len(paths), paths, e
+                )
                 continue
             merged.update(dict.fromkeys(paths, path))
         return merged

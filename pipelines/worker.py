@@ -228,7 +228,9 @@ def part_aggregates(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     parts: dict[str, dict[str, Any]] = {}
     for e in entries:
         if e["shard"]:
-            part = parts.setdefault(e["shard"], {"path": e["shard"], "bucket": e["bucket"], "rows": 0, "first": e["key"]})
+            part = parts.setdefault(
+                e["shard"], {"path": e["shard"], "bucket": e["bucket"], "rows": 0, "first": e["key"]}
+            )
             part["rows"] += 1
             part["first"] = min(part["first"], e["key"])
     return list(parts.values())
@@ -284,7 +286,9 @@ def drop_rows(
     moved = {}
     for path in shards:
         table = store.read_table(path)
-        table = table.filter(pc.invert(pc.is_in(table["key"], value_set=pa.array(sorted(drop.get(path, ())), pa.string()))))
+        table = table.filter(
+            pc.invert(pc.is_in(table["key"], value_set=pa.array(sorted(drop.get(path, ())), pa.string())))
+        )
         if table.num_rows == 0:
             moved[path] = ""
             continue

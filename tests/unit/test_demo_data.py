@@ -14,7 +14,7 @@ from convllava.sample_images import sample_photos
 from pipelines.config import Mixture
 from pipelines.demo_data import _caption, _qa, generate_demo_data
 from pipelines.demo_scenes import COLORS, Scene, Shape
-from pipelines.sources import read_records
+from pipelines.partition import iter_source
 
 SMALL = {"n_caption": 40, "n_instruct": 40, "n_eval": 20}
 EVAL_SETS = ("open", "pope", "grounding", "detail")
@@ -208,9 +208,11 @@ def test_mixture_loads_and_every_record_passes_the_preprocessing_reader(demo):
     mixture = Mixture.from_yaml(root / "mixture.yaml")
     assert [(s.name, s.ratio, s.cap) for s in mixture.sources] == [("captions", 1.0, None), ("instruct", 1.0, None)]
     assert {Path(s.image_root) for s in mixture.sources} == {root.resolve()}
-    records = [r for source in mixture.sources for r in read_records(source)]
-    assert len(records) == 48 + 48 and [r for r in records if r.error] == []
-    assert all(Path(r.image_uri).is_file() for r in records if r.image) and sum(not r.image for r in records) == 1
+    records = [r for source in mixture.sources for r in iter_source(source)]
+    assert len(records) == 48 + 48 and [r for r in records if r["category"]] == []
+    assert (
+        all(Path(r["image_uri"]).is_file() for r in records if r["image"]) and sum(not r["image"] for r in records) == 1
+    )
 
 
 def test_caption_names_shapes_left_to_right_with_position_words():
