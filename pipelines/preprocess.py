@@ -180,6 +180,8 @@ class _Stages:
     aggregate per item."""
 
     def __init__(self, store: Store, config: PreprocessConfig, address: str | None) -> None:
+        import ray.data  # noqa: F401  (before Ray starts: ensure_ray then keeps Ray Data's plans off the console)
+
         from pipelines.ray_runtime import ensure_ray, share_secrets
 
         ensure_ray(address)

@@ -30,7 +30,7 @@ def relayout(src, dest, row_group_rows: int) -> None:
     for path in sorted(src.rglob("*")):
         if path.is_file():
             rel = path.relative_to(src).as_posix()
-            if rel.endswith(".parquet"):
+            if rel.startswith("shards/"):
                 write_shard(store, rel, pq.read_table(path), row_group_rows=row_group_rows)
             else:
                 store.write_bytes(rel, path.read_bytes())
