@@ -3,6 +3,7 @@ padding samples into a batch."""
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -35,6 +36,28 @@ class TokenizedSample:
     @property
     def num_label_tokens(self) -> int:
         return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def reply_membership(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[tuple[bool, bool]]:
+    """For each token's character range `(start, end)`: (inside, crosses) — whether it lies inside one of `spans`
+    (the replies, disjoint character ranges: the tokens to learn) and, if not, whether it overlaps one (a token
+    across a reply's boundary). A token with an empty range (BOS, a dummy-prefix `▁`) is neither.
+
+    Sorted by start, disjoint spans have sorted ends too: the span that may hold a token is the last one starting at
+    or before it, and the one it may cross is the last one starting before its end (two bisections a token; the
+    scan of every span for every token cost a quarter of preprocessing's tokenization)."""
+    spans = sorted(spans)
+    starts, ends = [a for a, _ in spans], [b for _, b in spans]
+    out = []
+    for start, end in offsets:
+        inside = crosses = False
+        if start < end:
+            j = bisect_right(starts, start) - 1
+            inside = j >= 0 and end <= ends[j]
+            k = bisect_left(starts, end) - 1
+            crosses = not inside and k >= 0 and ends[k] > start
+        out.append((inside, crosses))
+    return out
 
 
 def pad_batch(

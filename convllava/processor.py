@@ -27,7 +27,14 @@ from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, PreTra
 from convllava.buckets import num_visual_tokens
 from convllava.config import ConvLlavaConfig
 from convllava.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig, stack_images
-from convllava.labels import IGNORE_INDEX, PreflightError, SequenceTooLongError, TokenizedSample, pad_batch
+from convllava.labels import (
+    IGNORE_INDEX,
+    PreflightError,
+    SequenceTooLongError,
+    TokenizedSample,
+    pad_batch,
+    reply_membership,
+)
 from convllava.processor_config import ProcessorConfig, read_processor_config
 from convllava.templates import IMAGE_TOKEN, ConversationError, ConversationTemplate, get_template
 from convllava.tokenizer import encode_llava, ensure_special_tokens, load_tokenizer
@@ -130,10 +137,9 @@ class ConvLlavaProcessor(ProcessorMixin):
             ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels: list[int] = []
         conflicts: list[tuple[int, str]] = []
-        # Tokens with empty spans (BOS, a dummy-prefix `▁`) are never labelled.
-        for i, (token_id, (start, end)) in enumerate(zip(ids, offsets, strict=True)):
-            inside = start < end and any(a <= start and end <= b for a, b in spans)
-            crosses = start < end and not inside and any(start < b and a < end for a, b in spans)
+        for i, (token_id, (start, end), (inside, crosses)) in enumerate(
+            zip(ids, offsets, reply_membership(offsets, spans), strict=True)
+        ):
             if crosses:
                 conflicts.append((i, text[start:end]))
             labels.append(token_id if inside else IGNORE_INDEX)

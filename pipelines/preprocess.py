@@ -304,7 +304,8 @@ class _Stages:
         from pipelines.ray_runtime import worker_runtime_env
         from pipelines.worker import UnitProcessor  # torch and a tokenizer: the actors import them, not the driver
 
-        workers, threads = self.config.actors(max(1, int(ray.available_resources().get("CPU", 1))))
+        # the cluster's CPUs, not those free now: the stage before may not have handed its CPU back yet
+        workers, threads = self.config.actors(max(1, int(ray.cluster_resources().get("CPU", 1))))
         items = [
             {"i": i, "todo": partition.work_file(self.work, "todo", p), "group": g, "unit": unit, "work_root": WORK}
             for i, (p, g, unit, _) in enumerate(units)

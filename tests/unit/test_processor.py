@@ -345,3 +345,45 @@ def test_llava_processor_round_trips_with_the_sentencepiece_tokenizer(tmp_path, 
     want = vicuna_llava.tokenize(conv, sizes)
     got = loaded.tokenize(conv, sizes)
     assert (got.input_ids, got.labels) == (want.input_ids, want.labels)
+
+
+def _membership_by_scan(offsets, spans):
+    """The definition: inside = held by a reply's span; crosses = not held but overlapping one."""
+    out = []
+    for start, end in offsets:
+        inside = start < end and any(a <= start and end <= b for a, b in spans)
+        crosses = start < end and not inside and any(start < b and a < end for a, b in spans)
+        out.append((inside, crosses))
+    return out
+
+
+def test_reply_membership_matches_the_scan_of_every_span():
+    """`reply_membership` (two bisections a token) gives what checking every span for every token gives, on random
+    disjoint spans (empty ones, adjacent ones, unsorted) and token ranges (empty, overlapping, out of order)."""
+    import random
+
+    from convllava.labels import reply_membership
+
+    rng = random.Random(0)
+    held = crossed = 0
+    for _ in range(20000):
+        length = rng.randint(1, 40)
+        spans, pos = [], rng.randint(0, 3)
+        while pos < length and rng.random() < 0.75:
+            n = rng.choice([0, 0, 1, 2, 3, 5, 8])
+            if pos + n > length:
+                break
+            spans.append((pos, pos + n))
+            pos += n + rng.choice([0, 1, 1, 2, 4])
+        rng.shuffle(spans)
+        offsets = [tuple(sorted((rng.randint(0, length), rng.randint(0, length)))) for _ in range(rng.randint(0, 12))]
+        pos = 0
+        while pos < length:  # and a tiling, as a tokenizer gives
+            n = rng.randint(1, 4)
+            offsets.append((pos, min(length, pos + n)))
+            pos += n
+        got = reply_membership(offsets, spans)
+        assert got == _membership_by_scan(offsets, spans), (offsets, spans)
+        held += sum(i for i, _ in got)
+        crossed += sum(c for _, c in got)
+    assert held > 10000 and crossed > 10000  # both cases were exercised
