@@ -82,10 +82,21 @@ def write_input(root: Path, n: int, image_fraction: float, changed_every: int = 
 def run_preprocess(code: Path, annotations: Path, output: Path, resolution: int) -> dict[str, Any]:
     """`convllava preprocess` of `code` (a checkout) in a process of its own: wall time and the driver's peak RSS."""
     cmd = [
-        sys.executable, "-m", "jobs.cli", "preprocess", "--annotations", str(annotations),
-        "--image-root", str(annotations.parent), "--output", str(output), "--resolution", str(resolution),
-        "--max-length", "1024",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "preprocess",
+        "--annotations",
+        str(annotations),
+        "--image-root",
+        str(annotations.parent),
+        "--output",
+        str(output),
+        "--resolution",
+        str(resolution),
+        "--max-length",
+        "1024",
+    ]
     env = {**os.environ, "PYTHONPATH": str(code), "HF_HUB_OFFLINE": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
     load = os.getloadavg()
     start = time.perf_counter()
