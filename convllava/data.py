@@ -111,6 +111,21 @@ class EpochPlan:
         total = longest * self.micro_batch_size
         return np.where(total > 0, 1.0 - lengths.sum(axis=-1) / np.maximum(total, 1), 0.0)
 
+    def for_world(self, world_size: int) -> EpochPlan:
+        """The same global steps dealt to `world_size` ranks: a step's micro-batches, taken in order (accumulation
+        index, then rank), go to rank j % world_size at accumulation index j // world_size. Every step trains the same
+        samples whatever the size, so an elastic stage resumed at another size neither repeats nor skips one.
+
+        Raises:
+            ValueError: a step's micro-batches cannot be split evenly over `world_size` ranks.
+        """
+        per_step = self.grad_accum * self.world_size
+        if world_size < 1 or per_step % world_size:
+            raise ValueError(f"a step's {per_step} micro-batches cannot be dealt evenly to {world_size} ranks")
+        flat = self.batches.reshape(self.num_steps, per_step, self.micro_batch_size)
+        batches = flat.reshape(self.num_steps, per_step // world_size, world_size, self.micro_batch_size)
+        return EpochPlan(batches.copy(), self.dropped, self.seed, self.epoch)
+
     @property
     def digest(self) -> str:
         """sha256 of the plan; a checkpoint can record it so that a resume can prove it replays the same plan."""

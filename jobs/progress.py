@@ -290,6 +290,10 @@ class FeedMetrics:
         if self.inner is not None:
             self.inner.log_text(text, name)
 
+    def set_tag(self, key: str, value: str) -> None:
+        if self.inner is not None:
+            self.inner.set_tag(key, value)
+
     def unsent(self) -> list[list]:
         return self.inner.unsent() if self.inner is not None else []
 

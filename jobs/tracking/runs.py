@@ -209,6 +209,11 @@ class MetricLogger:
         self._connected()
         best_effort(f"log {name}", lambda: self.client.log_text(self.run_id, text, name))
 
+    def set_tag(self, key: str, value: str) -> None:
+        """A tag of the run (an event such as a resize); a down server costs one warning, never training time."""
+        self._connected()
+        best_effort(f"tag {key}", lambda: self.client.set_tag(self.run_id, key, value))
+
     def close(self, timeout_s: float | None = None) -> list[int]:
         """Wait up to `timeout_s` (default `flush_timeout_s`) for every metric to be stored.
 

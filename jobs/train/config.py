@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,11 +39,17 @@ class StageConfig:
     preset / tokenizer: used when `init_from` is None.
     trainable: groups of `convllava.trainable` that train; the rest is frozen.
     lr: learning rate; `lr_groups` sets other rates for some of the trainable groups.
-    global_batch_size / micro_batch_size: gradient accumulation = global / (micro × workers), exactly.
+    global_batch_size / micro_batch_size: gradient accumulation = global / (micro × workers), exactly (for an elastic
+        stage, at every size it may run at: the global batch never changes, the accumulation adapts).
     epochs / max_steps: one epoch in the paper; max_steps caps the optimizer steps (tests, smoke runs).
     warmup_ratio / schedule / weight_decay / max_grad_norm: AdamW with warmup then cosine decay.
     deepspeed: a JSON under jobs/configs/deepspeed/ (zero2, zero3, zero3_offload) or a path.
-    workers / use_gpu: Ray Train scaling. CPU: gloo + fp32. GPU: nccl + bf16.
+    workers / use_gpu: Ray Train scaling. CPU: gloo + fp32. GPU: nccl + bf16. `workers: [MIN, MAX]` makes the stage
+        elastic: it runs on as many workers as the cluster has, MIN to MAX, goes on from its last checkpoint with
+        fewer when a node is lost and grows back when capacity returns (the state is resharded; see
+        `jobs.train.states`). Its epoch is planned in global-batch order, the same whatever the size.
+    resize_check_s: how often a running elastic stage below MAX looks for capacity to grow back (a resize restarts
+        the workers from the last checkpoint: the steps since it are done again).
     group_by_length: micro-batches of similar lengths (less padding) inside each shuffle window.
     shuffle_window / prefetch: a rank shuffles its share of the data `shuffle_window` row groups at a time and reads
         `prefetch` row groups ahead of the step (`convllava.data.plan_shard_epoch`, `convllava.loader.RankLoader`);
@@ -69,7 +76,8 @@ class StageConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     deepspeed: str = "zero2"
-    workers: int = 2
+    workers: int | tuple[int, int] = 2
+    resize_check_s: float = 60.0
     use_gpu: bool = False
     gradient_checkpointing: bool = True
     attn_implementation: str | None = None
@@ -87,6 +95,10 @@ class StageConfig:
             raise StageConfigError(f"stage config {self.name!r}: {name}: {why}")
 
         object.__setattr__(self, "trainable", tuple(self.trainable))
+        if isinstance(self.workers, list | tuple):
+            object.__setattr__(self, "workers", tuple(self.workers))
+            if len(self.workers) != 2 or not 1 <= self.workers[0] <= self.workers[1]:
+                fail("workers", f"give a number or [MIN, MAX] with 1 <= MIN <= MAX, got {list(self.workers)}")
         if not self.trainable:
             fail("trainable", "name at least one group")
         for key in self.lr_groups:
@@ -103,8 +115,9 @@ class StageConfig:
             "shuffle_window",
             "prefetch",
         ):
-            if not getattr(self, name) > 0:
-                fail(name, f"must be > 0, got {getattr(self, name)}")
+            value = self.min_workers if name == "workers" else getattr(self, name)
+            if not value > 0:
+                fail(name, f"must be > 0, got {value}")
         if self.max_steps is not None and self.max_steps < 1:
             fail("max_steps", f"must be >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
@@ -113,14 +126,28 @@ class StageConfig:
             fail("schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
         if self.stage not in STAGES:
             fail("stage", f"must be one of {list(STAGES)}, got {self.stage!r}")
+        if self.resize_check_s <= 0:
+            fail("resize_check_s", f"must be > 0, got {self.resize_check_s}")
         if self.checkpoint_every < 0 or self.max_failures < 0:
             fail("checkpoint_every/max_failures", "must be >= 0")
-        per_step = self.micro_batch_size * self.workers
-        if self.global_batch_size % per_step:
+        if not self.elastic:
+            per_step = self.micro_batch_size * self.workers
+            if self.global_batch_size % per_step:
+                fail(
+                    "global_batch_size",
+                    f"{self.global_batch_size} is not a multiple of micro_batch_size × workers = {per_step}; "
+                    "gradient accumulation must be a whole number",
+                )
+        sizes = range(self.min_workers, self.max_workers + 1)
+        bad = [n for n in sizes if self.global_batch_size % (self.micro_batch_size * n)]
+        if self.elastic and bad:
+            lcm = math.lcm(*sizes) * self.micro_batch_size
             fail(
                 "global_batch_size",
-                f"{self.global_batch_size} is not a multiple of micro_batch_size × workers = {per_step}; "
-                "gradient accumulation must be a whole number",
+                f"{self.global_batch_size} samples cannot be split into whole micro-batches of {self.micro_batch_size} "
+                f"per worker at {bad} workers, sizes this elastic stage (workers={list(self.workers)}) may run at; "
+                f"the global batch stays the same at every size, so it must be a multiple of {lcm} "
+                f"(micro_batch_size × the least common multiple of {self.min_workers}..{self.max_workers})",
             )
         self.deepspeed_config()  # fail early on a missing file
 
@@ -133,8 +160,25 @@ class StageConfig:
             )
 
     @property
+    def elastic(self) -> bool:
+        return isinstance(self.workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.workers[0] if isinstance(self.workers, tuple) else self.workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.workers[1] if isinstance(self.workers, tuple) else self.workers
+
+    @property
     def grad_accum(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.workers)
+        """Gradient accumulation at `max_workers` (the most an elastic stage runs at)."""
+        return self.accum_at(self.max_workers)
+
+    def accum_at(self, world_size: int) -> int:
+        """Gradient accumulation at `world_size` workers: the global batch stays the same."""
+        return self.global_batch_size // (self.micro_batch_size * world_size)
 
     def deepspeed_config(self) -> dict[str, Any]:
         path = Path(self.deepspeed)
@@ -147,6 +191,8 @@ class StageConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["trainable"] = list(self.trainable)
+        if self.elastic:
+            d["workers"] = list(self.workers)
         return d
 
     def config_hash(self) -> str:

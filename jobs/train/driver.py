@@ -128,19 +128,44 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         run_id=run.get("run_id"),
         device=ray.train.torch.get_device(),
         startup=marks,
+        node=ray.get_runtime_context().get_node_id(),
     )
     monitor = system_metrics(run, ctx) if ctx.get_local_rank() == 0 else None
     try:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            recipe.setup(None)
-        else:
-            with checkpoint.as_directory() as directory:
-                recipe.setup(Path(directory))
+        recipe.setup(resume_point(ctx, ray.train.torch.get_device()))
         recipe.train()
     finally:
         if monitor is not None:
             stop_system_metrics(monitor)
+
+
+def resume_point(ctx, device):
+    """The checkpoint this worker group resumes from: the newest one complete in the run's storage (every rank's
+    marker, every file at its size), whether or not Ray Train's controller registered it (a failure in the second
+    between the last upload and the registration lost it), else the one Ray Train hands back, else none. Rank 0
+    chooses and the others take its step, so every rank restores the same one, read in place (no download)."""
+    import ray.train
+    import torch
+
+    from jobs.train.checkpoints import StoredCheckpoint, newest_complete
+    from jobs.train.device import DeviceCollectives
+
+    storage = ctx.get_storage()
+    fs, run_root = storage.storage_filesystem, storage.experiment_fs_path
+    step = -1.0
+    if ctx.get_world_rank() == 0:
+        found = newest_complete(fs, run_root)
+        registered = ray.train.get_checkpoint()
+        if found is not None:
+            step = float(found[1]["step"])
+            if registered is None or registered.path.rstrip("/") != found[0].rstrip("/"):
+                print(f"resuming from {found[0]}, complete in storage (Ray Train's latest: {registered})", flush=True)
+        elif registered is not None:
+            step = float(StoredCheckpoint(registered.path, registered.filesystem).json("trainer_state.json")["step"])
+    (step,) = DeviceCollectives(torch.device(device)).max([step])
+    if step < 0:
+        return None
+    return StoredCheckpoint(f"{run_root.rstrip('/')}/checkpoint_{int(step):06d}", fs)
 
 
 def system_metrics(run: dict[str, Any], ctx):
@@ -397,7 +422,7 @@ def run_stage(
         raise RuntimeError(f"stage {config.name} finished without a checkpoint")
     # Never record an incomplete checkpoint, and never download it here (100+ GB at the paper's scale): what the
     # ranks recorded is checked against the storage listing, reading only the markers and the trainer state.
-    state = verify_stored_checkpoint(result.checkpoint.filesystem, result.checkpoint.path, config.workers)
+    state = verify_stored_checkpoint(result.checkpoint.filesystem, result.checkpoint.path)
     checkpoint_uri = f"s3://{result.checkpoint.path}" if filesystem is not None else result.checkpoint.path
     if state["step"] != state["total_steps"]:
         raise RuntimeError(f"stage {config.name}: last checkpoint is at step {state['step']} of {state['total_steps']}")

@@ -31,12 +31,14 @@ class CheckpointSink(Protocol):
 
 
 class MetricSink(Protocol):
-    """Rank 0's metrics. `log` must not block training; `unsent` are `[key, value, timestamp, step]` rows not yet
+    """Rank 0's metrics and events (`set_tag`: a resize, for one). `log` must not block training; `unsent` are `[key, value, timestamp, step]` rows not yet
     stored (a checkpoint carries them), `requeue` takes such rows back after a restart; `close` flushes."""
 
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
 
     def log_text(self, text: str, name: str) -> None: ...
+
+    def set_tag(self, key: str, value: str) -> None: ...
 
     def unsent(self) -> list[list]: ...
 

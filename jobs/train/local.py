@@ -39,6 +39,8 @@ class LocalCheckpoints:
 
     def publish(self, directory: Path, step: int, metrics: dict[str, float]) -> None:
         target = self.root / f"checkpoint_{step:06d}"
+        # A run killed while writing this step leaves a part of it: this rank's old marker must not vouch for it.
+        (target / f"COMPLETE.rank{self.rank}.json").unlink(missing_ok=True)
         files = sorted(p for p in directory.rglob("*") if p.is_file())
         for path in sorted(files, key=lambda p: p.name.startswith("COMPLETE")):  # markers last
             dest = target / path.relative_to(directory)
@@ -55,7 +57,7 @@ class LocalCheckpoints:
         file, tens of GB at the paper's scale)."""
         for path in sorted(self.root.glob("checkpoint_*"), reverse=True):
             try:
-                verify_checkpoint(path, self.world_size)
+                verify_checkpoint(path)  # by the ranks that wrote it: an elastic stage may have had another size
             except (CheckpointIncomplete, OSError, ValueError):
                 continue
             return path
@@ -80,6 +82,12 @@ class JsonlMetrics:
 
     def log_text(self, text: str, name: str) -> None:
         (self.path.parent / name).write_text(text)
+
+    def set_tag(self, key: str, value: str) -> None:
+        """Tags (events such as a resize) in `tags.json` beside the metrics."""
+        path = self.path.parent / "tags.json"
+        tags = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps({**tags, key: value}, indent=1))
 
     def unsent(self) -> list[list]:
         return []  # every line is on disk as soon as it is logged
@@ -141,7 +149,7 @@ def _run(
     from jobs.train.preflight import preflight
 
     config.check_runnable()
-    if config.workers != world:
+    if not config.min_workers <= world <= config.max_workers or (not config.elastic and config.workers != world):
         config = config.replace(workers=world)  # the processes torchrun started are the workers
     root = Path(storage) / (run_name or config.name)
     root.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ def model_states(
     zero = ds.get("zero_optimization", {})
     stage = int(zero.get("stage", 0))
     w = 2 if config.use_gpu else 4
-    n = config.workers
+    n = config.min_workers  # an elastic stage at its smallest: each worker's share is largest
     off_param = zero.get("offload_param", {}).get("device", "none") == "cpu" and stage == 3
     off_opt = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
     if stage == 3:

@@ -201,8 +201,8 @@ def _geometries(
     assumed: tuple[int, tuple[int, int]] | None,
 ) -> tuple[list[Geometry], str, int | None, str]:
     """The micro-batches to measure, why those, and the steps per epoch (or why unknown)."""
-    from convllava.data import plan_shard_epoch
     from convllava.shards import ShardSet
+    from jobs.train.epochs import stage_plan
 
     try:
         shards = ShardSet(config.data)
@@ -233,16 +233,7 @@ def _geometries(
     note = ", ".join(f"bucket {g.bucket} at {g.seq_len} tokens" for g in geometry)
     note += f" (largest image and longest sample of {len(shards):,d} samples in {len(longest)} buckets)"
     try:
-        steps = plan_shard_epoch(
-            layout,
-            micro_batch_size=config.micro_batch_size,
-            grad_accum=config.grad_accum,
-            world_size=config.workers,
-            seed=config.seed,
-            epoch=0,
-            window=config.shuffle_window,
-            group_by_length=config.group_by_length,
-        ).num_steps
+        steps = stage_plan(layout, config, 0, config.max_workers).num_steps
         return geometry, note, steps, ""
     except ValueError as e:
         return geometry, note, None, str(e)
@@ -253,8 +244,8 @@ def _device_memory(config: StageConfig, gpu_memory_gib: float | None) -> tuple[i
         return int(gpu_memory_gib * GIB), f"{gpu_memory_gib:g} GiB per GPU as given (--gpu-memory)"
     if not config.use_gpu:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        share = total // config.workers
-        return share, f"CPU workers: this host's {_gib(total):.1f} GiB shared by {config.workers} worker(s)"
+        share = total // config.max_workers
+        return share, f"CPU workers: this host's {_gib(total):.1f} GiB shared by {config.max_workers} worker(s)"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return props.total_memory, f"{props.name}: {_gib(props.total_memory):.1f} GiB (visible GPU 0)"
@@ -351,7 +342,8 @@ def _advice(plan: MemoryPlan) -> list[str]:
     if c.micro_batch_size > 1:
         # The largest smaller micro-batch that keeps the accumulation whole and, measured again, fits.
         for m in range(c.micro_batch_size - 1, 0, -1):
-            if c.global_batch_size % (m * c.workers) or act * m / c.micro_batch_size > act - over:
+            sizes = range(c.min_workers, c.max_workers + 1)
+            if any(c.global_batch_size % (m * n) for n in sizes) or act * m / c.micro_batch_size > act - over:
                 continue  # activations grow at least linearly with the micro-batch: this one cannot fit
             smaller = max(
                 (_measure(plan.model_config, c, g, m, c.gradient_checkpointing) for g in plan.geometry), key=_peak
@@ -359,7 +351,7 @@ def _advice(plan: MemoryPlan) -> list[str]:
             if plan.peak_bytes() - act + smaller.peak_bytes <= plan.device_memory:
                 out.append(
                     f"micro-batch: micro_batch_size={m} (peak {_gib(plan.peak_bytes() - act + smaller.peak_bytes):.1f}"
-                    f" GiB; gradient accumulation rises to {c.global_batch_size // (m * c.workers)})"
+                    f" GiB; gradient accumulation rises to {c.global_batch_size // (m * c.max_workers)})"
                 )
                 break
     if plan.zero_stage < 3:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -24,7 +25,7 @@ import torch
 from convllava.attention import attention_unavailable, resolve_attn_implementation
 from convllava.checkpoint import is_convllava_checkpoint, load_model
 from convllava.config import ConvLlavaConfig
-from convllava.data import collate, plan_shard_epoch
+from convllava.data import collate
 from convllava.loader import RankLoader
 from convllava.modeling import ConvLlavaForCausalLM
 from convllava.processor import ConvLlavaProcessor
@@ -33,15 +34,22 @@ from convllava.storage import resolve_local
 from convllava.trainable import format_table, param_group, set_trainable, trainable_table
 from jobs.train.checkpoints import (
     TRAINER_STATE,
+    StoredCheckpoint,
+    reseed,
     restore_rng_state,
     rng_state,
-    verify_checkpoint,
     write_completion_marker,
 )
 from jobs.train.config import StageConfig
 from jobs.train.device import DeviceCollectives, peak_memory_bytes
+from jobs.train.epochs import stage_plan
 from jobs.train.interfaces import CheckpointSink, MetricSink
+from jobs.train.states import StateSource, load_state, save_state
 from jobs.train.strategy import DeepSpeedStrategy
+
+# A folder: every rank appends, per step, the keys of the samples it trains (`STAGE.rankR.jsonl`): an audit of which
+# samples each step trained, across restarts and resizes (a step a restart redid appears again; its last line holds).
+LEDGER_ENV = "CONVLLAVA_SAMPLE_LEDGER"
 
 
 def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str):
@@ -83,6 +91,7 @@ class StageRecipe:
         run_id: the tracking run a checkpoint records it belongs to.
         startup: the start-up marks before this recipe (`startup_metrics`); default: its construction is the start.
             Rank 0 logs the breakdown with the first step it logs.
+        node: the machine this process runs on (Ray's node id), for the sample ledger.
     """
 
     def __init__(
@@ -96,8 +105,9 @@ class StageRecipe:
         run_id: str | None = None,
         device: torch.device | str | None = None,
         startup: list[tuple[str, float]] | None = None,
+        node: str | None = None,
     ) -> None:
-        self.config, self.rank, self.world_size = config, rank, world_size
+        self.config, self.rank, self.world_size, self.node = config, rank, world_size, node
         self.checkpoints, self.logger, self.run_id = checkpoints, metrics if rank == 0 else None, run_id
         # The device this worker computes on (Ray Train's `get_device()`); the engine's device once it exists.
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -106,9 +116,16 @@ class StageRecipe:
         self.marks = list(startup or [("called", time.time())])
         self.startup_logged = False
         self.loader_steps = None  # the current epoch's RankLoader iteration
+        self.resized_from: int | None = None  # the world size of the checkpoint resumed, when it differs
+        self.resumed_step = 0
+        ledger = os.environ.get(LEDGER_ENV)
+        self.ledger = Path(ledger) if ledger else None
+        if self.ledger is not None:
+            self.ledger.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ setup
-    def setup(self, checkpoint_dir: Path | None) -> None:
+    def setup(self, checkpoint: StoredCheckpoint | Path | None) -> None:
+        """Build the model and engine; with `checkpoint` (a folder, or a checkpoint in its storage), resume it."""
         c = self.config
         torch.manual_seed(c.seed)
         self.shards = ShardSet(c.data)
@@ -139,11 +156,16 @@ class StageRecipe:
         self.device = torch.device(self.engine.device)
         self.collectives = DeviceCollectives(self.device)
         self.marks.append(("engine", time.time()))
-        if checkpoint_dir is not None:
-            self._restore(checkpoint_dir)
+        if checkpoint is not None:
+            self._restore(checkpoint if isinstance(checkpoint, StoredCheckpoint) else StoredCheckpoint(checkpoint))
             self.marks.append(("restore", time.time()))
+        self.resumed_step = self.step
         if self.logger is not None:
             self.logger.requeue(self.unsent_metrics)  # metrics the checkpoint's run could not send before it stopped
+            if self.resized_from is not None:  # an elastic stage resumed at another size: one event per resize
+                self.logger.set_tag(
+                    f"convllava.resize.step_{self.step:06d}", f"{self.resized_from} -> {self.world_size} workers"
+                )
             if self.step == 0:
                 self.logger.log_text(self.table, "trainable_parameters.txt")
 
@@ -208,17 +230,7 @@ class StageRecipe:
         return [{"params": rest, "lr": self.config.lr, "name": "default"}, *[g for g in groups if g["params"]]]
 
     def _plan(self, epoch: int):
-        c = self.config
-        return plan_shard_epoch(
-            self.shards.layout,
-            micro_batch_size=c.micro_batch_size,
-            grad_accum=c.grad_accum,
-            world_size=self.world_size,
-            seed=c.seed,
-            epoch=epoch,
-            window=c.shuffle_window,
-            group_by_length=c.group_by_length,
-        )
+        return stage_plan(self.shards.layout, self.config, epoch, self.world_size)
 
     # ------------------------------------------------------------------ train
     def train(self) -> dict[str, float]:
@@ -248,6 +260,8 @@ class StageRecipe:
                     f"internal error: epoch {epoch}'s loader gave step {planned} for step {index} of "
                     f"{self.steps_per_epoch}"
                 )
+            if self.ledger is not None:
+                self._record(epoch, micro_rows)
             for rows in micro_rows:
                 batch = collate(rows, self.processor.tokenizer.pad_token_id)
                 out = self.engine(
@@ -284,6 +298,7 @@ class StageRecipe:
                 "train/peak_memory_gib": peak,
                 "train/step_time_s": elapsed,
                 "train/epoch": epoch + (index + 1) / self.steps_per_epoch,
+                "train/world_size": self.world_size,
             }
             if self.marks[-1][0] != "first_step":  # this process's first step
                 self.marks.append(("first_step", time.time()))
@@ -298,11 +313,28 @@ class StageRecipe:
                 self.save_checkpoint(metrics)
         return metrics
 
+    def _record(self, epoch: int, micro_rows) -> None:
+        """One line of the sample ledger: the samples this rank trains at the coming step (see `LEDGER_ENV`)."""
+        keys = [row["key"] for rows in micro_rows for row in rows]
+        line = {
+            "stage": self.config.name,
+            "step": self.step + 1,
+            "epoch": epoch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "resumed_from": self.resumed_step,
+            "node": self.node,
+            "time": time.time(),
+            "keys": keys,
+        }
+        with open(self.ledger / f"{self.config.name}.rank{self.rank}.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
         """Write DeepSpeed state + consolidated HF model + trainer state and the completion marker, then publish."""
         tmp = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.config.name}-{self.step}-"))
-        self.strategy.save(self.engine, tmp / "deepspeed")
+        save_state(self.engine, self.scheduler, tmp, self.rank)  # any world size can restore it; no pickle
         state = self.strategy.full_state_dict(self.engine)  # collective under ZeRO-3
         rng = rng_state()
         (tmp / "rng").mkdir()
@@ -331,20 +363,37 @@ class StageRecipe:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _restore(self, directory: Path) -> None:
-        verify_checkpoint(directory, self.world_size)
-        state = json.loads((directory / TRAINER_STATE).read_text())
+    def _restore(self, checkpoint: StoredCheckpoint) -> None:
+        """The checkpoint's step, data position, trainer state and DeepSpeed state, at this world size whatever the
+        size that wrote it (`jobs.train.states`: byte ranges of safetensors files, each checked against its digest;
+        nothing is unpickled). RNG states come back exactly when the size is the same; otherwise every rank reseeds
+        from (seed, step, rank)."""
+        state = checkpoint.json(TRAINER_STATE)
         if state["data_fingerprint"] != self.shards.fingerprint:
-            raise ValueError(f"checkpoint {directory} was trained on other data ({state['data_fingerprint']})")
+            raise ValueError(f"checkpoint {checkpoint.where} was trained on other data ({state['data_fingerprint']})")
         if state["config_hash"] != self.config.config_hash():
             raise ValueError(
-                f"checkpoint {directory} belongs to a run started with another stage config "
+                f"checkpoint {checkpoint.where} belongs to a run started with another stage config "
                 f"({state['config_hash']} ≠ {self.config.config_hash()}); use another --run-name or storage"
             )
-        self.strategy.load(self.engine, directory / "deepspeed")
+        saved_world = int(state.get("world_size", self.world_size))
+        if saved_world != self.world_size and not self.config.elastic:
+            raise ValueError(
+                f"checkpoint {checkpoint.where} was written by {saved_world} workers and this run has "
+                f"{self.world_size}: the epoch's batches are dealt per worker; make the stage elastic "
+                f"(workers=[MIN, MAX]) to change its size mid-stage"
+            )
+        load_state(self.engine, self.scheduler, StateSource(checkpoint.root, checkpoint.fs))
         self.step = state["step"]
+        self.resized_from = saved_world if saved_world != self.world_size else None
         self.unsent_metrics = state.get("unlogged_metrics", [])
-        rng = json.loads((directory / "rng" / f"rank{self.rank}.json").read_text())
-        restore_rng_state(rng)
+        if saved_world == self.world_size:
+            restore_rng_state(checkpoint.json(f"rng/rank{self.rank}.json"))
+        else:
+            reseed(self.config.seed, self.step, self.rank)
         if self.rank == 0:
-            print(f"[{self.config.name}] resumed at step {self.step}/{self.total_steps} from {directory}", flush=True)
+            size = f" (written by {saved_world} workers, now {self.world_size})" if self.resized_from else ""
+            print(
+                f"[{self.config.name}] resumed at step {self.step}/{self.total_steps} from {checkpoint.where}{size}",
+                flush=True,
+            )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,17 +29,20 @@ class DeepSpeedStrategy:
         from ray.train import ScalingConfig
 
         resources = {"CPU": 1, "GPU": 1} if self.config.use_gpu else {"CPU": 1}
+        # An elastic stage: Ray Train starts as many workers as fit, MIN to MAX, restarts the group with those left
+        # when one is lost, and grows it back when capacity returns (every restart resumes the last checkpoint).
+        elastic = {"elastic_resize_monitor_interval_s": self.config.resize_check_s} if self.config.elastic else {}
         return ScalingConfig(
-            num_workers=self.config.workers, use_gpu=self.config.use_gpu, resources_per_worker=resources
+            num_workers=self.config.workers, use_gpu=self.config.use_gpu, resources_per_worker=resources, **elastic
         )
 
     def _fill(self, ds: dict[str, Any]) -> dict[str, Any]:
         c = self.config
-        if self.world_size != c.workers:
-            raise ValueError(f"DeepSpeed world size {self.world_size} differs from the configured workers {c.workers}")
+        if not c.min_workers <= self.world_size <= c.max_workers:
+            raise ValueError(f"DeepSpeed world size {self.world_size} is not the configured workers {c.workers}")
         ds = dict(ds)
         ds["train_micro_batch_size_per_gpu"] = c.micro_batch_size
-        ds["gradient_accumulation_steps"] = c.grad_accum
+        ds["gradient_accumulation_steps"] = c.accum_at(self.world_size)
         ds["train_batch_size"] = c.global_batch_size
         ds["gradient_clipping"] = c.max_grad_norm
         ds["zero_allow_untested_optimizer"] = True
@@ -117,17 +119,6 @@ class DeepSpeedStrategy:
             model=model, optimizer=optimizer, lr_scheduler=scheduler_fn, config=self.ds_config
         )
         return engine, scheduler
-
-    @staticmethod
-    def save(engine, directory: Path) -> None:
-        """DeepSpeed's resumable state (collective: every rank writes its partition)."""
-        engine.save_checkpoint(str(directory), tag="state")
-
-    @staticmethod
-    def load(engine, directory: Path) -> None:
-        path, _ = engine.load_checkpoint(str(directory), tag="state")
-        if path is None:
-            raise FileNotFoundError(f"{directory}: no DeepSpeed state to resume from")
 
     def full_state_dict(self, engine) -> dict[str, torch.Tensor] | None:
         """The whole model's weights on rank 0 (None elsewhere). Collective under ZeRO-3, which partitions them."""

@@ -203,3 +203,83 @@ def test_pickled_checkpoints_are_refused(kind, tmp_path, tiny_model, tiny_proces
     # The payload is real: an unrestricted unpickler would have run it.
     pickle.loads(pickle.dumps(_Payload(marker)))
     assert marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------- the resume path
+def _rewrite_marker(checkpoint: Path, rel: str) -> None:
+    """What anyone with write access to the bucket can do: make the completion markers vouch for a swapped file."""
+    import hashlib
+
+    path = checkpoint / rel
+    for marker in checkpoint.glob("COMPLETE.rank*.json"):
+        data = json.loads(marker.read_text())
+        if rel in data["files"] or marker.name == "COMPLETE.rank0.json":
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            data["files"][rel] = {"size": path.stat().st_size, "sha256": digest}
+            marker.write_text(json.dumps(data))
+
+
+@pytest.mark.integration
+def test_resume_never_unpickles_a_tampered_checkpoint(shards, tmp_path):
+    """A stage checkpointed at step 2, then tampered with in its storage, markers rewritten to match: (1) its state
+    file swapped for a pickle whose loading would create a file; (2) a DeepSpeed-style `.pt` pickle added. The same
+    command resumes neither: it fails naming the file and why, and the payload never ran. Untampered, it resumes."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "train",
+        "--local",
+        "--config",
+        str(CONFIG_DIR / "tiny" / "stage1.yaml"),
+        "--workdir",
+        str(tmp_path / "wd"),
+        f"data={shards}",
+        "workers=1",
+        "global_batch_size=4",
+        "max_steps=4",
+        "checkpoint_every=2",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = tmp_path / "wd" / "runs" / "stage1"
+    shutil.rmtree(run / "checkpoint_000004")
+    checkpoint = run / "checkpoint_000002"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(checkpoint, pristine)
+    marker = tmp_path / "pwned"
+
+    state = checkpoint / "state" / "rank0.safetensors"
+    payload = pickle.dumps({"state": _Payload(marker)})
+    state.write_bytes(payload)
+    _rewrite_marker(checkpoint, "state/rank0.safetensors")
+    swapped = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
+    assert swapped.returncode != 0
+    assert "state/rank0.safetensors: not a safetensors file" in swapped.stderr, swapped.stderr[-3000:]
+    assert not marker.exists(), "the resume path unpickled the swapped state file"
+
+    shutil.rmtree(checkpoint)
+    shutil.copytree(pristine, checkpoint)
+    pt = checkpoint / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    pt.parent.mkdir(parents=True)
+    torch.save({"module": {"x": torch.zeros(1)}, "x": _Payload(marker)}, pt)
+    _rewrite_marker(checkpoint, "deepspeed/state/mp_rank_00_model_states.pt")
+    added = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
+    assert added.returncode != 0
+    assert "deepspeed/state/mp_rank_00_model_states.pt is a pickle" in added.stderr, added.stderr[-3000:]
+    assert "refused" in added.stderr and not marker.exists()
+
+    shutil.rmtree(checkpoint)
+    shutil.copytree(pristine, checkpoint)
+    clean = subprocess.run(command, cwd=root, capture_output=True, text=True, env=env)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    assert "resumed at step 2" in clean.stdout and not marker.exists()
+    # The payload is real: an unrestricted unpickler would have run it.
+    pickle.loads(payload)
+    assert marker.exists()

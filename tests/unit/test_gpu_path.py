@@ -93,8 +93,9 @@ def _checkpoint(directory: Path, world: int, sharded: bool) -> None:
     else:
         (directory / "model" / "model.safetensors").write_bytes(b"m" * 120)
     (directory / "trainer_state.json").write_text(json.dumps({"step": 7, "total_steps": 7}))
+    (directory / "state").mkdir()
     for rank in range(world):
-        (directory / f"engine.rank{rank}.pt").write_bytes(bytes([rank]) * 64)
+        (directory / "state" / f"rank{rank}.safetensors").write_bytes(bytes([rank]) * 64)
         write_completion_marker(directory, rank)
 
 
@@ -154,10 +155,10 @@ def test_a_stored_checkpoint_that_is_incomplete_is_refused_naming_what(tmp_path)
     fs = pafs.LocalFileSystem()
     with pytest.raises(CheckpointIncomplete, match=r"rank 2 never finished writing \(no COMPLETE.rank2.json\)"):
         verify_stored_checkpoint(fs, str(root), 3)
-    (root / "engine.rank1.pt").write_bytes(b"short")
-    with pytest.raises(CheckpointIncomplete, match=r"engine.rank1.pt is 5 bytes in storage; rank wrote 64 bytes"):
+    (root / "state" / "rank1.safetensors").write_bytes(b"short")
+    with pytest.raises(CheckpointIncomplete, match=r"rank1.safetensors is 5 bytes in storage; rank wrote 64 bytes"):
         verify_stored_checkpoint(fs, str(root), 2)
-    (root / "engine.rank1.pt").write_bytes(bytes([1]) * 64)
+    (root / "state" / "rank1.safetensors").write_bytes(bytes([1]) * 64)
     (root / "model" / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointIncomplete, match=r"model-00002-of-00002.safetensors is missing in storage"):
         verify_stored_checkpoint(fs, str(root), 2)
