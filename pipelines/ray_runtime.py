@@ -15,6 +15,7 @@ WORKER_ENV = (
     "AWS_REGION",
     "AWS_PROFILE",
     "CONVLLAVA_CACHE",
+    "CONVLLAVA_SAMPLE_LEDGER",  # jobs.train.recipe.LEDGER_ENV: on a shared volume, every node writes there
     "HF_HUB_OFFLINE",
     "TRANSFORMERS_OFFLINE",
     "TOKENIZERS_PARALLELISM",

@@ -372,7 +372,7 @@ def run_stage(
         # Ray Train's preemption watcher (one more actor process per stage) reacts to a node being drained; on a
         # one-node instance there is no other node to go on with.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    strategy = DeepSpeedStrategy(config, config.workers)
+    strategy = DeepSpeedStrategy(config, config.max_workers)  # its Ray scaling; each worker builds its own
     secrets = share_secrets()
     feed = StepFeed(on_step) if on_step is not None else None
     run = {"tracking_uri": tracking_uri, "run_id": run_id}

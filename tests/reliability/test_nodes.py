@@ -36,6 +36,7 @@ class Nodes:
         from ray.cluster_utils import Cluster
 
         self.dirs: list[str] = []
+        self.gone: list[str] = []  # the node ids removed
         self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": self._temp()})
         self.workers = [self.add() for _ in range(2)]
 
@@ -53,6 +54,7 @@ class Nodes:
         """Remove the worker node `node_id` (default: the last added); returns when it happened."""
         node = next((n for n in self.workers if n.node_id == node_id), self.workers[-1])
         self.workers.remove(node)
+        self.gone.append(node.node_id)
         self.cluster.remove_node(node, allow_graceful=False)
         return time.time()
 
@@ -208,8 +210,9 @@ def test_a_fixed_stage_resumes_when_the_lost_node_is_replaced(nodes, shards, tmp
     nodes.workers.append(nodes.add())
     assert proc.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-5000:]
     entries = _ledger(tmp_path / "ledger")
-    after = [e for e in entries if e["time"] > lost]
+    after = [e for e in entries if e["time"] > lost and e["resumed_from"] > 0]  # the restarted group's steps
     assert after and min(e["resumed_from"] for e in after) >= 4 and {e["world_size"] for e in after} == {2}
+    assert len({e["node"] for e in after}) == 2 and not {e["node"] for e in after} & {n for n in nodes.gone}
     assert sorted(_kept(entries)) == list(range(1, 11))
     recovered = min(e["time"] for e in after)
     print(f"fixed size: node lost → replaced after 10 s → next step {recovered - lost:.1f} s after the loss")
@@ -256,3 +259,50 @@ def test_a_pipeline_finishes_its_dag_after_losing_a_node_in_stage_2(nodes, tmp_p
     assert "eval" in out and "FAILED" not in out
     recovered = min(e["time"] for e in after if e["stage"] == "stage2")
     print(f"pipeline: node lost in stage 2 → its next step {recovered - lost:.1f} s later; the DAG finished")
+
+
+def _registered(text: str) -> int:
+    """The step of Ray Train's latest registered checkpoint in its snapshot's JSON (0: none)."""
+    latest = json.loads(text).get("latest_checkpoint_result") if text else None
+    return int(latest["checkpoint_dir_name"].split("_")[1]) if latest else 0
+
+
+def test_a_complete_checkpoint_ray_train_never_registered_is_resumed(nodes, shards, tmp_path):
+    """The driver dies once checkpoint 6 is complete in storage while Ray Train's record of checkpoints (its
+    snapshot) names an older one, as when the failure lands between the last upload and the registration (here the
+    registration lags by itself; should it have caught up, the record it had before is put back). The same command
+    resumes from the newest complete checkpoint, not Ray Train's: no step before it is trained again."""
+    import psutil
+
+    args = ("max_steps=12", "epochs=3", "checkpoint_every=2", "keep_last=6")
+    proc, run, _ = _train(nodes, tmp_path, shards, *args)
+    snapshot, seen = run / "checkpoint_manager_snapshot.json", {}
+
+    def at_six() -> bool:
+        text = snapshot.read_text() if snapshot.is_file() else ""
+        if text:
+            seen[_registered(text)] = text
+        return _complete(run / "checkpoint_000006")
+
+    _wait(proc, tmp_path, "checkpoint 6", at_six)
+    for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        p.kill()
+    proc.wait()
+    newest = max(int(p.name.split("_")[1]) for p in run.glob("checkpoint_*") if _complete(p))
+    registered = _registered(snapshot.read_text())
+    if registered >= newest:
+        older = [step for step in seen if 0 < step < newest]
+        assert older, f"never saw Ray Train's record name a checkpoint older than {newest}: {sorted(seen)}"
+        snapshot.write_text(seen[max(older)])
+        registered = max(older)
+    assert 0 < registered < newest
+
+    shutil.move(tmp_path / "driver.log", tmp_path / "first.log")
+    again, _, _ = _train(nodes, tmp_path, shards, *args)
+    assert again.wait(timeout=900) == 0, (tmp_path / "driver.log").read_text()[-5000:]
+    rerun = [e for e in _ledger(tmp_path / "ledger") if e["resumed_from"] > 0]
+    assert rerun and {e["resumed_from"] for e in rerun} == {newest}
+    assert min(e["step"] for e in rerun) == newest + 1 and max(e["step"] for e in rerun) == 12
+    print(
+        f"unregistered: Ray Train's record named checkpoint {registered}, storage had {newest} complete: resumed {newest}"
+    )
