@@ -69,7 +69,9 @@ def _spy(seen: list[dict]) -> None:
             setattr(ds_torch.torch.distributed, name, wrapper)
 
 
-def _rank(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
+def join_gloo(rank: int, world: int, port: int) -> None:
+    """This spawned process as rank `rank` of `world` over gloo, with the variables DeepSpeed reads as torchrun sets
+    them; one torch thread (the ranks share the machine's cores)."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -80,6 +82,10 @@ def _rank(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _rank(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
+    join_gloo(rank, world, port)
     from convllava.shards import ShardSet
     from jobs.train.config import StageConfig
     from jobs.train.recipe import StageRecipe

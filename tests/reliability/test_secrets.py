@@ -83,7 +83,9 @@ def test_secrets_never_leak(shards, mlflow_server, s3_bucket, tmp_path, monkeypa
         (bucket / f"{i:04d}-{key.replace('/', '~')}").write_bytes(
             s3.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
         )
-    assert any(k.endswith("model/model.safetensors") for k in keys) and any(k.endswith(".pt") for k in keys)
+    assert any(k.endswith("model/model.safetensors") for k in keys) and any(
+        k.endswith("state/rank0.safetensors") for k in keys
+    )
     out, err = capfd.readouterr()
     texts = {"captured stdout": out, "captured stderr": err}
     for path in (p for p in ray_logs.rglob("*") if p.is_file()):  # workers' output, runtime envs Ray created

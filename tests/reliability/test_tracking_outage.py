@@ -69,8 +69,8 @@ def test_tracking_server_stopped_mid_stage(shards, mlflow_server, tmp_path):
     state8 = json.loads((run_dir / "checkpoint_000008" / "trainer_state.json").read_text())
     assert sorted({row[3] for row in state8["unlogged_metrics"]}) == list(range(stored[-1] + 1, 9))
     per_step = {row[0] for row in state8["unlogged_metrics"]}
-    assert {"train/loss", "train/lr", "train/grad_norm", "train/peak_memory_gib"} <= per_step and len(per_step) == 10
-    assert len(state8["unlogged_metrics"]) == 10 * (8 - stored[-1])  # all ten metrics of each of those steps
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/peak_memory_gib"} <= per_step and len(per_step) == 11
+    assert len(state8["unlogged_metrics"]) == 11 * (8 - stored[-1])  # all eleven metrics of each of those steps
     final = json.loads((run_dir / "checkpoint_000012" / "trainer_state.json").read_text())
     assert final["unlogged_metrics"] == []  # caught up before the job ended
 
