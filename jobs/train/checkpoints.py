@@ -175,11 +175,7 @@ def verify_stored_checkpoint(filesystem, path: str, world_size: int | None = Non
     fs = filesystem or pafs.LocalFileSystem()
     root = path.rstrip("/")
     stored = {rel: info.size for rel, info in listing(fs, root).items()}
-
-    def read(rel: str) -> Any:
-        with fs.open_input_stream(f"{root}/{rel}") as f:
-            return json.loads(f.read())
-
+    read = StoredCheckpoint(root, fs).json
     if world_size is None:
         world_size = _written_by(TRAINER_STATE, root, read)
     listed: dict[str, Any] = {}

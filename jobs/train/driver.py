@@ -147,7 +147,7 @@ def resume_point(ctx, device):
     import ray.train
     import torch
 
-    from jobs.train.checkpoints import StoredCheckpoint, newest_complete
+    from jobs.train.checkpoints import TRAINER_STATE, StoredCheckpoint, newest_complete
     from jobs.train.device import DeviceCollectives
 
     storage = ctx.get_storage()
@@ -161,7 +161,7 @@ def resume_point(ctx, device):
             if registered is None or registered.path.rstrip("/") != found[0].rstrip("/"):
                 print(f"resuming from {found[0]}, complete in storage (Ray Train's latest: {registered})", flush=True)
         elif registered is not None:
-            step = float(StoredCheckpoint(registered.path, registered.filesystem).json("trainer_state.json")["step"])
+            step = float(StoredCheckpoint(registered.path, registered.filesystem).json(TRAINER_STATE)["step"])
     (step,) = DeviceCollectives(torch.device(device)).max([step])
     if step < 0:
         return None
