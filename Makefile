@@ -38,7 +38,7 @@ demo: $(STAMP)
 	$(BIN)/convllava demo --workdir work/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=40 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

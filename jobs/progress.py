@@ -286,6 +286,10 @@ class FeedMetrics:
             self.inner.log(step, metrics)
         self._last = self.feed.push.remote(step, self.total(), metrics)  # fire and forget until close
 
+    def rewind(self, step: int) -> None:
+        if self.inner is not None:
+            self.inner.rewind(step)
+
     def log_text(self, text: str, name: str) -> None:
         if self.inner is not None:
             self.inner.log_text(text, name)

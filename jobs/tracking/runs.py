@@ -190,6 +190,14 @@ class MetricLogger:
         self.last_step = step
         self._settle()
 
+    def rewind(self, step: int) -> None:
+        """Log the steps after `step` again: the resumed run trains them another way (at another world size). MLflow
+        keeps the earlier attempt's values beside the new ones (it cannot delete a metric); the later timestamp
+        marks the kept one, and the run's `convllava.resize.*` tag says where it happened."""
+        self._connected()
+        self.last_step = min(self.last_step, step)
+        self.logged_steps = {s for s in self.logged_steps if s <= step}
+
     def unsent(self) -> list[list]:
         """The metrics not known to be stored, as `[key, value, timestamp, step]` rows (JSON) for a checkpoint."""
         self._connected()

@@ -31,10 +31,15 @@ class CheckpointSink(Protocol):
 
 
 class MetricSink(Protocol):
-    """Rank 0's metrics and events (`set_tag`: a resize, for one). `log` must not block training; `unsent` are `[key, value, timestamp, step]` rows not yet
-    stored (a checkpoint carries them), `requeue` takes such rows back after a restart; `close` flushes."""
+    """Rank 0's metrics and events (`set_tag`: a resize, for one). `log` must not block training and skips steps the
+    run already has (a resumed run reproduces them); `rewind(step)`: the steps after `step` are trained again in
+    another way (an elastic stage resumed at another size), so log them again beside the earlier values; `unsent`
+    are `[key, value, timestamp, step]` rows not yet stored (a checkpoint carries them), `requeue` takes such rows
+    back after a restart; `close` flushes."""
 
     def log(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def rewind(self, step: int) -> None: ...
 
     def log_text(self, text: str, name: str) -> None: ...
 

@@ -66,7 +66,8 @@ class LocalCheckpoints:
 
 class JsonlMetrics:
     """Rank 0's metrics as one JSON line per logged step, stamped with the time it was written (`time`, Unix
-    seconds); steps already in the file (a resumed run reproduces them) are not written twice."""
+    seconds); steps already in the file (a resumed run reproduces them) are not written twice, except after `rewind`
+    (the last line of a step is the kept one)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -79,6 +80,9 @@ class JsonlMetrics:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         self.last_step = step
+
+    def rewind(self, step: int) -> None:
+        self.last_step = min(self.last_step, step)
 
     def log_text(self, text: str, name: str) -> None:
         (self.path.parent / name).write_text(text)

@@ -163,6 +163,7 @@ class StageRecipe:
         if self.logger is not None:
             self.logger.requeue(self.unsent_metrics)  # metrics the checkpoint's run could not send before it stopped
             if self.resized_from is not None:  # an elastic stage resumed at another size: one event per resize
+                self.logger.rewind(self.step)  # steps the lost group logged after this checkpoint are trained again
                 self.logger.set_tag(
                     f"convllava.resize.step_{self.step:06d}", f"{self.resized_from} -> {self.world_size} workers"
                 )

@@ -172,8 +172,11 @@ def test_an_epoch_resumed_at_another_size_trains_each_sample_once(shards, tmp_pa
     worst = max(float((final[k] - expected[k]).abs().max()) for k in expected)
     assert worst < 1e-3, worst
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
-    sizes = [m["train/world_size"] for m in metrics]
+    latest = {m["step"]: m for m in metrics}  # a step a killed group logged after its checkpoint: logged again
+    assert sorted(latest) == list(range(1, steps + 1))
+    again = [s for s, n in Counter(m["step"] for m in metrics).items() if n > 1]
+    assert all(s > 2 for s in again), again  # only steps after the first resize point (checkpoint 2) are redone
+    sizes = [latest[s]["train/world_size"] for s in sorted(latest)]
     assert sizes[:2] == [2, 2] and 1 in sizes and sizes[-1] == 2, sizes
     tags = json.loads((run / "tags.json").read_text())
     assert sorted(tags.values()) == ["1 -> 2 workers", "2 -> 1 workers"], tags
@@ -195,3 +198,31 @@ def test_an_elastic_config_says_which_sizes_its_global_batch_cannot_split():
     )
     assert StageConfig.from_dict(config.to_dict()) == config
     assert StageConfig.from_yaml(TINY_STAGE1, []).elastic is False
+
+
+def test_metric_logger_logs_the_steps_after_a_resize_again_and_a_reproduced_step_once(tmp_path):
+    """A run restarted at the same size reproduces its steps: each is logged once. Resumed at another size from
+    checkpoint 4 after the lost group logged steps 5-6: steps 5-6 are logged again, the later value the kept one."""
+    from jobs.tracking.runs import MetricLogger, client, default_tracking_uri, start_run
+
+    uri = default_tracking_uri(tmp_path)
+    run_id = start_run(uri, "convllava", "resize")
+    first = MetricLogger(uri, run_id)
+    for step in range(1, 7):
+        first.log(step, {"train/loss": 1.0, "train/world_size": 2})
+    assert first.close(timeout_s=60) == []
+
+    same = MetricLogger(uri, run_id)  # restarted from checkpoint 4 at the same size
+    for step in (5, 6, 7):
+        same.log(step, {"train/loss": 1.0, "train/world_size": 2})
+    assert same.close(timeout_s=60) == []
+    resized = MetricLogger(uri, run_id)  # restarted from checkpoint 4 at one worker
+    resized.rewind(4)
+    for step in (5, 6, 7, 8):
+        resized.log(step, {"train/loss": 1.0, "train/world_size": 1})
+    assert resized.close(timeout_s=60) == []
+
+    history = client(uri).get_metric_history(run_id, "train/world_size")
+    assert Counter(m.step for m in history) == {1: 1, 2: 1, 3: 1, 4: 1, 5: 2, 6: 2, 7: 2, 8: 1}
+    latest = {m.step: m.value for m in sorted(history, key=lambda m: (m.timestamp, m.value == 1))}
+    assert latest == {1: 2, 2: 2, 3: 2, 4: 2, 5: 1, 6: 1, 7: 1, 8: 1}
