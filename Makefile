@@ -41,7 +41,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=40 tests
 
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 clean:
 	rm -rf work .pytest_cache

@@ -30,6 +30,30 @@ def small_config(path: Path, name: str, steps: int = 2, checkpoint_every: int = 
     return path
 
 
+def tiny_variant(shipped: Path, path: Path, name: str, steps: int = 2) -> Path:
+    """A shipped full-scale pipeline config on the tiny preset and the demo's data, its shape kept: the stages'
+    names, order, data sets (the pretraining sets become the demo's captions) and overrides, each stage's YAML
+    `X.yaml` as `tiny/X.yaml`, `steps` optimizer steps a stage, the demo suite."""
+    demo = yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())
+    config = {k: v for k, v in yaml.safe_load(shipped.read_text()).items() if k not in ("storage", "data_root")}
+    config.update(
+        name=name,
+        registered_model=f"{name}-model",
+        model_mode="copy",
+        primary_metric=demo["primary_metric"],
+        datasets=demo["datasets"],
+        preprocess=demo["preprocess"],
+        demo_data={"seed": 0, "captions": 48, "instruct": 48, "eval": 6},
+        eval={"suite": "demo", "max_new_tokens": 4},
+    )
+    for stage in config["stages"].values():
+        stage["config"] = f"tiny/{stage['config']}"
+        stage["data"] = stage["data"] if stage["data"] in demo["datasets"] else "captions"
+        stage["overrides"] = {**stage.get("overrides", {}), "max_steps": steps, "checkpoint_every": 0}
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def runs_of(tracking: str, experiment: str):
     """The experiment's pipeline parent runs (oldest first) and, per parent run id, its node runs by node."""
     c = client(tracking)

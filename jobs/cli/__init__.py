@@ -30,7 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     # Choices and defaults come from the constants the configs check against (light modules: no torch here).
     from convllava.buckets import MODES
     from convllava.templates import TEMPLATES, TOKENIZATIONS
-    from jobs.dag.config import NODES
     from jobs.train.config import STAGES
     from pipelines.demo_data import DEFAULTS as DEMO_DATA
 
@@ -160,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=commands.cmd_eval)
 
-    p = sub.add_parser("pipeline", help="the DAG: preprocess → stage 1 → 2 → 3 → eval, tracked in MLflow")
+    p = sub.add_parser("pipeline", help="the DAG: preprocess → the config's stages in order → eval, tracked in MLflow")
     p.add_argument("action", choices=["run", "status"])
     p.add_argument("--config", required=True, help="pipeline YAML, e.g. jobs/configs/demo.yaml")
     p.add_argument("--workdir", default="work/pipeline")
@@ -168,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from",
         dest="from_node",
-        choices=list(NODES),
-        help="re-run from this node on purpose",
+        metavar="NODE",
+        help="re-run from this node on purpose: preprocess, a stage of the config (e.g. stage2), or eval",
     )
     p.add_argument("--address", help="Ray cluster address")
     p.set_defaults(func=commands.cmd_pipeline)

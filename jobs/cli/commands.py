@@ -194,12 +194,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress(total_nodes: int | None = None):
-    """The progress view for this terminal or log (`total_nodes`: the pipeline's by default)."""
-    from jobs.dag.config import NODES
+def _progress(total_nodes: int):
+    """The progress view for this terminal or log."""
     from jobs.progress import progress_for
 
-    return progress_for(total_nodes or len(NODES))
+    return progress_for(total_nodes)
+
+
+def _pipeline_nodes(config_path: str) -> int:
+    from jobs.dag.config import PipelineConfig
+
+    return len(PipelineConfig.from_yaml(config_path).nodes)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -260,7 +265,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
     if args.action == "status":
         print(pipeline_status(args.config, workdir=args.workdir, tracking_uri=args.tracking_uri))
         return 0
-    with _progress() as progress:
+    with _progress(_pipeline_nodes(args.config)) as progress:
         result = run_pipeline(
             args.config,
             workdir=args.workdir,
@@ -276,7 +281,7 @@ def cmd_pipeline(args: argparse.Namespace) -> int:
 def cmd_retrain(args: argparse.Namespace) -> int:
     from jobs.dag.retrain import run_retrain
 
-    with _progress() as progress:
+    with _progress(_pipeline_nodes(args.config)) as progress:
         outcome = run_retrain(
             args.config, workdir=args.workdir, tracking_uri=args.tracking_uri, address=args.address, progress=progress
         )
@@ -316,7 +321,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from jobs.dag.runner import run_pipeline
 
-    with _progress() as progress:
+    with _progress(_pipeline_nodes(str(DEMO_CONFIG))) as progress:
         result = run_pipeline(
             str(DEMO_CONFIG),
             workdir=args.workdir,

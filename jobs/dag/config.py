@@ -1,7 +1,10 @@
-"""The pipeline configuration: data sets, preprocessing, the three stage configs, the eval suite, the model gate.
+"""The pipeline configuration: data sets, preprocessing, the training stages in order, the eval suite, the gate.
 
-Paths: `stages.*.config` are relative to jobs/configs; dataset source paths are relative to `data_root`
-(default: WORKDIR/data, where `demo_data` is generated when set).
+`stages` is an ordered mapping of any names (ConvLLaVA's three stages, LLaVA's pretrain → finetune, a lab's own):
+the DAG's nodes are `preprocess`, the stages in the order written, then `eval`. Each stage starts from the previous
+stage's model unless it sets `init_from`: a checkpoint path, an `s3://` URI, or a registered model version
+(`models:/NAME/VERSION` or `models:/NAME@ALIAS`). Paths: `stages.*.config` are relative to jobs/configs; dataset
+source paths are relative to `data_root` (default: WORKDIR/data, where `demo_data` is generated when set).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -23,11 +27,13 @@ from convllava.config_loader import (
 )
 from convllava.storage import is_s3
 from jobs.evaluate.suite import fixed_metric_names, load_suite
+from jobs.tracking.registry import REGISTERED_VERSION
 from jobs.train.config import CONFIG_DIR, StageConfig
 from pipelines.config import Mixture, PreprocessConfig
 from pipelines.demo_data import DemoDataConfig
 
-NODES = ("preprocess", "stage1", "stage2", "stage3", "eval")
+FIRST_NODE, LAST_NODE = "preprocess", "eval"  # around the stages, whatever they are
+STAGE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")  # names runs, run folders and MLflow child runs
 ModelMode = Literal["copy", "reference"]
 MODEL_MODES: tuple[str, ...] = get_args(ModelMode)
 
@@ -38,12 +44,14 @@ class PipelineConfigError(ConfigLoadError):
 
 @dataclass(frozen=True)
 class StageSpec:
-    """A stage node: its stage YAML (relative to jobs/configs), the data set it trains on, and overrides of the YAML
-    (`key: value`, dotted keys as on the command line)."""
+    """A stage node: its stage YAML (relative to jobs/configs), the data set it trains on, overrides of the YAML
+    (`key: value`, dotted keys as on the command line), and where it starts: the previous stage's model unless
+    `init_from` names a checkpoint (path or `s3://`) or a registered version (`models:/NAME/VERSION`, `models:/NAME@ALIAS`)."""
 
     config: str
     data: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,11 +91,22 @@ class PipelineConfig:
             raise PipelineConfigError(
                 f"{self.source_path}: model_mode must be one of {MODEL_MODES}, got {self.model_mode!r}"
             )
-        if set(self.stages) != {"stage1", "stage2", "stage3"}:
-            raise PipelineConfigError(
-                f"{self.source_path}: stages must be stage1, stage2 and stage3, got {sorted(self.stages)}"
-            )
+        if not self.stages:
+            raise PipelineConfigError(f"{self.source_path}: stages: give at least one stage")
         for name, spec in self.stages.items():
+            if name in (FIRST_NODE, LAST_NODE) or not STAGE_NAME.match(name):
+                raise PipelineConfigError(
+                    f"{self.source_path}: stages.{name}: a stage name is a letter then letters, digits, '-' or '_' "
+                    f"(at most 40), and neither {FIRST_NODE!r} nor {LAST_NODE!r}"
+                )
+            if spec.init_from is not None and spec.init_from.startswith("models:"):
+                if not REGISTERED_VERSION.match(spec.init_from):
+                    raise PipelineConfigError(
+                        f"{self.source_path}: stages.{name}.init_from: a registered model is models:/NAME/VERSION or "
+                        f"models:/NAME@ALIAS, got {spec.init_from!r}"
+                    )
+            elif spec.init_from is not None and not spec.init_from.strip():
+                raise PipelineConfigError(f"{self.source_path}: stages.{name}.init_from: empty; leave it out instead")
             if spec.data not in self.datasets:
                 raise PipelineConfigError(
                     f"{self.source_path}: stages.{name}.data: unknown dataset {spec.data!r}; "
@@ -125,6 +144,20 @@ class PipelineConfig:
                 f"it reports {offered}, plus BENCHMARK/GROUP/METRIC per subtask or question type in its data"
             )
 
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The DAG in order: preprocess, the stages as written, eval."""
+        return (FIRST_NODE, *self.stages, LAST_NODE)
+
+    def node(self, name: str) -> int:
+        """The position of node `name` (for `--from`); a name that is not a node is refused, naming the nodes."""
+        if name not in self.nodes:
+            raise PipelineConfigError(
+                f"{self.source_path}: --from {name}: not a node of pipeline {self.name!r}; its nodes are "
+                f"{', '.join(self.nodes)}"
+            )
+        return self.nodes.index(name)
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> PipelineConfig:
         raw = load_yaml_mapping(path, PipelineConfigError)
@@ -136,7 +169,9 @@ class PipelineConfig:
         return d
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        """The configuration's hash; the stages' order is part of it (keys are sorted, the order is added)."""
+        d = {**self.to_dict(), "stage_order": list(self.stages)}
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def preprocess_config(self) -> PreprocessConfig:
         return self.preprocess
@@ -146,10 +181,10 @@ class PipelineConfig:
         return self.datasets[dataset].resolved(data_root)
 
     def stage_config(self, node: str, data: str, init_from: str | None, extra: list[str] | None = None) -> StageConfig:
-        """The node's stage YAML with the pipeline's overrides, then `extra` (`key=value`), then the data and the
-        checkpoint the DAG hands it."""
+        """The node's stage YAML with the pipeline's overrides, then `extra` (`key=value`), then the node's name, the
+        data and the checkpoint the DAG hands it."""
         spec = self.stages[node]
-        overrides = {**spec.overrides, **parse_overrides(extra or [], PipelineConfigError), "data": data}
+        overrides = {**spec.overrides, **parse_overrides(extra or [], PipelineConfigError), "name": node, "data": data}
         if init_from is not None:
             overrides["init_from"] = init_from
         base = StageConfig.from_yaml(CONFIG_DIR / spec.config)

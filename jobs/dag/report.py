@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from jobs.dag.config import NODES, PipelineConfig
+from jobs.dag.config import PipelineConfig
 from jobs.dag.runbook import TAG_REUSED, TAG_SKIPPED, RunBook, key_metric
 from jobs.tracking.runs import client, default_tracking_uri
 
@@ -27,6 +27,11 @@ def accuracy_table(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def _width(nodes) -> int:
+    """The node column's width: the longest stage name, at least that of `preprocess` and one space."""
+    return max([11, *(len(n) + 1 for n in nodes)])
+
+
 def _metric_text(metric: tuple[str, float] | None) -> str:
     return f"{metric[0]} = {metric[1]:.4f}" if metric else ""
 
@@ -38,7 +43,7 @@ def describe(name: str, result: PipelineResult) -> str:
     for n in result.nodes:
         lines.append(f"| {n.node} | {n.status} | {n.seconds:.1f} s | {_metric_text(n.metric)} |")
     done = {n.node for n in result.nodes}
-    lines += [f"| {node} | not reached | | |" for node in NODES if node not in done]
+    lines += [f"| {node} | not reached | | |" for node in result.planned if node not in done]
     if result.gate:
         g = result.gate
         champion = (
@@ -54,9 +59,10 @@ def describe(name: str, result: PipelineResult) -> str:
 
 def summary(result: PipelineResult, tracking_uri: str) -> str:
     """The table `pipeline run` prints at the end: nodes, times, key metrics, accuracy vs chance, where to look."""
-    lines = [f"{'node':11s} {'status':8s} {'time':>8s}  key metric", "-" * 60]
+    w = _width(result.planned)
+    lines = [f"{'node':{w}s} {'status':8s} {'time':>8s}  key metric", "-" * (w + 49)]
     for n in result.nodes:
-        lines.append(f"{n.node:11s} {n.status:8s} {n.seconds:7.1f}s  {_metric_text(n.metric)}")
+        lines.append(f"{n.node:{w}s} {n.status:8s} {n.seconds:7.1f}s  {_metric_text(n.metric)}")
     evaluated = next((n for n in result.nodes if n.node == "eval"), None)
     if evaluated is not None and (Path(evaluated.output) / "metrics.json").is_file():
         lines += ["", accuracy_table(json.loads((Path(evaluated.output) / "metrics.json").read_text()))]
@@ -89,14 +95,15 @@ def pipeline_status(config_path: str, workdir: str = "work/pipeline", tracking_u
     if parent is None:
         return f"pipeline {config.name}: no runs in {tracking_uri}"
     children = runs.children(parent.info.run_id)
+    w = _width(config.nodes)
     lines = [
         f"pipeline {config.name}, run {parent.info.run_id} ({parent.info.status})",
-        f"{'node':11s} {'state':10s} {'duration':>9s}  key metric",
+        f"{'node':{w}s} {'state':10s} {'duration':>9s}  key metric",
     ]
-    for node in NODES:
+    for node in config.nodes:
         r = children.get(node)
         if r is None:
-            lines.append(f"{node:11s} {'pending':10s} {'':>9s}")
+            lines.append(f"{node:{w}s} {'pending':10s} {'':>9s}")
             continue
         state = "skipped" if r.data.tags.get(TAG_SKIPPED) == "true" else r.info.status.lower()
         end = r.info.end_time or int(time.time() * 1000)
@@ -104,5 +111,5 @@ def pipeline_status(config_path: str, workdir: str = "work/pipeline", tracking_u
         if metric is None and r.data.tags.get(TAG_REUSED):
             reused = runs.client.get_run(r.data.tags[TAG_REUSED])
             metric = key_metric(node, reused.data.metrics, config.primary_metric)
-        lines.append(f"{node:11s} {state:10s} {(end - r.info.start_time) / 1000:8.1f}s  {_metric_text(metric)}")
+        lines.append(f"{node:{w}s} {state:10s} {(end - r.info.start_time) / 1000:8.1f}s  {_metric_text(metric)}")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ The raw-data fingerprint covers every annotation record and every image's finger
 time, local or S3) of every data set. When it equals the one recorded by the last successful pipeline
 execution in MLflow, retrain exits as a no-op and says so. Otherwise it runs the pipeline: preprocessing is
 incremental (only new or changed samples are processed), the stages re-run on the new shards, and with
-`init_from_champion: true` stage 1 starts from the current champion. Two retrains fired on the same schedule
+`init_from_champion: true` the first stage starts from the current champion. Two retrains fired on the same schedule
 tick queue on the work dir's lock; the second then finds nothing changed and exits.
 """
 

@@ -1,4 +1,4 @@
-"""`convllava pipeline run`: preprocess → stage 1 → stage 2 → stage 3 → eval, as plain Python on Ray.
+"""`convllava pipeline run`: preprocess → the config's stages in order → eval, as plain Python on Ray.
 
 Every node has a key: a hash of its resolved configuration and of what it consumes (the data's input
 fingerprint, the upstream checkpoint). MLflow is the record: one parent run per execution, one child run per
@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from convllava.storage import is_s3
-from jobs.dag.config import NODES, PipelineConfig
+from jobs.dag.config import PipelineConfig
 from jobs.dag.nodes import eval_node, node_key, preprocess_node, run_node, stage_node
 from jobs.dag.report import describe, summary
 from jobs.dag.runbook import TAG_RAW_FINGERPRINT, NodeOutcome, RunBook
 from jobs.progress import Progress
 from jobs.tracking.runs import default_tracking_uri, ensure_experiment
-
-STAGES = ("stage1", "stage2", "stage3")
 
 
 class PipelineLocked(RuntimeError):
@@ -38,6 +36,7 @@ class PipelineLocked(RuntimeError):
 class PipelineResult:
     ok: bool
     parent_run_id: str
+    planned: tuple[str, ...] = ()  # the DAG's nodes in order
     nodes: list[NodeOutcome] = field(default_factory=list)
     gate: dict[str, Any] = field(default_factory=dict)
     summary: str = ""
@@ -87,7 +86,7 @@ class TrainingDag:
         progress: Progress | None = None,
     ) -> None:
         self.config, self.workdir, self.tracking_uri, self.address = config, workdir, tracking_uri, address
-        self.progress = progress or Progress(len(NODES))
+        self.progress = progress or Progress(len(config.nodes))
         self.storage = config.storage or str(workdir)
         # a local folder, or an s3:// prefix the data sets' relative paths are under
         self.data_root: Path | str = (
@@ -108,14 +107,15 @@ class TrainingDag:
     def run(self, from_node: str | None) -> PipelineResult:
         from pipelines.report import code_version
 
-        force_from = NODES.index(from_node) if from_node else len(NODES)
+        nodes = self.config.nodes
+        force_from = self.config.node(from_node) if from_node else len(nodes)
         self.parent = self.runs.parent_run(
             self.config.config_hash(),
             fresh=from_node is not None,
             params=self.config.to_dict(),
             code_version=code_version(),
         )
-        result = PipelineResult(ok=False, parent_run_id=self.parent, experiment_id=self.runs.experiment_id)
+        result = PipelineResult(False, self.parent, nodes, experiment_id=self.runs.experiment_id)
         client = self.runs.client
         try:
             self.preflight()
@@ -130,9 +130,10 @@ class TrainingDag:
             self._run(result, work, force_from <= 0)
             client.set_tag(self.parent, TAG_RAW_FINGERPRINT, node_key(fingerprints))
             init = self._champion_model() if self.config.init_from_champion else None
-            for i, node in enumerate(STAGES, start=1):
+            for i, (node, spec) in enumerate(self.config.stages.items(), start=1):
+                init = self.init_source(spec.init_from) if spec.init_from else init  # else the previous stage's
                 init = self._run(result, stage_node(self, node, shards, fingerprints, init), force_from <= i).output
-            done = self._run(result, eval_node(self, init, result.gate), force_from <= 4)
+            done = self._run(result, eval_node(self, init, result.gate), force_from <= len(nodes) - 1)
             if done.status != "ran":
                 result.gate = json.loads(self.runs.source_tags(done.run_id).get("convllava.gate", "{}"))
             result.ok = True
@@ -144,7 +145,7 @@ class TrainingDag:
 
     def _run(self, result: PipelineResult, work, force: bool) -> NodeOutcome:
         """One node, shown in the progress view and appended to `result`."""
-        with self.progress.node(NODES.index(work.name) + 1, work.name):
+        with self.progress.node(self.config.nodes.index(work.name) + 1, work.name):
             outcome = run_node(self.runs, self.parent, work, force)
             result.nodes.append(outcome)
             self.progress.finished(outcome.status, outcome.seconds, outcome.metric)
@@ -153,20 +154,22 @@ class TrainingDag:
     def preflight(self) -> None:
         """Every stage's memory plan before the first image is read: a stage that cannot fit its GPUs stops the
         pipeline now, not after preprocessing and the stages before it. Shards that do not exist yet are planned at
-        the preprocess config's resolution and max_length; stages 2 and 3 have stage 1's architecture. Each plan
-        goes into the parent run (`STAGE/plan/...`, `STAGE/plan.txt`); `run_stage` plans again on the real shards."""
+        the preprocess config's resolution and max_length; a stage that starts from the one before it has that
+        stage's architecture. Each plan goes into the parent run (`STAGE/plan/...`, `STAGE/plan.txt`); `run_stage`
+        plans again on the real shards."""
         from jobs.train.preflight import preflight
 
         pconfig = self.config.preprocess_config()
         assumed = (pconfig.max_length, (pconfig.resolution, pconfig.resolution))
-        first = None
-        for node in STAGES:
-            init = self._champion_model() if node == "stage1" and self.config.init_from_champion else None
-            stage = self.config.stage_config(node, self.shards_uri(self.config.stages[node].data), init)
-            first = first or stage
-            if stage.init_from is None and stage.preset is None:
-                stage = stage.replace(init_from=first.init_from, preset=first.preset)
+        before = None
+        for i, (node, spec) in enumerate(self.config.stages.items()):
+            init = self._champion_model() if i == 0 and self.config.init_from_champion else None
+            init = self.init_source(spec.init_from) if spec.init_from else init
+            stage = self.config.stage_config(node, self.shards_uri(spec.data), init)
+            if stage.init_from is None and stage.preset is None and before is not None:
+                stage = stage.replace(init_from=before.init_from, preset=before.preset)
             preflight(stage, self.tracking_uri, self.parent, assumed=assumed, prefix=f"{node}/")
+            before = stage
 
     def ensure_demo_data(self) -> None:
         spec = self.config.demo_data
@@ -176,6 +179,15 @@ class TrainingDag:
         if meta.is_file() and json.loads(meta.read_text()).get("seed") == spec.seed:
             return
         spec.generate(self.data_root)
+
+    def init_source(self, init_from: str) -> str:
+        """A stage's `init_from` as a checkpoint URI: a registered version (`models:/NAME/VERSION`, `models:/NAME@ALIAS`)
+        becomes the checkpoint recorded on it; a path or `s3://` URI is used as written."""
+        from jobs.tracking import registry
+
+        if not registry.REGISTERED_VERSION.match(init_from):
+            return init_from
+        return registry.version_source(self.tracking_uri, init_from)
 
     def _champion_model(self) -> str | None:
         from jobs.tracking import registry

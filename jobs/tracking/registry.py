@@ -3,6 +3,7 @@ its primary metric beats the current champion's (the decision and both figures a
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from jobs.tracking.runs import client, using_tracking_uri
@@ -12,6 +13,7 @@ VALUE_TAG = "convllava.primary_metric_value"
 
 
 CHECKPOINT_TAG = "convllava.checkpoint_uri"
+REGISTERED_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
 
 def register_and_gate(
@@ -95,4 +97,21 @@ def champion_source(tracking_uri: str, name: str) -> str | None:
         version = client(tracking_uri).get_model_version_by_alias(name, "champion")
     except MlflowException:
         return None
+    return version.tags.get(CHECKPOINT_TAG, version.source)
+
+
+def version_source(tracking_uri: str, uri: str) -> str:
+    """The checkpoint behind a registered version, `models:/NAME/VERSION` or `models:/NAME@ALIAS` (what a stage's
+    `init_from` may name); a version or alias that does not exist is refused, naming it."""
+    from mlflow.exceptions import MlflowException
+
+    found = REGISTERED_VERSION.match(uri)
+    if found is None:
+        raise ValueError(f"{uri}: a registered model is models:/NAME/VERSION or models:/NAME@ALIAS")
+    name, number, alias = found.groups()
+    c = client(tracking_uri)
+    try:
+        version = c.get_model_version(name, number) if number else c.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        raise ValueError(f"init_from {uri}: no such registered model version in {tracking_uri} ({e.message})") from None
     return version.tags.get(CHECKPOINT_TAG, version.source)

@@ -29,6 +29,7 @@ from convllava.data import collate
 from convllava.loader import RankLoader
 from convllava.modeling import ConvLlavaForCausalLM
 from convllava.processor import ConvLlavaProcessor
+from convllava.processor_config import ProcessorConfig
 from convllava.shards import ShardSet
 from convllava.storage import resolve_local
 from convllava.trainable import format_table, param_group, set_trainable, trainable_table
@@ -205,19 +206,7 @@ class StageRecipe:
             )
 
     def _check_data_matches_model(self, model: ConvLlavaForCausalLM) -> None:
-        made_with = self.shards.manifest.config
-        if made_with.get("template") != model.config.template:
-            raise ValueError(
-                f"{self.config.data}: shards were tokenized with template {made_with.get('template')!r} but the "
-                f"model uses {model.config.template!r}; preprocess again with --template {model.config.template}"
-            )
-        made = made_with.get("tokenization", "one_pass")
-        if made != self.processor.config.tokenization:
-            raise ValueError(
-                f"{self.config.data}: shards were tokenized with tokenization {made!r} but the model's processor uses "
-                f"{self.processor.config.tokenization!r}; preprocess again with "
-                f"tokenization: {self.processor.config.tokenization}"
-            )
+        check_shards_match_processor(self.config.data, self.shards.manifest.config, self.processor.config)
 
     def _param_groups(self, model: ConvLlavaForCausalLM) -> list[dict[str, Any]]:
         params = dict(model.named_parameters())
@@ -398,3 +387,23 @@ class StageRecipe:
                 f"[{self.config.name}] resumed at step {self.step}/{self.total_steps} from {checkpoint.where}{size}",
                 flush=True,
             )
+
+
+def check_shards_match_processor(data: str, made_with: dict[str, Any], processor: ProcessorConfig) -> None:
+    """Refuse shards the model's processor would not have made: another resolution or image mode (other pixels,
+    other visual token counts), template or tokenization (other token ids and labels). Each mismatch is named, with
+    the preprocess setting that fixes it."""
+    wanted = {
+        "resolution": processor.image.resolution,
+        "mode": processor.image.mode,
+        "template": processor.template,
+        "tokenization": processor.tokenization,
+    }
+    made = {"tokenization": "one_pass", **{k: made_with.get(k) for k in wanted if k in made_with}}
+    wrong = [f"{k} {made.get(k)!r} (the model's processor: {v!r})" for k, v in wanted.items() if made.get(k) != v]
+    if wrong:
+        fix = ", ".join(f"{k}: {v}" for k, v in wanted.items() if made.get(k) != v)
+        raise ValueError(
+            f"{data}: the shards were made with {'; '.join(wrong)}; preprocess again with {fix}, or train a model "
+            f"whose processor matches them"
+        )

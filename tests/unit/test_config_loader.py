@@ -117,10 +117,11 @@ def test_every_shipped_config_loads():
     from jobs.train.config import StageConfig
 
     configs = sorted((ROOT / "jobs/configs").rglob("*.yaml"))
-    pipelines = [p for p in configs if p.parent.name == "configs" and p.name in ("demo.yaml", "cluster.yaml")]
+    shipped = ("demo.yaml", "cluster.yaml", "llava.yaml")
+    pipelines = [p for p in configs if p.parent.name == "configs" and p.name in shipped]
     suites = [p for p in configs if p.parent.name == "suites"]
     stages = [p for p in configs if p not in pipelines and p not in suites]
-    assert len(pipelines) == 2 and len(suites) == 2 and len(stages) == 6
+    assert len(pipelines) == 3 and len(suites) == 2 and len(stages) == 6
     for path in stages:
         assert StageConfig.from_yaml(path).stage in (1, 2, 3)
     for path in suites:
@@ -182,3 +183,62 @@ def test_pipeline_config_errors_name_the_file_and_the_section(tmp_path):
             continue
         with pytest.raises(PipelineConfigError, match=message):
             PipelineConfig.from_yaml(path)
+
+
+def _pipeline(tmp_path: Path, stages: dict, name: str = "shape.yaml") -> Path:
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({**raw, "stages": stages}, sort_keys=False))
+    return path
+
+
+def test_a_pipeline_is_any_ordered_list_of_stages(tmp_path):
+    """What a new user tries first: the demo without stage 2 and with stage 3 renamed `finetune`; LLaVA's two-stage
+    recipe as shipped; the nodes, names and order follow the YAML."""
+    import yaml
+
+    from jobs.dag.config import PipelineConfig
+
+    raw = yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())["stages"]
+    two = PipelineConfig.from_yaml(_pipeline(tmp_path, {"stage1": raw["stage1"], "finetune": raw["stage3"]}))
+    assert two.nodes == ("preprocess", "stage1", "finetune", "eval")
+    finetune = two.stage_config("finetune", "shards", "ckpt")
+    assert (finetune.name, finetune.trainable, finetune.init_from) == ("finetune", ("projector", "llm"), "ckpt")
+    swapped = PipelineConfig.from_yaml(_pipeline(tmp_path, {"finetune": raw["stage3"], "stage1": raw["stage1"]}, "b"))
+    assert swapped.nodes == ("preprocess", "finetune", "stage1", "eval")
+    assert swapped.config_hash() != two.config_hash()  # the order is part of the configuration
+    assert two.node("finetune") == 2 and two.node("eval") == 3
+
+    llava = PipelineConfig.from_yaml(ROOT / "jobs/configs/llava.yaml")
+    assert llava.nodes == ("preprocess", "pretrain", "finetune", "eval")
+    pretrain, tune = (llava.stage_config(n, "s3://b/shards", None) for n in ("pretrain", "finetune"))
+    assert (pretrain.name, pretrain.lr, pretrain.global_batch_size, pretrain.epochs) == ("pretrain", 1e-3, 256, 1)
+    assert pretrain.trainable == ("vision.stage5", "projector")  # ConvLLaVA's fifth stage starts from scratch
+    assert (tune.name, tune.lr, tune.global_batch_size, tune.trainable) == ("finetune", 2e-5, 128, ("projector", "llm"))
+    paper = PipelineConfig.from_yaml(ROOT / "jobs/configs/cluster.yaml")
+    assert paper.nodes == ("preprocess", "stage1", "stage2", "stage3", "eval")
+
+
+def test_pipeline_shape_errors_name_the_stage_and_the_nodes(tmp_path):
+    import yaml
+
+    from jobs.dag.config import PipelineConfig, PipelineConfigError
+
+    stage = yaml.safe_load((ROOT / "jobs/configs/demo.yaml").read_text())["stages"]["stage1"]
+    cases = [
+        ({}, r"shape\.yaml: stages: give at least one stage"),
+        ({"eval": stage}, r"stages\.eval: a stage name is a letter then .*neither 'preprocess' nor 'eval'"),
+        ({"high res": stage}, r"stages\.high res: a stage name is a letter"),
+        ({"s": {**stage, "init_from": "models:/convllava"}}, r"stages\.s\.init_from: a registered model is models:/"),
+        ({"s": {**stage, "data": "nope"}}, r"stages\.s\.data: unknown dataset 'nope'"),
+    ]
+    for stages, message in cases:
+        with pytest.raises(PipelineConfigError, match=message):
+            PipelineConfig.from_yaml(_pipeline(tmp_path, stages))
+    for init in ("models:/convllava/3", "models:/convllava@champion", "s3://b/ckpt", "/ckpt"):
+        config = PipelineConfig.from_yaml(_pipeline(tmp_path, {"s": {**stage, "init_from": init}}))
+        assert config.stages["s"].init_from == init
+    with pytest.raises(PipelineConfigError, match=r"--from stage2: not a node of .* its nodes are preprocess, s, eval"):
+        config.node("stage2")

@@ -63,6 +63,7 @@ def test_the_parent_runs_description_summarises_the_pipeline():
     result = PipelineResult(
         ok=True,
         parent_run_id="p",
+        planned=("preprocess", "stage1", "finetune", "eval"),
         nodes=[
             NodeOutcome("preprocess", "ran", 9.5, "shards", "r1", ("written", 112)),
             NodeOutcome("stage1", "skipped", 0.1, "m1", "r2", ("train/loss", 6.25)),
@@ -80,5 +81,5 @@ def test_the_parent_runs_description_summarises_the_pipeline():
     assert text.splitlines()[0] == "**demo** — finished"
     assert "| preprocess | ran | 9.5 s | written = 112.0000 |" in text
     assert "| stage1 | skipped | 0.1 s | train/loss = 6.2500 |" in text
-    assert "| eval | not reached | | |" in text
+    assert "| finetune | not reached | | |\n| eval | not reached | | |" in text  # the config's nodes, in order
     assert text.endswith("champion before: version 2 (0.6250) → **kept the current champion**")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from train_harness import tiny
@@ -128,3 +129,29 @@ def test_stage_trainer_starts_no_dataset_manager_without_ray_datasets():
     ours = names(StageTrainer(lambda: None, scaling_config=scaling))
     assert ours == [n for n in plain if n != "DatasetsCallback"]
     assert names(StageTrainer(lambda: None, scaling_config=scaling, datasets={"train": lambda: None})) == plain
+
+
+def test_shards_made_for_another_processor_are_refused_naming_each_setting():
+    from convllava.image_processing import ImageProcessorConfig
+    from convllava.processor_config import ProcessorConfig
+    from jobs.train.recipe import check_shards_match_processor
+    from pipelines.config import PreprocessConfig
+
+    processor = ProcessorConfig(template="vicuna_v1", image=ImageProcessorConfig(resolution=256, mode="bucket"))
+    check_shards_match_processor("shards", PreprocessConfig(resolution=256).to_dict(), processor)  # they agree
+    cases = {
+        "resolution 512 (the model's processor: 256); preprocess again with resolution: 256": {"resolution": 512},
+        "mode 'square' (the model's processor: 'bucket'); preprocess again with mode: bucket": {"mode": "square"},
+        "template 'chatml' (the model's processor: 'vicuna_v1')": {"template": "chatml"},
+        "tokenization 'llava' (the model's processor: 'one_pass')": {"tokenization": "llava"},
+    }
+    for message, made in cases.items():
+        with pytest.raises(ValueError, match=re.escape(f"shards: the shards were made with {message}")):
+            check_shards_match_processor("shards", PreprocessConfig(**{"resolution": 256, **made}).to_dict(), processor)
+    both = PreprocessConfig(resolution=512, template="chatml").to_dict()
+    with pytest.raises(
+        ValueError, match=r"512 .*; template 'chatml' .*again with resolution: 256, template: vicuna_v1"
+    ):
+        check_shards_match_processor("s3://b/shards", both, processor)
+    legacy = {k: v for k, v in PreprocessConfig(resolution=256).to_dict().items() if k != "tokenization"}
+    check_shards_match_processor("shards", legacy, processor)  # manifests before `tokenization` existed: one_pass
