@@ -255,7 +255,14 @@ def test_a_pipeline_finishes_its_dag_after_losing_a_node_in_stage_2(nodes, tmp_p
     _wait(proc, tmp_path, "stage 2 at step 3", lambda: stage2_step(3))
     lost = nodes.lose()
     assert proc.wait(timeout=1200) == 0, (tmp_path / "driver.log").read_text()[-6000:]
-    after = [e for e in _ledger(ledger) if e["time"] > lost]
+    entries = _ledger(ledger)
+    # The two workers may record the step they were starting as the node went (its worker dies a moment after its
+    # raylet; the other then hangs until the group is torn down): seen, step 4 of both right after the loss. From the
+    # first step on one worker on, every step of stages 2 and 3 is on one worker.
+    regrouped = min(e["time"] for e in entries if e["time"] > lost and e["world_size"] == 1)
+    in_flight = [e for e in entries if lost < e["time"] < regrouped]
+    assert all(e["stage"] == "stage2" and e["world_size"] == 2 for e in in_flight) and len(in_flight) <= 4, in_flight
+    after = [e for e in entries if e["time"] >= regrouped]
     assert {e["stage"] for e in after} >= {"stage2", "stage3"}
     assert {e["world_size"] for e in after} == {1}
     out = (tmp_path / "driver.log").read_text()
