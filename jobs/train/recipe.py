@@ -133,7 +133,7 @@ class StageRecipe:
         self.strategy = DeepSpeedStrategy(c, self.world_size)
         model, self.processor = self.build_model()
         self.marks.append(("model", time.time()))
-        self._check_data_matches_model(model)
+        check_shards_match_processor(c.data, self.shards.manifest.config, self.processor.config)
         model.train()  # `load_model` returns an inference-mode model; training needs dropout and drop-path back
         set_trainable(model, c.trainable)
         if c.gradient_checkpointing:
@@ -204,9 +204,6 @@ class StageRecipe:
                 ConvLlavaForCausalLM._from_config(model_config),
                 ConvLlavaProcessor.for_model(model_config, c.tokenizer, tokenization=tokenization),
             )
-
-    def _check_data_matches_model(self, model: ConvLlavaForCausalLM) -> None:
-        check_shards_match_processor(self.config.data, self.shards.manifest.config, self.processor.config)
 
     def _param_groups(self, model: ConvLlavaForCausalLM) -> list[dict[str, Any]]:
         params = dict(model.named_parameters())
@@ -399,11 +396,12 @@ def check_shards_match_processor(data: str, made_with: dict[str, Any], processor
         "template": processor.template,
         "tokenization": processor.tokenization,
     }
-    made = {"tokenization": "one_pass", **{k: made_with.get(k) for k in wanted if k in made_with}}
-    wrong = [f"{k} {made.get(k)!r} (the model's processor: {v!r})" for k, v in wanted.items() if made.get(k) != v]
+    made = {"tokenization": "one_pass", **{k: made_with[k] for k in wanted if k in made_with}}
+    wrong = {k: v for k, v in wanted.items() if made.get(k) != v}
     if wrong:
-        fix = ", ".join(f"{k}: {v}" for k, v in wanted.items() if made.get(k) != v)
+        found = "; ".join(f"{k} {made.get(k)!r} (the model's processor: {v!r})" for k, v in wrong.items())
+        fix = ", ".join(f"{k}: {v}" for k, v in wrong.items())
         raise ValueError(
-            f"{data}: the shards were made with {'; '.join(wrong)}; preprocess again with {fix}, or train a model "
-            f"whose processor matches them"
+            f"{data}: the shards were made with {found}; preprocess again with {fix}, or train a model whose processor "
+            f"matches them"
         )
