@@ -95,7 +95,7 @@ def warm_page_cache(root: Path, items: list[dict[str, Any]]) -> None:
 def plain_loop(root: Path, items: list[dict[str, Any]], config, first: int | None = None) -> dict[str, Any]:
     """The per-sample work of one epoch of a lazy LLaVA dataset, in this process, stage by stage. `first`: also
     report the CPU seconds spent on the first `first` items (`cpu_s_first`)."""
-    from convllava.image_processing import load_image
+    from convllava.processing.image_processing import load_image
     from pipelines.worker import build_processor
 
     t = time.perf_counter()
@@ -201,7 +201,7 @@ def pipeline(root: Path, n: int, config, annotations: str = "annotations.jsonl")
     output = CACHE_ROOT / "runs" / f"out-{os.getpid()}-{int(time.time())}"
     if output.exists():
         shutil.rmtree(output)
-    mixture = Mixture((Source("bench", str(root / annotations), str(root)),))
+    mixture = Mixture(sources=(Source(name="bench", annotations=str(root / annotations), image_root=str(root)),))
     lines: list[str] = []
     pp._process = timed_process
     try:

@@ -75,7 +75,7 @@ def prepare(layers: int) -> dict[str, Path]:
     import torch
     from transformers import ConvNextConfig, ConvNextModel, LlamaConfig, LlamaForCausalLM
 
-    from convllava.tokenizer import load_tokenizer
+    from convllava.processing.tokenizer import load_tokenizer
 
     dirs = {"llava": WORK / "llava", "tower": WORK / "tower", "hf": WORK / "hf", "ours": WORK / "ours"}
     stamp, params = WORK / "params.json", {"llm": llm_config(layers), "tower": TOWER, "shard_bytes": SHARD_BYTES}
@@ -154,7 +154,7 @@ def _status(key: str) -> int:
 
 
 def _old_loader():
-    """The pre-issue-12 `convllava/checkpoint.py`, imported from a file written out of git (module `old_checkpoint`)."""
+    """The pre-issue-12 `convllava/modeling/checkpoint.py`, imported from a file written out of git (module `old_checkpoint`)."""
     import importlib.util
 
     source = subprocess.run(
@@ -175,8 +175,8 @@ def measure(kind: str, directory: str, output: str | None) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
 
-    from convllava.checkpoint import load_model
-    from convllava.llava_checkpoint import from_llava_checkpoint
+    from convllava.modeling.checkpoint import load_model
+    from convllava.modeling.llava_checkpoint import from_llava_checkpoint
 
     old = _old_loader() if kind == "old" else None
     imports = 0

@@ -22,12 +22,12 @@ import timm
 import torch
 import transformers
 
-from convllava.config import ConvLlavaConfig
-from convllava.image_processing import load_image
-from convllava.inference import GenerationOptions, generate
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
-from convllava.sample_images import sample_photos
+from convllava.data.sample_images import sample_photos
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.inference import GenerationOptions, generate
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.processing.image_processing import load_image
+from convllava.processing.processor import ConvLlavaProcessor
 
 
 def timed(fn, repeats: int = 5) -> float:
@@ -89,7 +89,7 @@ def check_tiny(dev: str) -> dict:
 
 
 def check_tower(dev: str) -> dict:
-    from convllava.vision import ConvNeXtTower
+    from convllava.modeling.vision import ConvNeXtTower
 
     out = {}
     with torch.device(dev):
@@ -117,7 +117,7 @@ def check_7b(dev: str) -> dict:
     with torch.device(dev):
         model = ConvLlavaForCausalLM(config).to(torch.bfloat16).eval()
     build_s = time.perf_counter() - start
-    from convllava.tokenizer import load_tokenizer
+    from convllava.processing.tokenizer import load_tokenizer
 
     # The tiny tokenizer stands in for Vicuna's (no hub here); its ids are < 32000 and <image> is remapped.
     tokenizer = load_tokenizer("tiny")

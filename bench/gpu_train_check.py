@@ -28,7 +28,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 def tower_forward_flops(model_config, resolution: int) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from convllava.modeling import ConvLlavaForCausalLM
+    from convllava.modeling.model import ConvLlavaForCausalLM
 
     with torch.device("meta"):
         model = ConvLlavaForCausalLM(model_config)
@@ -42,7 +42,7 @@ def vicuna_shaped_tokenizer(directory: Path, image_token_id: int = 32000) -> Pat
     """The shipped tiny byte-level BPE tokenizer with its ids laid out as a Vicuna-7B ConvLLaVA expects them: the
     text vocabulary below 32000 and `<image>` at 32000 (the paper presets' image_token_id), so the convllava-768
     preset accepts it without a hub download. The ids in between are reserved tokens that never occur in text."""
-    from convllava.tokenizer import TINY_TOKENIZER_DIR
+    from convllava.processing.tokenizer import TINY_TOKENIZER_DIR
 
     spec = json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())
     spec["model"]["vocab"] = {
@@ -77,7 +77,7 @@ def main() -> None:
     from jobs.train.driver import run_stage
     from jobs.train.plan import plan_json, plan_stage
     from pipelines.config import Mixture, PreprocessConfig
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
     from pipelines.preprocess import run_preprocess
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-train-check-"))

@@ -2,7 +2,7 @@
 
 Data: `--shards` shard files of `--rows` rows each (one bucket per file: 256x256, 192x320, 320x192 and a few text-only
 files), real JPEG images at bucket size, token lengths as in caption + instruct data (one in five long), row groups of
-`--row-group-rows` rows, written with `convllava.shards.write_shard` and uploaded to moto's S3 server on 127.0.0.1.
+`--row-group-rows` rows, written with `convllava.data.shards.write_shard` and uploaded to moto's S3 server on 127.0.0.1.
 Every S3 request goes through a proxy that counts response bytes (tests/reliability/faultproxy.py); moto and the
 proxy run in processes of their own, as a real endpoint would.
 
@@ -80,12 +80,13 @@ def images(bucket: str, count: int, rng: np.random.Generator) -> list[bytes]:
 
 def write_manifest(store, files: list) -> None:
     """A manifest listing `files` (ShardFile), every sample written: what ShardSet needs to open synthetic shards."""
-    from convllava.shards import Manifest
+    from convllava.data.shards import Manifest
 
     n = sum(f.rows for f in files)
     Manifest.from_dict(
         {
             **{k: None for k in Manifest.__dataclass_fields__},
+            "config": {},  # the defaults
             "read": n,
             "written": n,
             "quarantined": 0,
@@ -101,8 +102,8 @@ def build(root: Path, shards: int, rows: int, row_group_rows: int, seed: int = 0
     """Shard files + manifest under `root` (local); returns sizes."""
     import pyarrow as pa
 
-    from convllava.buckets import num_visual_tokens
-    from convllava.shards import SHARD_SCHEMA, ShardFile, Store, write_shard
+    from convllava.data.shards import SHARD_SCHEMA, ShardFile, Store, write_shard
+    from convllava.processing.buckets import num_visual_tokens
 
     rng = np.random.default_rng(seed)
     store = Store(str(root))
@@ -202,8 +203,8 @@ class Endpoint:
 
 def rank_loader_pass(shards, plan, rank: int) -> tuple[float, int]:
     """Seconds and samples for rank `rank`'s epoch: read (RankLoader), decode and collate every micro-batch."""
-    from convllava.data import collate
-    from convllava.loader import RankLoader
+    from convllava.data.epochs import collate
+    from convllava.data.loader import RankLoader
 
     start, samples = time.perf_counter(), 0
     for _, micro in RankLoader(shards, plan, rank, prefetch=4, threads=4):
@@ -217,8 +218,8 @@ def plain_scan_pass(uri: str, paths: list[str], batch: int) -> tuple[float, int]
     """Seconds and samples for a sequential pyarrow scan of `paths`, decoding and collating `batch` rows at a time."""
     import pyarrow.parquet as pq
 
-    from convllava.data import collate
-    from convllava.storage import Store
+    from convllava.data.epochs import collate
+    from convllava.io.storage import Store
 
     store = Store(uri)
     start, samples = time.perf_counter(), 0
@@ -235,7 +236,7 @@ def plain_scan_pass(uri: str, paths: list[str], batch: int) -> tuple[float, int]
 def old_reader_bytes(shards, world_size: int, rank: int, cache_files: int = 8) -> int:
     """Bytes the old reader fetched for `rank`'s epoch: the global-shuffle plan, each micro-batch's files read whole
     through an LRU of `cache_files` decoded files (what ShardSet.rows did before row groups)."""
-    from convllava.data import plan_epoch
+    from convllava.data.epochs import plan_epoch
 
     plan = plan_epoch(shards.infos, **SIZES, world_size=world_size, seed=0, epoch=0)
     shard_of = shards.layout.piece_shard[shards.layout.piece_of(np.arange(len(shards)))]
@@ -256,7 +257,7 @@ def old_reader_bytes(shards, world_size: int, rank: int, cache_files: int = 8) -
 
 def share_bytes(shards, plan, rank: int) -> tuple[int, int, list[str]]:
     """(bytes of the row groups rank's share covers, bytes of the files it touches, those files)."""
-    from convllava.shards import read_footer
+    from convllava.data.shards import read_footer
 
     pieces = np.unique(shards.layout.piece_of(plan.batches[:, :, rank, :].ravel()))
     files = sorted(set(shards.layout.piece_shard[pieces].tolist()))
@@ -277,7 +278,7 @@ def index_child(kind: str, root: str) -> dict[str, Any]:
     import psutil
     import pyarrow as pa
 
-    from convllava.shards import ShardSet
+    from convllava.data.shards import ShardSet
 
     gc.collect()
     before = psutil.Process().memory_info().rss
@@ -285,8 +286,8 @@ def index_child(kind: str, root: str) -> dict[str, Any]:
         opened = ShardSet(root)
         n, nbytes = len(opened), opened.index_nbytes
     else:  # the old index: what ShardSet held before (SampleInfo per sample, keys as a list, two int arrays)
-        from convllava.data import SampleInfo
-        from convllava.storage import Store
+        from convllava.data.epochs import SampleInfo
+        from convllava.io.storage import Store
 
         store, infos, keys, shard_of, row_of = Store(root), [], [], [], []
         opened = ShardSet(root)  # only for its file list; dropped below
@@ -319,7 +320,7 @@ def index_child(kind: str, root: str) -> dict[str, Any]:
 def index_memory(samples: int, work: Path) -> dict[str, Any]:
     import pyarrow as pa
 
-    from convllava.shards import SHARD_SCHEMA, ShardFile, Store, write_shard
+    from convllava.data.shards import SHARD_SCHEMA, ShardFile, Store, write_shard
 
     per_file = 10_000
     store, files = Store(str(work)), []
@@ -352,7 +353,7 @@ def index_memory(samples: int, work: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------------- padding
 def padding(layout, world_size: int) -> dict[str, float]:
-    from convllava.data import plan_epoch, plan_shard_epoch
+    from convllava.data.epochs import plan_epoch, plan_shard_epoch
 
     infos = layout.infos()
     shard, whole = [], []
@@ -392,9 +393,9 @@ def main() -> None:
 
     import boto3
 
-    from convllava.data import plan_shard_epoch
-    from convllava.shards import ShardSet
-    from convllava.storage import upload_dir
+    from convllava.data.epochs import plan_shard_epoch
+    from convllava.data.shards import ShardSet
+    from convllava.io.storage import upload_dir
 
     result: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}}
     result["idle_wait"] = wait_quiet(120, 0.3)

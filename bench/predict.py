@@ -36,7 +36,7 @@ GOALS = {"96": 1.5, "1000": 3.0}  # speedup over the plain loop, by question cou
 
 
 def prepare(sizes: list[int]) -> tuple[Path, Path, dict[int, Path]]:
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
 
     n = max(sizes)
     data, ckpt = WORK / f"data-{n}", WORK / "tiny"
@@ -65,9 +65,9 @@ def prepare(sizes: list[int]) -> tuple[Path, Path, dict[int, Path]]:
 def plain_loop(ckpt: Path, data: Path, questions: Path, max_new_tokens: int) -> tuple[float, int]:
     import torch
 
-    from convllava.checkpoint import load_model
-    from convllava.image_processing import load_image
-    from convllava.inference import GenerationOptions, generate
+    from convllava.modeling.checkpoint import load_model
+    from convllava.modeling.inference import GenerationOptions, generate
+    from convllava.processing.image_processing import load_image
 
     torch.set_num_threads(2)
     start = time.perf_counter()

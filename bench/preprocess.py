@@ -43,7 +43,7 @@ rotated, shown upright). One LLaVA JSONL record per image with a short Vicuna co
 2. Padded-pixel fraction at resolution 768, `ConvLlavaImageProcessor(resolution=768, mode=...)
    .target(w, h).padded_fraction` per image over the upright (post-EXIF) sizes: plain mean and mean weighted by
    canvas pixels, for `bucket` and `square`; for the benchmark images and for the demo data set's images
-   (`pipelines.demo_data.generate_demo_data`, small counts, in a temporary directory). Goal: bucket <= 5%.
+   (`pipelines.demo.data.generate_demo_data`, small counts, in a temporary directory). Goal: bucket <= 5%.
 
 Run (about 4 minutes on 2 idle CPU cores, plus about a minute the first time to generate the images):
 
@@ -92,7 +92,7 @@ CONTENDED_CORES = 0.25
 # ---------------------------------------------------------------------------------------------- padded pixels
 def padded(sizes: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
     """Padded fraction per mode over (width, height) sizes: plain mean, and weighted by canvas pixels."""
-    from convllava.image_processing import ConvLlavaImageProcessor
+    from convllava.processing.image_processing import ConvLlavaImageProcessor
 
     out = {}
     for mode in ("bucket", "square"):
@@ -111,8 +111,8 @@ def padded(sizes: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
 
 def demo_sizes() -> list[tuple[int, int]]:
     """Upright sizes of the demo data set's images (rendered scenes + shipped photos), small counts."""
-    from convllava.image_processing import load_image
-    from pipelines.demo_data import generate_demo_data
+    from convllava.processing.image_processing import load_image
+    from pipelines.demo.data import generate_demo_data
 
     with tempfile.TemporaryDirectory() as tmp:
         generate_demo_data(Path(tmp) / "demo", seed=0, n_caption=300, n_instruct=0, n_eval=0, with_photos=True)

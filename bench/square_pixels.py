@@ -10,7 +10,7 @@ Rows per photo × resolution, differences of the normalised (3, R, R) tensors ag
 
 - `ours`: `ConvLlavaImageProcessor(mode="square")` in memory — also what a `image_format: png` shard reads back.
 - `png-shard` / `jpeg95-shard`: the resized image through the shard writer's `encode_image` and the reader's
-  `load_image` + `normalize` (pipelines/worker.py, convllava/data.py).
+  `load_image` + `normalize` (pipelines/worker.py, convllava/data/epochs.py).
 - `jpeg95-444-shard`: the same at quality 95 without chroma subsampling (Pillow's default at q95 is 4:2:0) —
   not an option of the shard writer today; measured to size one.
 - `old`: the previous `square` code (content resized to rounded sizes and pasted at rounded offsets, fill
@@ -38,8 +38,8 @@ import transformers
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPImageProcessorPil
 
-from convllava.image_processing import ConvLlavaImageProcessor, load_image
-from convllava.sample_images import sample_photos
+from convllava.data.sample_images import sample_photos
+from convllava.processing.image_processing import ConvLlavaImageProcessor, load_image
 from pipelines.worker import encode_image
 
 PHOTOS = ("coffee", "chelsea", "rocket")

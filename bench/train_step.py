@@ -40,7 +40,7 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 from _common import wait_quiet  # noqa: E402
 
-from convllava.shards import MANIFEST  # noqa: E402
+from convllava.data.shards import MANIFEST  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "bench" / "results" / "train_step.json"
@@ -63,7 +63,7 @@ def ensure_data() -> tuple[dict[str, Path], float | None]:
     import ray
 
     from pipelines.config import Mixture, PreprocessConfig
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
     from pipelines.preprocess import run_preprocess
 
     t = time.perf_counter()
@@ -73,7 +73,7 @@ def ensure_data() -> tuple[dict[str, Path], float | None]:
         DATA_ROOT / "data", seed=p["seed"], n_caption=p["n_caption"], n_instruct=p["n_instruct"], n_eval=p["n_eval"]
     )
     mixture = Mixture.from_yaml(DATA_ROOT / "data" / "mixture.yaml")
-    captions = Mixture(tuple(s for s in mixture.sources if s.name == "captions"))
+    captions = Mixture(sources=tuple(s for s in mixture.sources if s.name == "captions"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         config = PreprocessConfig(resolution=p["resolution"])
@@ -200,8 +200,8 @@ def local(config, steps: int, warmup: int) -> dict[str, Any]:
 
 def padding(shards: Path) -> dict[str, Any]:
     """Text padding per micro-batch (padded / all positions, right-padded to the longest), grouped by length or not."""
-    from convllava.data import plan_epoch
-    from convllava.shards import ShardSet
+    from convllava.data.epochs import plan_epoch
+    from convllava.data.shards import ShardSet
 
     s = ShardSet(str(shards))
     lengths = np.asarray([i.length for i in s.infos], dtype=np.int64)

@@ -2,7 +2,7 @@
 
 For each resolution R in 768, 1024, 1536 it measures, at batch 1 and an R×R input:
 
-- ours: `convllava.vision.ConvNeXtTower()` with its paper-size defaults (CLIP ConvNeXt-L trunk, depths 3,3,27,3,
+- ours: `convllava.modeling.vision.ConvNeXtTower()` with its paper-size defaults (CLIP ConvNeXt-L trunk, depths 3,3,27,3,
   dims 192,384,768,1536, plus the fifth stage of 6 blocks × 3072). Tokens = (R/64)² (`num_visual_tokens`).
 - ViT-L/14: timm `vit_large_patch14_clip_224` with random init, `img_size` set to R (or, where R is not a multiple
   of 14, the largest multiple of 14 below it, e.g. 1526 for 1536). Tokens = (img_size/14)² patch tokens.
@@ -40,8 +40,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from convllava.buckets import num_visual_tokens
-from convllava.vision import ConvNeXtTower
+from convllava.modeling.vision import ConvNeXtTower
+from convllava.processing.buckets import num_visual_tokens
 
 RESOLUTIONS = (768, 1024, 1536)
 VIT_NAME = "vit_large_patch14_clip_224"

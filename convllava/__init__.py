@@ -17,23 +17,34 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from convllava.config import ConvLlavaConfig
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
+from transformers import AutoImageProcessor, AutoProcessor
+
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.processing.image_processing import ConvLlavaImageProcessor
+from convllava.processing.processor import ConvLlavaProcessor
 
 if TYPE_CHECKING:
-    from convllava.checkpoint import load_model, save_checkpoint
-    from convllava.image_processing import ConvLlavaImageProcessor, load_image
-    from convllava.inference import GenerationOptions, generate
+    from convllava.modeling.checkpoint import load_model, save_checkpoint
+    from convllava.modeling.inference import GenerationOptions, generate
+    from convllava.processing.image_processing import load_image
+
+# The processing room knows nothing of the model; the two meet here.
+AutoProcessor.register(ConvLlavaConfig, ConvLlavaProcessor, exist_ok=True)
+# One class for both of transformers' backend names: it resizes with PIL, as the released models' preprocessing did.
+AutoImageProcessor.register(
+    ConvLlavaConfig,
+    image_processor_classes=dict.fromkeys(("pil", "torchvision"), ConvLlavaImageProcessor),
+    exist_ok=True,
+)
 
 # Public names → the module that defines them, imported when the name is first used.
 _LAZY = {
-    "ConvLlavaImageProcessor": "convllava.image_processing",
-    "load_image": "convllava.image_processing",
-    "GenerationOptions": "convllava.inference",
-    "generate": "convllava.inference",
-    "load_model": "convllava.checkpoint",
-    "save_checkpoint": "convllava.checkpoint",
+    "load_image": "convllava.processing.image_processing",
+    "GenerationOptions": "convllava.modeling.inference",
+    "generate": "convllava.modeling.inference",
+    "load_model": "convllava.modeling.checkpoint",
+    "save_checkpoint": "convllava.modeling.checkpoint",
 }
 
 __all__ = [

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from jobs.tracking.vocabulary import TRAIN_LOSS, TRAIN_SAMPLES_PER_S, TRAIN_STEP_TIME_S
+
 MODES = ("live", "lines", "off")
 REDRAW_S = 0.5
 PUSH_WAIT_S = 10.0  # how long rank 0 waits, at the end of a stage, for its last steps to reach the driver
@@ -73,12 +75,12 @@ class Progress:
         now = time.time()
         self._steps_seen.append((now, step))
         (t0, s0) = self._steps_seen[0]
-        per_step = (now - t0) / (step - s0) if step > s0 else metrics.get("train/step_time_s", 0.0)
+        per_step = (now - t0) / (step - s0) if step > s0 else metrics.get(TRAIN_STEP_TIME_S, 0.0)
         self.step_state = {
             "step": step,
             "total": total,
-            "loss": metrics.get("train/loss"),
-            "samples_per_s": metrics.get("train/samples_per_s"),
+            "loss": metrics.get(TRAIN_LOSS),
+            "samples_per_s": metrics.get(TRAIN_SAMPLES_PER_S),
             "eta": per_step * (total - step),
             "at": now,
         }

@@ -1,7 +1,7 @@
 """Streaming reads of LLaVA annotation files — JSONL or one JSON array, local paths or `s3://` URIs.
 
 No function here loads a whole file: memory is one read block (`BLOCK_BYTES`) plus one record, whatever the file's
-size. Files are opened through `convllava.storage.filesystem`, so on S3 every block is one HTTP range read.
+size. Files are opened through `convllava.io.storage.filesystem`, so on S3 every block is one HTTP range read.
 
 JSONL is read in byte ranges that separate processes read in parallel. `split` cuts [0, size) into ranges; a line
 belongs to the range that holds its FIRST byte, so each line is read whole, by exactly one range, even when a cut
@@ -36,7 +36,7 @@ from typing import Literal, NamedTuple
 import ijson
 import pyarrow.fs as pafs
 
-from convllava import storage
+from convllava.io import storage
 from pipelines.sources import MAX_RECORD_BYTES, SourceError, _parse_line
 
 log = logging.getLogger(__name__)

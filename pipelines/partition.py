@@ -35,9 +35,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from convllava import storage
-from convllava.shards import INDEX_SCHEMA, QUARANTINE, quarantine_text, write_parquet
-from convllava.storage import Store, is_s3
+from convllava.data.shards import INDEX_SCHEMA, QUARANTINE, quarantine_text, write_parquet
+from convllava.io import storage
+from convllava.io.storage import Store, is_s3
 from pipelines import annotations
 from pipelines.config import Source
 from pipelines.ray_runtime import adopt_secrets

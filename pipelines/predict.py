@@ -23,7 +23,7 @@ from typing import Any
 
 from PIL import Image
 
-from convllava.storage import is_s3, read_bytes, write_bytes
+from convllava.io.storage import is_s3, read_bytes, write_bytes
 from pipelines.ray_runtime import adopt_secrets, alive_nodes, ensure_ray, share_secrets, worker_runtime_env
 from pipelines.sources import resolve_image
 
@@ -87,8 +87,8 @@ class Predictor:
 
         adopt_secrets(secrets)  # credentials for an s3:// model or image; see pipelines.ray_runtime
 
-        from convllava.checkpoint import load_model
-        from convllava.inference import GenerationOptions
+        from convllava.modeling.checkpoint import load_model
+        from convllava.modeling.inference import GenerationOptions
 
         if threads is not None:  # an actor's share of its node; in the caller's process torch's default stays
             torch.set_num_threads(threads)
@@ -98,8 +98,8 @@ class Predictor:
         self.options = GenerationOptions(max_new_tokens=max_new_tokens)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        from convllava.image_processing import ImageError, load_image
-        from convllava.inference import generate
+        from convllava.modeling.inference import generate
+        from convllava.processing.image_processing import ImageError, load_image
 
         batch = json.loads(row["batch"])
         results, ok = [], []
@@ -119,7 +119,7 @@ class Predictor:
 
 def image_bucket(processor_config: dict[str, Any]):
     """A function uri → bucket name that reads only the image header."""
-    from convllava.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig
+    from convllava.processing.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig
 
     proc = ConvLlavaImageProcessor(
         ImageProcessorConfig(resolution=processor_config["resolution"], mode=processor_config["mode"])
@@ -198,7 +198,7 @@ def run_predict(
     Args:
         workers: model replicas on Ray Data (actors); 0: in this process; None: see `replicas_for`.
     """
-    from convllava.checkpoint import image_settings
+    from convllava.modeling.checkpoint import image_settings
 
     start = time.time()
     bucket_of = image_bucket(image_settings(model))

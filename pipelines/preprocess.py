@@ -26,18 +26,20 @@ incremental run leaves the shard files of unchanged samples untouched and writes
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from convllava.shards import (
+from convllava.data.shards import (
     INDEX_DIR,
     QUARANTINE,
     SHARDS_DIR,
@@ -47,7 +49,7 @@ from convllava.shards import (
     SourceCounts,
     shard_bucket,
 )
-from convllava.storage import OutputError, Store
+from convllava.io.storage import OutputError, Store
 from pipelines import annotations, partition
 from pipelines.config import Mixture, PreprocessConfig
 from pipelines.report import bucket_histogram_png, code_version, summary_table
@@ -69,13 +71,21 @@ class PreprocessResult:
 
     @property
     def ok(self) -> bool:
-        return self.manifest.quarantine_fraction <= self.manifest.config["max_quarantine_fraction"]
+        return self.manifest.quarantine_fraction <= self.manifest.config.max_quarantine_fraction
 
 
 def run_preprocess(
-    mixture: Mixture, config: PreprocessConfig, output: str, address: str | None = None, echo=print
+    mixture: Mixture,
+    config: PreprocessConfig,
+    output: str,
+    address: str | None = None,
+    echo=print,
+    in_process: bool = False,
 ) -> PreprocessResult:
     """Preprocess `mixture` into `output` (local directory or `s3://` prefix), incrementally.
+
+    `in_process` runs every stage's items one after another in this process, without Ray: the same functions and
+    the same output, for inputs of a few samples (the quickstart), where starting Ray would cost more than the work.
 
     Raises:
         OutputError: the output cannot be written (checked before any work).
@@ -86,7 +96,7 @@ def run_preprocess(
     store = Store(output)
     store.check_writable()
     previous = Manifest.find(store)
-    stages = _Stages(store, config, address)
+    stages = _Stages(store, config, address, in_process)
     read = stages.read(mixture)
     on_disk = store.list_files(SHARDS_DIR)
     prior = {"index": previous.index, "bits": int(math.log2(previous.index_partitions))} if previous else None
@@ -177,32 +187,37 @@ class _Read:
 
 class _Stages:
     """The Ray Data stages of one run, each over a few small items (chunks, partitions, units), returning one
-    aggregate per item."""
+    aggregate per item; `in_process`, the same functions over the same items in this process, one after another."""
 
-    def __init__(self, store: Store, config: PreprocessConfig, address: str | None) -> None:
-        import ray.data  # noqa: F401  (before Ray starts: ensure_ray then keeps Ray Data's plans off the console)
-
-        from pipelines.ray_runtime import ensure_ray, share_secrets
-
-        ensure_ray(address)
-        self.store, self.config = store, config
+    def __init__(self, store: Store, config: PreprocessConfig, address: str | None, in_process: bool = False) -> None:
+        self.store, self.config, self.in_process = store, config, in_process
         self.work = f"{WORK}/run-{uuid.uuid4().hex[:12]}"
-        self.secrets = share_secrets()
         self.partitions = 1
+        self.secrets = None  # in process, the functions read this process's own credentials
+        if not in_process:
+            import ray.data  # noqa: F401  (before Ray starts: ensure_ray then keeps Ray Data's plans off the console)
+
+            from pipelines.ray_runtime import ensure_ray, share_secrets
+
+            ensure_ray(address)
+            self.secrets = share_secrets()
 
     def run(self, fn, items: list[dict[str, Any]], **kwargs) -> list[dict[str, Any]]:
-        import ray
-
-        from pipelines.ray_runtime import worker_runtime_env
-
         if not items:
             return []
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-            fn,
-            fn_kwargs={"output": self.store.uri, "secrets": self.secrets, **kwargs},
-            runtime_env=worker_runtime_env(),
-        )
-        results = [json.loads(row["result"]) for row in ds.take_all()]
+        kwargs = {"output": self.store.uri, "secrets": self.secrets, **kwargs}
+        if self.in_process:
+            rows = [fn(dict(item), **kwargs) for item in items]
+        else:
+            import ray
+
+            from pipelines.ray_runtime import worker_runtime_env
+
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+                fn, fn_kwargs=kwargs, runtime_env=worker_runtime_env()
+            )
+            rows = ds.take_all()
+        results = [json.loads(row["result"]) for row in rows]
         errors = sorted({r["error"] for r in results if "error" in r})
         if errors:
             raise SourceError("; ".join(errors))
@@ -298,18 +313,22 @@ class _Stages:
     def process(self, units: list[tuple]) -> list[dict[str, Any]]:
         """One result per unit, in the order given: its parts, a failure message or "", how many samples it
         found finished by an earlier run."""
-        import ray
-        from ray.data import ActorPoolStrategy
-
-        from pipelines.ray_runtime import worker_runtime_env
         from pipelines.worker import UnitProcessor  # torch and a tokenizer: the actors import them, not the driver
 
-        # the cluster's CPUs, not those free now: the stage before may not have handed its CPU back yet
-        workers, threads = self.config.actors(max(1, int(ray.cluster_resources().get("CPU", 1))))
         items = [
             {"i": i, "todo": partition.work_file(self.work, "todo", p), "group": g, "unit": unit, "work_root": WORK}
             for i, (p, g, unit, _) in enumerate(units)
         ]
+        if self.in_process:
+            processor = UnitProcessor(self.config.to_dict(), self.store.uri)
+            return [json.loads(processor(item)["result"]) for item in items]
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        from pipelines.ray_runtime import worker_runtime_env
+
+        # the cluster's CPUs, not those free now: the stage before may not have handed its CPU back yet
+        workers, threads = self.config.actors(max(1, int(ray.cluster_resources().get("CPU", 1))))
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
             UnitProcessor,
             fn_constructor_kwargs={
@@ -325,11 +344,20 @@ class _Stages:
         by_item = {row["i"]: json.loads(row["result"]) for row in ds.take_all()}
         return [by_item[i] for i in range(len(items))]
 
-    def merge(self, parts: list[dict[str, Any]]) -> dict[str, str]:
-        """part path → the shard file it was merged into (a part left alone, or whose merge failed, is absent)."""
+    def tasks(self, fn, calls: list[tuple]) -> list[Callable[[], Any]]:
+        """`fn(*args)` for each args of `calls`, as Ray tasks started at once (in process: run when asked for);
+        one function per call that returns its result or raises its error."""
+        if self.in_process:
+            return [functools.partial(fn, *args) for args in calls]
         import ray
 
         from pipelines.ray_runtime import worker_runtime_env
+
+        task = ray.remote(fn).options(runtime_env=worker_runtime_env())
+        return [functools.partial(ray.get, task.remote(*args)) for args in calls]
+
+    def merge(self, parts: list[dict[str, Any]]) -> dict[str, str]:
+        """part path → the shard file it was merged into (a part left alone, or whose merge failed, is absent)."""
         from pipelines.worker import merge_parts
 
         try:
@@ -338,17 +366,16 @@ class _Stages:
             log.warning("not merging part files: listing %s/%s failed: %s", self.store.uri, SHARDS_DIR, e)
             return {}
         groups = _merge_groups(parts, sizes, self.config.shard_rows, self.config.shard_bytes)
-        task = ray.remote(merge_parts).options(runtime_env=worker_runtime_env())
         c = self.config
-        refs = [
-            task.remote(self.store.uri, bucket, paths, c.row_group_rows, c.row_group_bytes, self.secrets)
+        calls = [
+            (self.store.uri, bucket, paths, c.row_group_rows, c.row_group_bytes, self.secrets)
             for bucket, paths in groups
         ]
         merged: dict[str, str] = {}
-        for (bucket, paths), ref in zip(groups, refs, strict=True):
+        for (bucket, paths), result in zip(groups, self.tasks(merge_parts, calls), strict=True):
             try:
-                path = ray.get(ref)
-            except ray.exceptions.RayError as e:
+                path = result()
+            except Exception as e:  # the task's error (Ray's RayError wraps it); the parts stay usable
                 log.warning(
                     "bucket %s: merging %d part files %s failed, keeping them: %s", bucket, len(paths), paths, e
                 )
@@ -359,23 +386,17 @@ class _Stages:
     def drop_stale_rows(self, affected: list[str]) -> dict[str, str]:
         """Rewrite each shard that holds a removed or changed sample without it (other shards stay untouched);
         returns old path → new path ("" when no row is left)."""
-        import ray
-
-        from pipelines.ray_runtime import worker_runtime_env
         from pipelines.worker import drop_rows
 
         if not affected:
             return {}
         c = self.config
-        task = ray.remote(drop_rows).options(runtime_env=worker_runtime_env())
         batches = [affected[i :: max(1, min(len(affected), 16))] for i in range(min(len(affected), 16))]
-        refs = [
-            task.remote(
-                self.store.uri, batch, self.work, self.partitions, c.row_group_rows, c.row_group_bytes, self.secrets
-            )
+        calls = [
+            (self.store.uri, batch, self.work, self.partitions, c.row_group_rows, c.row_group_bytes, self.secrets)
             for batch in batches
         ]
-        return {old: new for ref in refs for old, new in ray.get(ref).items()}
+        return {old: new for result in self.tasks(drop_rows, calls) for old, new in result().items()}
 
     def index(self, version: str, units_of: dict[int, list[str]], part_map: dict, shard_map: dict) -> list[dict]:
         items = [{"p": p, "units": units_of.get(p, [])} for p in range(self.partitions)]
@@ -466,7 +487,7 @@ def _manifest(
         sources=sources,
         quarantine_reasons=dict(sorted(sum((Counter(a["reasons"]) for a in aggregates), Counter()).items())),
         input_fingerprint=_fingerprint_hex(a["fingerprint"] for a in aggregates),
-        config=config.to_dict(),
+        config=config,
         config_hash=config.output_hash(),
         code_version=code_version(),
         padded_pixel_fraction=math.fsum(a["padded"] for a in aggregates) / pixels if pixels else 0.0,

@@ -8,7 +8,7 @@ import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from convllava.shards import Manifest
+from convllava.data.shards import Manifest
 
 
 def code_version() -> str:

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import PurePosixPath
 
-from convllava.storage import is_s3
+from convllava.io.storage import is_s3
 
 MAX_RECORD_BYTES = 1_000_000  # one annotation record; anything bigger is hostile or broken
 

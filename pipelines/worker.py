@@ -22,11 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from convllava.image_processing import ImageError, ImageProcessorConfig, load_image
-from convllava.labels import PreflightError, SequenceTooLongError
-from convllava.processor import ConvLlavaProcessor
-from convllava.processor_config import ProcessorConfig
-from convllava.shards import (
+from convllava.data.shards import (
     INDEX_SCHEMA,
     SHARD_SCHEMA,
     TEXT_BUCKET,
@@ -37,9 +33,13 @@ from convllava.shards import (
     write_shard,
     written_entry,
 )
-from convllava.storage import Store, read_bytes
-from convllava.templates import ConversationError
-from convllava.tokenizer import load_tokenizer
+from convllava.io.storage import Store, read_bytes
+from convllava.processing.image_processing import ImageError, ImageProcessorConfig, load_image
+from convllava.processing.labels import PreflightError, SequenceTooLongError
+from convllava.processing.processor import ConvLlavaProcessor
+from convllava.processing.processor_config import ProcessorConfig
+from convllava.processing.templates import ConversationError
+from convllava.processing.tokenizer import load_tokenizer
 from pipelines.config import PreprocessConfig
 from pipelines.ray_runtime import adopt_secrets
 

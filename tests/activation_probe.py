@@ -30,10 +30,10 @@ def _rss_anon() -> int:
 
 
 def main() -> None:
-    from convllava.buckets import STRIDE
-    from convllava.config import ConvLlavaConfig
-    from convllava.modeling import ConvLlavaForCausalLM
-    from convllava.trainable import set_trainable
+    from convllava.modeling.config import ConvLlavaConfig
+    from convllava.modeling.model import ConvLlavaForCausalLM
+    from convllava.modeling.trainable import set_trainable
+    from convllava.processing.buckets import STRIDE
 
     spec = json.loads(sys.argv[1])
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 from transformers import ConvNextConfig, ConvNextModel, LlamaConfig, LlamaForCausalLM
 
-from convllava.llava_checkpoint import from_llava_checkpoint
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.tokenizer import load_tokenizer
+from convllava.modeling.llava_checkpoint import from_llava_checkpoint
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.processing.tokenizer import load_tokenizer
 
 TOWER = dict(depths=[1, 1, 2, 1, 1], hidden_sizes=[16, 32, 64, 96, 128])
 LLM = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)

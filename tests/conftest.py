@@ -29,21 +29,21 @@ pytest_plugins = [
 
 @pytest.fixture(scope="session")
 def tiny_config():
-    from convllava.config import ConvLlavaConfig
+    from convllava.modeling.config import ConvLlavaConfig
 
     return ConvLlavaConfig.from_preset("tiny", attn_implementation="eager")
 
 
 @pytest.fixture(scope="session")
 def tiny_processor(tiny_config):
-    from convllava.processor import ConvLlavaProcessor
+    from convllava.processing.processor import ConvLlavaProcessor
 
     return ConvLlavaProcessor.for_model(tiny_config, "tiny")
 
 
 @pytest.fixture()
 def tiny_model(tiny_config):
-    from convllava.modeling import ConvLlavaForCausalLM
+    from convllava.modeling.model import ConvLlavaForCausalLM
 
     torch.manual_seed(0)
     return ConvLlavaForCausalLM(tiny_config).eval()
@@ -52,7 +52,7 @@ def tiny_model(tiny_config):
 @pytest.fixture(scope="session")
 def photos():
     """Real photos shipped inside scikit-image (decoded from PNG/JPEG files on disk)."""
-    from convllava.sample_images import sample_photos
+    from convllava.data.sample_images import sample_photos
 
     return sample_photos()
 
@@ -119,7 +119,7 @@ def ray_local():
 def build_demo_shards(root, captions: int, instruct: int, evaluation: int):
     """Demo data (seeded) preprocessed at resolution 256 into ROOT/shards; returns that path."""
     from pipelines.config import Mixture, PreprocessConfig
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
     from pipelines.preprocess import run_preprocess
 
     generate_demo_data(root / "data", seed=0, n_caption=captions, n_instruct=instruct, n_eval=evaluation)
@@ -174,7 +174,7 @@ class LlamaReference:
 def vicuna_corpus(seed: int = 0, n: int = 3000) -> list[str]:
     """English-like training sentences: the Vicuna system prompt, USER/ASSISTANT turns, questions, numbers.
     Newlines stay out, so `\\n` is the byte-fallback piece `<0x0A>` as in Llama's vocabulary."""
-    from convllava.templates import VICUNA_SYSTEM
+    from convllava.processing.templates import VICUNA_SYSTEM
 
     rng = random.Random(seed)
     words = re.findall(r"[A-Za-z']+", VICUNA_SYSTEM)
@@ -249,13 +249,23 @@ def llama_reference(vicuna_tokenizer_dir) -> LlamaReference:
 
 
 @pytest.fixture(scope="session")
-def executed_pipeline(ray_local, tmp_path_factory):
-    """One small pipeline run (`dag-test`), shared by the DAG tests and the MLflow UI tests: (root, config, result)."""
-    from pipeline_harness import small_config
+def executed_pipeline_run(ray_local, tmp_path_factory):
+    """One small pipeline run (`dag-test`, the demo's three stages), shared by the DAG tests, the MLflow UI tests and
+    the stage-records tests: (root, config, result, recorder), the `Recorder` having counted the plans and config
+    uploads of the run (this process is its driver)."""
+    from pipeline_harness import Recorder, small_config
 
     from jobs.dag.runner import run_pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
     config = small_config(root / "pipeline.yaml", "dag-test")
-    result = run_pipeline(str(config), workdir=str(root / "wd"))
-    return root, config, result
+    with pytest.MonkeyPatch.context() as mp:
+        recorder = Recorder(mp)
+        result = run_pipeline(str(config), workdir=str(root / "wd"))
+    return root, config, result, recorder
+
+
+@pytest.fixture(scope="session")
+def executed_pipeline(executed_pipeline_run):
+    """The shared small pipeline run: (root, config, result)."""
+    return executed_pipeline_run[:3]

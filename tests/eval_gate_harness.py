@@ -38,7 +38,7 @@ def score_answers(benches, answer) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def paper_root(tmp_path_factory):
-    from convllava.sample_images import sample_photos
+    from convllava.data.sample_images import sample_photos
 
     root, photos = tmp_path_factory.mktemp("benchmarks"), sample_photos()
     rows = []

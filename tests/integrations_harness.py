@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from convllava.checkpoint import save_checkpoint
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
+from convllava.modeling.checkpoint import save_checkpoint
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.processing.processor import ConvLlavaProcessor
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "disabled"}
 N_EVAL = 10
@@ -22,7 +22,7 @@ def tiny_ckpt(tmp_path_factory, tiny_config) -> Path:
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory) -> Path:
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
 
     root = tmp_path_factory.mktemp("demo") / "data"
     generate_demo_data(root, seed=0, n_caption=N_EVAL, n_instruct=N_EVAL, n_eval=N_EVAL)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 
+import pytest
 import yaml
 
+import jobs.train.preflight
 from jobs.tracking.runs import client
+from jobs.tracking.vocabulary import ARTIFACT_STAGE_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = ["preprocess", "stage1", "stage2", "stage3", "eval"]
@@ -65,3 +69,32 @@ def runs_of(tracking: str, experiment: str):
         if "convllava.node" in r.data.tags:
             children.setdefault(r.data.tags["mlflow.parentRunId"], {})[r.data.tags["convllava.node"]] = r
     return parents, children
+
+
+class Recorder:
+    """Counts, in this process (the driver), the plans made by stage name, and per run the `stage_config.yaml`
+    uploads and the batches of params that carry a stage config's `lr`."""
+
+    def __init__(self, mp: pytest.MonkeyPatch) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.plans: Counter[str] = Counter()
+        self.configs: Counter[str] = Counter()
+        self.params: Counter[str] = Counter()
+        plan_stage, log_text, log_batch = jobs.train.preflight.plan_stage, MlflowClient.log_text, MlflowClient.log_batch
+
+        def counted_plan(config, **kwargs):
+            self.plans[config.name] += 1
+            return plan_stage(config, **kwargs)
+
+        def counted_text(client_, run_id, text, artifact_file):
+            self.configs[run_id] += artifact_file == ARTIFACT_STAGE_CONFIG
+            return log_text(client_, run_id, text, artifact_file)
+
+        def counted_batch(client_, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
+            self.params[run_id] += any(p.key == "lr" for p in params or ())
+            return log_batch(client_, run_id, metrics, params, tags, *args, **kwargs)
+
+        mp.setattr(jobs.train.preflight, "plan_stage", counted_plan)
+        mp.setattr(MlflowClient, "log_text", counted_text)
+        mp.setattr(MlflowClient, "log_batch", counted_batch)

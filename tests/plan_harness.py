@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convllava.config import ConvLlavaConfig
+from convllava.modeling.config import ConvLlavaConfig
 
 # A mid-size ConvLLaVA: a 6-layer, 768-wide LM with Vicuna's 32000-token vocabulary and a small five-stage tower,
 # about 100M parameters (400 MB in fp32).

@@ -57,7 +57,7 @@ def good_set(root: Path, n: int = 6) -> list[dict]:
 
 def run(root: Path, records: list, out: Path, **cfg) -> dict:
     write_jsonl(root / "data.jsonl", records)
-    mixture = Mixture((Source("data", str(root / "data.jsonl"), str(root)),))
+    mixture = Mixture(sources=(Source(name="data", annotations=str(root / "data.jsonl"), image_root=str(root)),))
     config = PreprocessConfig(resolution=256, max_length=256, **cfg)
     run_preprocess(mixture, config, str(out), echo=lambda *_: None)
     return json.loads((out / "manifest.json").read_text())

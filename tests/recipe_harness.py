@@ -86,7 +86,7 @@ def join_gloo(rank: int, world: int, port: int) -> None:
 
 def _rank(rank: int, world: int, args: argparse.Namespace, port: int) -> None:
     join_gloo(rank, world, port)
-    from convllava.shards import ShardSet
+    from convllava.data.shards import ShardSet
     from jobs.train.config import StageConfig
     from jobs.train.recipe import StageRecipe
     from jobs.train.strategy import DeepSpeedStrategy

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import psutil
@@ -10,6 +12,30 @@ from safetensors.torch import load_file
 
 from jobs.tracking.runs import client
 from jobs.train.config import CONFIG_DIR, StageConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+# Ray and MLflow made unimportable (what `importlib.util.find_spec` reports for a package that is not installed),
+# then the `convllava` command in this one process; it prints which of the two it loaded after all.
+WITHOUT_RAY_OR_MLFLOW = """
+import sys
+for name in ("ray", "mlflow"):
+    sys.modules[name] = None
+from jobs.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("ray", "mlflow"))
+print("LOADED", loaded)
+sys.exit(code)
+"""
+
+
+def cli_without_ray_or_mlflow(*args: str) -> subprocess.CompletedProcess:
+    """`convllava ARGS` in a process of its own where Ray and MLflow cannot be imported."""
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_RAY_OR_MLFLOW, *args], cwd=ROOT, capture_output=True, text=True
+    )
 
 
 def tiny(stage: int, data: Path, **changes) -> StageConfig:

@@ -5,7 +5,7 @@
 - `convllava.integrations.vlmevalkit`: a model for VLMEvalKit (`generate(message)` on interleaved image/text
   messages). Subclasses VLMEvalKit's `BaseModel` when `vlmeval` is importable; works without it.
 
-Both answer through `generate_interleaved`: the prompt building and decoding of `convllava.inference.generate`, with
+Both answer through `generate_interleaved`: the prompt building and decoding of `convllava.modeling.inference.generate`, with
 any number of images per question, each at its `<image>` tag.
 
 This package imports neither framework; each adapter module imports its own.
@@ -19,11 +19,11 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from convllava.checkpoint import load_model
-from convllava.image_processing import load_image, to_rgb
-from convllava.inference import GenerationOptions, _generate_ids
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
+from convllava.modeling.checkpoint import load_model
+from convllava.modeling.inference import GenerationOptions, _generate_ids
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.processing.image_processing import load_image, to_rgb
+from convllava.processing.processor import ConvLlavaProcessor
 
 LMMS_EVAL_MODEL_NAME = "convllava"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,7 +82,7 @@ def generate_interleaved(
 ) -> list[str]:
     """Answer a batch of single-turn prompts, each with any number of images.
 
-    The prompts are built by `ConvLlavaProcessor.generation_batch`, as `convllava.inference.generate` builds them:
+    The prompts are built by `ConvLlavaProcessor.generation_batch`, as `convllava.modeling.inference.generate` builds them:
     each prompt's images fill its `<image>` tags in order, and a prompt with images but no tag gets one tag per image
     prepended, so both give the same answer for one image.
 

@@ -9,7 +9,7 @@ works once convllava is installed, without touching lmms-eval. The class also ca
 `@register_model("convllava")`. In Python, `simple_evaluate(model=ConvLlavaLmms(pretrained=...), ...)` needs
 neither.
 
-Requests. `generate_until` answers with the greedy decoding of `convllava.inference.generate` (sampling when a
+Requests. `generate_until` answers with the greedy decoding of `convllava.modeling.inference.generate` (sampling when a
 task asks for `do_sample` with a temperature > 0) and cuts the answer at the task's `until` strings.
 `loglikelihood` (multiple-choice tasks) scores the continuation appended to the generation prompt
 (`... ASSISTANT:` + continuation, tokenized on its own, as lm-eval's Hugging Face models do). Every image the
@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from PIL import Image
 
-from convllava.inference import GenerationOptions
 from convllava.integrations import (
     LMMS_EVAL_MODEL_NAME,
     as_image,
     generate_interleaved,
     load_for_eval,
 )
+from convllava.modeling.inference import GenerationOptions
 
 try:
     from lmms_eval.api.instance import Instance

@@ -15,7 +15,7 @@ class subclasses `vlmeval.vlm.base.BaseModel`; otherwise `LocalBaseModel` below,
 
 Messages are lists of `{"type": "image" | "text", "value": ...}` in reading order. Each image becomes an `<image>`
 tag at its place; the items are joined with newlines, so `[image, text]` gives `"<image>\\n" + text`, the prompt
-`convllava.inference.generate` builds for one image, and both answer alike (greedy). Several images are accepted,
+`convllava.modeling.inference.generate` builds for one image, and both answer alike (greedy). Several images are accepted,
 each at its tag (`INTERLEAVE = True`); ConvLLaVA was trained on one image per conversation, so answers about
 several images are outside what it learned.
 """
@@ -27,9 +27,9 @@ from typing import Any
 
 from PIL import Image
 
-from convllava.inference import GenerationOptions
 from convllava.integrations import as_image, generate_interleaved, load_for_eval
-from convllava.templates import IMAGE_TOKEN
+from convllava.modeling.inference import GenerationOptions
+from convllava.processing.templates import IMAGE_TOKEN
 
 MESSAGE_TYPES = ("text", "image")
 

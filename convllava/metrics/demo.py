@@ -1,4 +1,4 @@
-"""Scores on the demo data's held-out sets (pipelines/demo_data.py: eval/{open,pope,grounding,detail}.jsonl)."""
+"""Scores on the demo data's held-out sets (pipelines/demo/data.py: eval/{open,pope,grounding,detail}.jsonl)."""
 
 from __future__ import annotations
 

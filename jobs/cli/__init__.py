@@ -28,10 +28,10 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 def build_parser() -> argparse.ArgumentParser:
     # Choices and defaults come from the constants the configs check against (light modules: no torch here).
-    from convllava.buckets import MODES
-    from convllava.templates import TEMPLATES, TOKENIZATIONS
+    from convllava.processing.buckets import MODES
+    from convllava.processing.templates import TEMPLATES, TOKENIZATIONS
     from jobs.train.config import STAGES
-    from pipelines.demo_data import DEFAULTS as DEMO_DATA
+    from pipelines.demo.data import DEFAULTS as DEMO_DATA
 
     parser = argparse.ArgumentParser(prog="convllava", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="subcommand", required=True)
@@ -199,10 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: an embedded local instance)")
     p.set_defaults(func=commands.cmd_demo)
 
-    p = sub.add_parser("quickstart", help="one minute: fine-tune the tiny model on real photos and ask about them")
-    p.add_argument("--workdir", default="work/quickstart")
-    p.add_argument("--steps", type=int, default=120)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "quickstart",
+        help="one minute: shards of real photos, `train --local` with jobs/configs/quickstart.yaml, ask about them",
+    )
+    p.add_argument("--workdir", default="work/quickstart", help="holds data/, shards/ and runs/")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of jobs/configs/quickstart.yaml (values are YAML)")
     p.set_defaults(func=commands.cmd_quickstart)
     return parser
 

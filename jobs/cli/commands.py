@@ -8,13 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+from jobs.tracking.vocabulary import TRAIN_LOSS
+
 DEMO_CONFIG = Path(__file__).parents[1] / "configs" / "demo.yaml"
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from convllava.checkpoint import load_model
-    from convllava.image_processing import load_image
-    from convllava.inference import GenerationOptions, chat_reply
+    from convllava.modeling.checkpoint import load_model
+    from convllava.modeling.inference import GenerationOptions, chat_reply
+    from convllava.processing.image_processing import load_image
 
     model, processor = load_model(args.model)
     image = load_image(args.image) if args.image else None
@@ -41,10 +43,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
-    from convllava.checkpoint import save_checkpoint
-    from convllava.llava_checkpoint import from_llava_checkpoint
-    from convllava.storage import is_s3
-    from convllava.weights import CheckpointError
+    from convllava.io.storage import is_s3
+    from convllava.modeling.checkpoint import save_checkpoint
+    from convllava.modeling.llava_checkpoint import from_llava_checkpoint
+    from convllava.modeling.weights import CheckpointError
 
     # Writing into the source would replace its config.json, and the loaded weights may be the memory-mapped pages
     # of its files: overwriting one of those while it is mapped corrupts the model being written.
@@ -71,10 +73,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_init(args: argparse.Namespace) -> int:
     import torch
 
-    from convllava.checkpoint import save_checkpoint
-    from convllava.config import ConvLlavaConfig
-    from convllava.modeling import ConvLlavaForCausalLM
-    from convllava.processor import ConvLlavaProcessor
+    from convllava.modeling.checkpoint import save_checkpoint
+    from convllava.modeling.config import ConvLlavaConfig
+    from convllava.modeling.model import ConvLlavaForCausalLM
+    from convllava.processing.processor import ConvLlavaProcessor
 
     torch.manual_seed(args.seed)
     config = ConvLlavaConfig.from_preset(args.preset)
@@ -87,9 +89,9 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from convllava.buckets import num_visual_tokens
-    from convllava.config import ConvLlavaConfig
-    from convllava.modeling import ConvLlavaForCausalLM
+    from convllava.modeling.config import ConvLlavaConfig
+    from convllava.modeling.model import ConvLlavaForCausalLM
+    from convllava.processing.buckets import num_visual_tokens
 
     config = ConvLlavaConfig.from_preset(args.preset)
     with torch.device("meta"):  # shapes only: a 7B preset allocates nothing
@@ -102,17 +104,18 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
-    from pipelines.config import ConfigError, Mixture, PreprocessConfig
+    from convllava.io.config import ConfigLoadError
+    from pipelines.config import Mixture, PreprocessConfig
     from pipelines.preprocess import QuarantineLimitExceeded, run_preprocess
 
     if args.mixture and (args.annotations or args.image_root):
-        raise ConfigError("use either --mixture or --annotations with --image-root, not both")
+        raise ConfigLoadError("use either --mixture or --annotations with --image-root, not both")
     if args.mixture:
         mixture = Mixture.from_yaml(args.mixture)
     elif args.annotations and args.image_root:
         mixture = Mixture.from_files(args.annotations, args.image_root)
     else:
-        raise ConfigError("give --annotations FILE (repeatable) with --image-root DIR, or --mixture YAML")
+        raise ConfigLoadError("give --annotations FILE (repeatable) with --image-root DIR, or --mixture YAML")
     overrides = dict(
         resolution=args.resolution,
         mode=args.mode,
@@ -150,9 +153,11 @@ def _has_preprocess(path: str) -> bool:
 
 
 def cmd_demo_data(args: argparse.Namespace) -> int:
-    from pipelines.demo_data import DemoDataConfig
+    from pipelines.demo.data import DemoDataConfig
 
-    config = DemoDataConfig(args.seed, args.captions, args.instruct, args.eval, with_photos=not args.no_photos)
+    config = DemoDataConfig(
+        seed=args.seed, captions=args.captions, instruct=args.instruct, eval=args.eval, with_photos=not args.no_photos
+    )
     print(config.generate(args.output))
     return 0
 
@@ -174,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         local = run_local(config, storage, run_name=args.run_name)
         if local.resumed_from:
             print(f"{config.name}: resumed at step {local.resumed_from}")
-        print(f"{config.name}: {local.steps} steps, final loss {local.metrics.get('train/loss', float('nan')):.4f}")
+        print(f"{config.name}: {local.steps} steps, final loss {local.metrics.get(TRAIN_LOSS, float('nan')):.4f}")
         print(f"checkpoint: {local.checkpoint_uri}")
         print(f"model:      {local.model_uri}")
         return 0
@@ -186,9 +191,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = run_stage(
             config, storage, tracking_uri=tracking, run_name=args.run_name, address=args.address, on_step=progress.step
         )
-        loss = result.metrics.get("train/loss")
-        progress.finished("ran", time.time() - progress.node_start, None if loss is None else ("train/loss", loss))
-    print(f"{config.name}: {result.steps} steps, final loss {result.metrics.get('train/loss', float('nan')):.4f}")
+        loss = result.metrics.get(TRAIN_LOSS)
+        progress.finished("ran", time.time() - progress.node_start, None if loss is None else (TRAIN_LOSS, loss))
+    print(f"{config.name}: {result.steps} steps, final loss {result.metrics.get(TRAIN_LOSS, float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint_uri}")
     print(f"model:      {result.model_uri}")
     return 0
@@ -313,9 +318,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from convllava.quickstart import run_quickstart
+    from jobs.quickstart import run_quickstart
 
-    return run_quickstart(args.workdir, steps=args.steps, seed=args.seed)
+    return run_quickstart(args.workdir, args.overrides)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

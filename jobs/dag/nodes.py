@@ -16,16 +16,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from convllava.shards import Manifest
-from jobs.dag.runbook import NodeOutcome, RunBook
+from convllava.data.shards import Manifest
+from jobs.dag.runbook import NodeOutcome, RunBook, written_rows
 from jobs.tracking.runs import log_dataset, log_params
+from jobs.tracking.vocabulary import (
+    ARTIFACT_CHECKPOINT,
+    PREPROCESS_COUNTS,
+    TAG_CHECKPOINT_URI,
+    TAG_CONFIG_HASH,
+    TAG_GATE,
+    TAG_INPUT_FINGERPRINT,
+    TAG_PARENT_CHECKPOINT,
+    TAG_STAGE,
+    TRAIN_LOSS,
+    WRITTEN,
+    manifest_artifact,
+    preprocess_metric,
+    stage_run_name,
+)
 
 if TYPE_CHECKING:
-    from jobs.dag.runner import TrainingDag
+    from jobs.dag.config import PipelineConfig
+    from jobs.train.plan import MemoryPlan
 
 
 def node_key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What a node reads of the execution it runs in; `TrainingDag.run` builds it once, after opening the parent run."""
+
+    config: PipelineConfig
+    parent: str  # the execution's parent run id
+    tracking_uri: str
+    client: Any  # MlflowClient on tracking_uri
+    address: str | None  # the Ray cluster; None: the embedded local one
+    data_root: Path | str  # a local folder, or an s3:// prefix the data sets' relative paths are under
+    shards: dict[str, str]  # data set → where its shards are written
+    train_storage: str  # where Ray Train keeps the stages' checkpoints (a folder or s3:// prefix)
+    eval_dir: Path  # the eval node's outputs, one folder per key under it
+    on_step: Callable[[int, int, dict[str, float]], None]  # a stage's logged steps, for the progress view
 
 
 @dataclass
@@ -63,32 +95,32 @@ def run_node(runs: RunBook, parent: str, work: NodeWork, force: bool) -> NodeOut
     return NodeOutcome(work.name, "ran", time.time() - start, out.output, run_id, out.key_metric)
 
 
-def preprocess_node(dag: TrainingDag) -> tuple[NodeWork, dict[str, str], dict[str, str]]:
+def preprocess_node(ctx: NodeContext) -> tuple[NodeWork, dict[str, str], dict[str, str]]:
     """Ray Data preprocessing of every data set; also returns the shard URIs and input fingerprints by data set."""
     from pipelines.preprocess import fingerprint_mixture, run_preprocess
 
-    pconfig = dag.config.preprocess_config()
-    mixtures = {name: dag.config.mixture(name, dag.data_root) for name in sorted(dag.config.datasets)}
-    shards = {name: dag.shards_uri(name) for name in mixtures}
-    fingerprints = {name: fingerprint_mixture(m, pconfig, shards[name], dag.address) for name, m in mixtures.items()}
+    pconfig = ctx.config.preprocess_config()
+    mixtures = {name: ctx.config.mixture(name, ctx.data_root) for name in sorted(ctx.config.datasets)}
+    shards = {name: ctx.shards[name] for name in mixtures}
+    fingerprints = {name: fingerprint_mixture(m, pconfig, shards[name], ctx.address) for name, m in mixtures.items()}
 
     def execute(run_id: str) -> Executed:
-        log_params(dag.tracking_uri, run_id, pconfig.to_dict())
+        log_params(ctx.tracking_uri, run_id, pconfig.to_dict())
         metrics = {}
         for name, mixture in mixtures.items():
-            manifest = run_preprocess(mixture, pconfig, shards[name], address=dag.address).manifest
+            manifest = run_preprocess(mixture, pconfig, shards[name], address=ctx.address).manifest
             profile = manifest.input_profile()
             annotations = ",".join(s.annotations for s in mixture.sources)
-            log_dataset(dag.tracking_uri, run_id, name, annotations, fingerprints[name][:32], profile, context="raw")
-            metrics.update({f"{name}/{k}": getattr(manifest, k) for k in ("read", "written", "quarantined")})
-            dag.runs.client.log_text(run_id, json.dumps(manifest.to_dict(), indent=2), f"manifests/{name}.json")
-        written = sum(v for k, v in metrics.items() if k.endswith("/written"))
-        return Executed(",".join(f"{k}={v}" for k, v in shards.items()), metrics, ("written", written))
+            log_dataset(ctx.tracking_uri, run_id, name, annotations, fingerprints[name][:32], profile, context="raw")
+            metrics.update({preprocess_metric(name, k): getattr(manifest, k) for k in PREPROCESS_COUNTS})
+            ctx.client.log_text(run_id, json.dumps(manifest.to_dict(), indent=2), manifest_artifact(name))
+        written = written_rows(metrics)
+        return Executed(",".join(f"{k}={v}" for k, v in shards.items()), metrics, (WRITTEN, written))
 
     work = NodeWork(
         "preprocess",
         node_key("preprocess", pconfig.to_dict(), fingerprints, shards),
-        {"convllava.input_fingerprint": node_key(fingerprints), "convllava.config_hash": pconfig.output_hash()},
+        {TAG_INPUT_FINGERPRINT: node_key(fingerprints), TAG_CONFIG_HASH: pconfig.output_hash()},
         execute,
         valid=lambda _: all(_manifest_matches(shards[n], fingerprints[n]) for n in shards),
     )
@@ -96,45 +128,50 @@ def preprocess_node(dag: TrainingDag) -> tuple[NodeWork, dict[str, str], dict[st
 
 
 def stage_node(
-    dag: TrainingDag, node: str, shards: dict[str, str], fingerprints: dict[str, str], init_from: str | None
+    ctx: NodeContext,
+    node: str,
+    shards: dict[str, str],
+    fingerprints: dict[str, str],
+    init_from: str | None,
+    plan: MemoryPlan | None = None,
 ) -> NodeWork:
-    """One training stage on Ray Train; its output is the consolidated model's URI."""
-    spec = dag.config.stages[node]
-    stage = dag.config.stage_config(node, shards[spec.data], init_from)
+    """One training stage on Ray Train; its output is the consolidated model's URI. `plan`: the stage's memory plan
+    from the pipeline's preflight, handed to `run_stage` (which logs it and the stage's config into the run)."""
+    spec = ctx.config.stages[node]
+    stage = ctx.config.stage_config(node, shards[spec.data], init_from)
     key = node_key(node, stage.to_dict(), fingerprints[spec.data])
 
     def execute(run_id: str) -> Executed:
         from jobs.train.driver import run_stage
 
-        log_params(dag.tracking_uri, run_id, stage.to_dict())
-        dag.runs.client.log_text(run_id, stage.to_yaml(), "stage_config.yaml")
         out = run_stage(
             stage,
-            dag.storage_uri("runs"),
-            tracking_uri=dag.tracking_uri,
+            ctx.train_storage,
+            tracking_uri=ctx.tracking_uri,
             run_id=run_id,
-            run_name=f"{node}-{key[:10]}-{dag.parent[:8]}",
-            address=dag.address,
-            on_step=dag.progress.step,
+            run_name=stage_run_name(node, key, ctx.parent),
+            address=ctx.address,
+            on_step=ctx.on_step,
+            plan=plan,
         )
-        dag.runs.client.log_text(run_id, json.dumps(checkpoint_reference(out.model_uri), indent=2), "checkpoint.json")
-        dag.runs.client.set_tag(run_id, "convllava.checkpoint_uri", out.checkpoint_uri)
-        loss = out.metrics.get("train/loss")
-        return Executed(out.model_uri, key_metric=("train/loss", loss) if loss is not None else None)
+        ctx.client.log_text(run_id, json.dumps(checkpoint_reference(out.model_uri), indent=2), ARTIFACT_CHECKPOINT)
+        ctx.client.set_tag(run_id, TAG_CHECKPOINT_URI, out.checkpoint_uri)
+        loss = out.metrics.get(TRAIN_LOSS)
+        return Executed(out.model_uri, key_metric=(TRAIN_LOSS, loss) if loss is not None else None)
 
     tags = {
-        "convllava.stage": str(stage.stage),
-        "convllava.config_hash": stage.config_hash(),
-        "convllava.input_fingerprint": fingerprints[spec.data],
-        "convllava.parent_checkpoint": init_from or "",
+        TAG_STAGE: str(stage.stage),
+        TAG_CONFIG_HASH: stage.config_hash(),
+        TAG_INPUT_FINGERPRINT: fingerprints[spec.data],
+        TAG_PARENT_CHECKPOINT: init_from or "",
     }
     return NodeWork(node, key, tags, execute, valid=_still_there)
 
 
-def eval_node(dag: TrainingDag, model_uri: str, gate: dict[str, Any]) -> NodeWork:
+def eval_node(ctx: NodeContext, model_uri: str, gate: dict[str, Any]) -> NodeWork:
     """Evaluate `model_uri` on the suite, log it as an MLflow model, register it and apply the champion gate.
     The gate decision lands in `gate` (and on the run's and the parent's tags)."""
-    ev = dag.config.eval
+    ev = ctx.config.eval
     key = node_key("eval", ev.key(), model_uri)
 
     def execute(run_id: str) -> Executed:
@@ -146,38 +183,38 @@ def eval_node(dag: TrainingDag, model_uri: str, gate: dict[str, Any]) -> NodeWor
         out = run_eval(
             model_uri,
             ev.suite,
-            dag.workdir / "eval" / key[:12],
-            tracking_uri=dag.tracking_uri,
+            ctx.eval_dir / key[:12],
+            tracking_uri=ctx.tracking_uri,
             run_id=run_id,
-            address=dag.address,
+            address=ctx.address,
             limit=ev.limit,
-            data_root=ev.data_root or str(dag.data_root),
+            data_root=ev.data_root or str(ctx.data_root),
             max_new_tokens=max_new_tokens,
         )
-        primary = dag.config.primary_metric
+        primary = ctx.config.primary_metric
         value = out.metrics[primary]
         # The version is an MLflow model (loads with mlflow.pyfunc, serves with `mlflow models serve`), logged
         # into this eval run: from a metric to the model it measured, from the model to its checkpoint.
         logged = log_model(
-            dag.tracking_uri, run_id, model_uri, example_image(), dag.config.model_mode, max_new_tokens=max_new_tokens
+            ctx.tracking_uri, run_id, model_uri, example_image(), ctx.config.model_mode, max_new_tokens=max_new_tokens
         )
         decision = registry.register_and_gate(
-            dag.tracking_uri,
-            dag.config.registered_model,
+            ctx.tracking_uri,
+            ctx.config.registered_model,
             logged.model_uri,
             run_id,
             primary,
             value,
-            dag.config.higher_is_better,
+            ctx.config.higher_is_better,
             checkpoint_uri=model_uri,
             model_id=logged.model_id,
         )
-        for run in (run_id, dag.parent):
-            dag.runs.client.set_tag(run, "convllava.gate", json.dumps(decision))
+        for run in (run_id, ctx.parent):
+            ctx.client.set_tag(run, TAG_GATE, json.dumps(decision))
         gate.update(decision)
         return Executed(str(out.output), key_metric=(primary, value))
 
-    tags = {"convllava.parent_checkpoint": model_uri, "convllava.config_hash": node_key(ev.key())}
+    tags = {TAG_PARENT_CHECKPOINT: model_uri, TAG_CONFIG_HASH: node_key(ev.key())}
     return NodeWork("eval", key, tags, execute)
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobs.dag.config import PipelineConfig
-from jobs.dag.runbook import TAG_REUSED, TAG_SKIPPED, RunBook, key_metric
+from jobs.dag.runbook import RunBook, key_metric
 from jobs.tracking.runs import client, default_tracking_uri
+from jobs.tracking.vocabulary import EVAL_METRICS_FILE, TAG_REUSED, TAG_SKIPPED
 
 if TYPE_CHECKING:
     from jobs.dag.runner import PipelineResult
@@ -64,8 +65,8 @@ def summary(result: PipelineResult, tracking_uri: str) -> str:
     for n in result.nodes:
         lines.append(f"{n.node:{w}s} {n.status:8s} {n.seconds:7.1f}s  {_metric_text(n.metric)}")
     evaluated = next((n for n in result.nodes if n.node == "eval"), None)
-    if evaluated is not None and (Path(evaluated.output) / "metrics.json").is_file():
-        lines += ["", accuracy_table(json.loads((Path(evaluated.output) / "metrics.json").read_text()))]
+    if evaluated is not None and (Path(evaluated.output) / EVAL_METRICS_FILE).is_file():
+        lines += ["", accuracy_table(json.loads((Path(evaluated.output) / EVAL_METRICS_FILE).read_text()))]
     if result.gate:
         g = result.gate
         lines += ["", f"registered {g['model']} version {g['version']} as candidate; champion: {g['decision']}"]

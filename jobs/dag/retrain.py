@@ -15,10 +15,10 @@ from pathlib import Path
 
 from jobs.dag.config import PipelineConfig
 from jobs.dag.report import summary
-from jobs.dag.runbook import TAG_RAW_FINGERPRINT
 from jobs.dag.runner import TrainingDag, raw_fingerprint, workdir_lock
 from jobs.progress import Progress
 from jobs.tracking.runs import default_tracking_uri
+from jobs.tracking.vocabulary import TAG_RAW_FINGERPRINT
 
 
 @dataclass

@@ -12,16 +12,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.tracking.runs import client, log_params
-
-TAG_PIPELINE = "convllava.pipeline"
-TAG_PIPELINE_KEY = "convllava.pipeline_key"
-TAG_NODE = "convllava.node"
-TAG_KEY = "convllava.node_key"
-TAG_OUTPUT = "convllava.output_uri"
-TAG_SKIPPED = "convllava.skipped"
-TAG_REUSED = "convllava.reused_run_id"
-TAG_PARENT = "mlflow.parentRunId"
-TAG_RAW_FINGERPRINT = "convllava.raw_fingerprint"
+from jobs.tracking.vocabulary import (
+    ARTIFACT_PIPELINE_CONFIG,
+    TAG_CODE_VERSION,
+    TAG_NODE,
+    TAG_NODE_KEY,
+    TAG_OUTPUT,
+    TAG_PARENT_RUN,
+    TAG_PIPELINE,
+    TAG_PIPELINE_KEY,
+    TAG_REUSED,
+    TAG_SKIPPED,
+    TRAIN_LOSS,
+    WRITTEN,
+    eval_metric,
+)
 
 
 @dataclass
@@ -64,11 +69,16 @@ def find_runs(
 
 def key_metric(node: str, metrics: dict[str, float], primary: str = "") -> tuple[str, float] | None:
     """The figure a node is summarised by: final loss for stages, the primary metric for eval, rows written."""
-    wanted = {"eval": f"eval/{primary}".replace("@", "_at_")}.get(node, "train/loss")
+    wanted = eval_metric(primary) if node == "eval" else TRAIN_LOSS
     if wanted in metrics:
         return wanted, metrics[wanted]
-    written = sum(v for k, v in metrics.items() if k.endswith("/written"))
-    return ("written", written) if node == "preprocess" and written else None
+    written = written_rows(metrics)
+    return (WRITTEN, written) if node == "preprocess" and written else None
+
+
+def written_rows(metrics: dict[str, float]) -> float:
+    """Rows preprocessing wrote over every data set, from its `<data set>/written` metrics."""
+    return sum(v for k, v in metrics.items() if k.endswith(f"/{WRITTEN}"))
 
 
 class RunBook:
@@ -90,23 +100,23 @@ class RunBook:
             if runs and runs[0].info.status != "FINISHED":
                 self.client.update_run(runs[0].info.run_id, status="RUNNING")
                 return runs[0].info.run_id
-        tags = {TAG_PIPELINE: self.pipeline, TAG_PIPELINE_KEY: key, "convllava.code_version": code_version}
+        tags = {TAG_PIPELINE: self.pipeline, TAG_PIPELINE_KEY: key, TAG_CODE_VERSION: code_version}
         run_id = self.client.create_run(self.experiment_id, run_name=self.pipeline, tags=tags).info.run_id
         log_params(self.tracking_uri, run_id, params)
-        self.client.log_text(run_id, json.dumps(params, indent=2), "pipeline_config.json")
+        self.client.log_text(run_id, json.dumps(params, indent=2), ARTIFACT_PIPELINE_CONFIG)
         return run_id
 
     def child_run(self, parent: str, node: str, node_key: str, tags: dict[str, str]) -> str:
         """The node's run under `parent`: the one a resumed execution already made, else a new one."""
-        runs = self._find(tags={TAG_PARENT: parent, TAG_NODE: node, TAG_KEY: node_key}, max_results=1)
+        runs = self._find(tags={TAG_PARENT_RUN: parent, TAG_NODE: node, TAG_NODE_KEY: node_key}, max_results=1)
         if runs:
             self.client.update_run(runs[0].info.run_id, status="RUNNING")
             return runs[0].info.run_id
         all_tags = {
-            TAG_PARENT: parent,
+            TAG_PARENT_RUN: parent,
             TAG_PIPELINE: self.pipeline,
             TAG_NODE: node,
-            TAG_KEY: node_key,
+            TAG_NODE_KEY: node_key,
             TAG_SKIPPED: "false",
             **tags,
         }
@@ -115,12 +125,14 @@ class RunBook:
     def reuse(self, parent: str, node: str, node_key: str, tags: dict[str, str], valid) -> NodeOutcome | None:
         """The node's recorded outcome when it need not run: finished earlier in this execution (a resumed one),
         or in any earlier execution with the same key (then recorded here as skipped)."""
-        own = self._find(tags={TAG_PARENT: parent, TAG_NODE: node, TAG_KEY: node_key}, status="FINISHED", max_results=1)
+        own = self._find(
+            tags={TAG_PARENT_RUN: parent, TAG_NODE: node, TAG_NODE_KEY: node_key}, status="FINISHED", max_results=1
+        )
         if own and valid(own[0].data.tags.get(TAG_OUTPUT, "")):
             run = own[0]
             metric = key_metric(node, run.data.metrics, self.primary_metric)
             return NodeOutcome(node, "done", 0.0, run.data.tags.get(TAG_OUTPUT, ""), run.info.run_id, metric)
-        earlier = self._find(tags={TAG_KEY: node_key, TAG_SKIPPED: "false"}, status="FINISHED", max_results=1)
+        earlier = self._find(tags={TAG_NODE_KEY: node_key, TAG_SKIPPED: "false"}, status="FINISHED", max_results=1)
         if earlier and valid(earlier[0].data.tags.get(TAG_OUTPUT, "")):
             return self._record_skip(parent, node, node_key, earlier[0], tags)
         return None
@@ -167,4 +179,4 @@ class RunBook:
         return next((r for r in runs if TAG_NODE not in r.data.tags), None)
 
     def children(self, parent: str) -> dict[str, Any]:
-        return {r.data.tags.get(TAG_NODE): r for r in self._find(tags={TAG_PARENT: parent})}
+        return {r.data.tags.get(TAG_NODE): r for r in self._find(tags={TAG_PARENT_RUN: parent})}

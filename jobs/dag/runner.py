@@ -10,22 +10,26 @@ the stage's latest checkpoint. `--from NODE` re-runs that node and everything af
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from convllava.storage import is_s3
+from filelock import FileLock, Timeout
+
+from convllava.io.storage import is_s3
 from jobs.dag.config import PipelineConfig
-from jobs.dag.nodes import eval_node, node_key, preprocess_node, run_node, stage_node
+from jobs.dag.nodes import NodeContext, eval_node, node_key, preprocess_node, run_node, stage_node
 from jobs.dag.report import describe, summary
-from jobs.dag.runbook import TAG_RAW_FINGERPRINT, NodeOutcome, RunBook
+from jobs.dag.runbook import NodeOutcome, RunBook
 from jobs.progress import Progress
 from jobs.tracking.runs import default_tracking_uri, ensure_experiment
+from jobs.tracking.vocabulary import TAG_GATE, TAG_NOTE, TAG_RAW_FINGERPRINT
+
+if TYPE_CHECKING:
+    from jobs.train.plan import MemoryPlan
 
 
 class PipelineLocked(RuntimeError):
@@ -46,31 +50,31 @@ class PipelineResult:
 @contextmanager
 def workdir_lock(workdir: Path, wait_s: float = 0.0):
     """One pipeline per work dir at a time. `pipeline run` refuses at once (wait_s=0) rather than corrupt a running
-    execution; `retrain` waits its turn. The lock is the kernel's (flock), so a killed driver never leaves it held."""
+    execution; `retrain` waits its turn. The lock is the kernel's (flock, through filelock's `FileLock`), so a killed
+    driver never leaves it held; the lock file names the holder's pid.
+
+    Raises:
+        PipelineLocked: another pipeline still holds the work dir after `wait_s` seconds.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / ".pipeline.lock", "a+") as f:
-        deadline = time.time() + wait_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.time() >= deadline:
-                    f.seek(0)
-                    holder = f.read().strip() or "unknown pid"
-                    raise PipelineLocked(
-                        f"{workdir} is in use by another pipeline run ({holder}); "
-                        "wait for it to finish or use another --workdir"
-                    ) from None
-                time.sleep(1.0)
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    path = workdir / ".pipeline.lock"
+
+    def name_holder(fd: int) -> None:  # filelock truncates the file once it holds the lock, never before
+        os.write(fd, f"pid {os.getpid()}".encode())
+
+    # on_acquired also keeps filelock from falling back to a lock file that outlives a killed holder (no flock)
+    lock = FileLock(path, timeout=wait_s, poll_interval=1.0, on_acquired=name_holder)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = path.read_text().strip() or "unknown pid"
+        raise PipelineLocked(
+            f"{workdir} is in use by another pipeline run ({holder}); wait for it to finish or use another --workdir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 class TrainingDag:
@@ -117,8 +121,9 @@ class TrainingDag:
         )
         result = PipelineResult(False, self.parent, nodes, experiment_id=self.runs.experiment_id)
         client = self.runs.client
+        ctx = self.node_context()
         try:
-            self.preflight()
+            plans = self.preflight()
             self.ensure_demo_data()
             if self.progress.live:  # one live view: Ray Data's own bars would fight it for the line
                 import ray.data
@@ -126,20 +131,21 @@ class TrainingDag:
 
                 ray.data.DataContext.get_current().enable_progress_bars = False
                 log_once("ray_data_progress_manager_disabled")  # taken: Ray Data's "Progress bars disabled" warning
-            work, shards, fingerprints = preprocess_node(self)
+            work, shards, fingerprints = preprocess_node(ctx)
             self._run(result, work, force_from <= 0)
             client.set_tag(self.parent, TAG_RAW_FINGERPRINT, node_key(fingerprints))
             init = self._champion_model() if self.config.init_from_champion else None
             for i, (node, spec) in enumerate(self.config.stages.items(), start=1):
                 init = self.init_source(spec.init_from) if spec.init_from else init  # else the previous stage's
-                init = self._run(result, stage_node(self, node, shards, fingerprints, init), force_from <= i).output
-            done = self._run(result, eval_node(self, init, result.gate), force_from <= len(nodes) - 1)
+                stage = stage_node(ctx, node, shards, fingerprints, init, plans[node])
+                init = self._run(result, stage, force_from <= i).output
+            done = self._run(result, eval_node(ctx, init, result.gate), force_from <= len(nodes) - 1)
             if done.status != "ran":
-                result.gate = json.loads(self.runs.source_tags(done.run_id).get("convllava.gate", "{}"))
+                result.gate = json.loads(self.runs.source_tags(done.run_id).get(TAG_GATE, "{}"))
             result.ok = True
         finally:
             # The parent run's description (MLflow's note): what ran, how long, the key figures, the gate.
-            client.set_tag(self.parent, "mlflow.note.content", describe(self.config.name, result))
+            client.set_tag(self.parent, TAG_NOTE, describe(self.config.name, result))
             client.set_terminated(self.parent, "FINISHED" if result.ok else "FAILED")
         return result
 
@@ -151,25 +157,42 @@ class TrainingDag:
             self.progress.finished(outcome.status, outcome.seconds, outcome.metric)
         return outcome
 
-    def preflight(self) -> None:
-        """Every stage's memory plan before the first image is read: a stage that cannot fit its GPUs stops the
-        pipeline now, not after preprocessing and the stages before it. Shards that do not exist yet are planned at
-        the preprocess config's resolution and max_length; a stage that starts from the one before it has that
-        stage's architecture. Each plan goes into the parent run (`STAGE/plan/...`, `STAGE/plan.txt`); `run_stage`
-        plans again on the real shards."""
+    def node_context(self) -> NodeContext:
+        """What this execution's nodes read: made once per `run`, when the parent run is open."""
+        return NodeContext(
+            config=self.config,
+            parent=self.parent,
+            tracking_uri=self.tracking_uri,
+            client=self.runs.client,
+            address=self.address,
+            data_root=self.data_root,
+            shards={name: self.shards_uri(name) for name in self.config.datasets},
+            train_storage=self.storage_uri("runs"),
+            eval_dir=self.workdir / "eval",
+            on_step=self.progress.step,
+        )
+
+    def preflight(self) -> dict[str, MemoryPlan]:
+        """Every stage's memory plan, by stage, before the first image is read: a stage that cannot fit its GPUs stops
+        the pipeline now, not after preprocessing and the stages before it. Shards that do not exist yet are planned
+        at the preprocess config's resolution and max_length; a stage that starts from
+        the one before it has that stage's architecture. Each plan goes into the parent run (`STAGE/plan/...`,
+        `STAGE/plan.txt`) and is handed to its stage, whose run logs it: a stage is planned once per execution."""
         from jobs.train.preflight import preflight
 
         pconfig = self.config.preprocess_config()
         assumed = (pconfig.max_length, (pconfig.resolution, pconfig.resolution))
         before = None
+        plans = {}
         for i, (node, spec) in enumerate(self.config.stages.items()):
             init = self._champion_model() if i == 0 and self.config.init_from_champion else None
             init = self.init_source(spec.init_from) if spec.init_from else init
             stage = self.config.stage_config(node, self.shards_uri(spec.data), init)
             if stage.init_from is None and stage.preset is None and before is not None:
                 stage = stage.replace(init_from=before.init_from, preset=before.preset)
-            preflight(stage, self.tracking_uri, self.parent, assumed=assumed, prefix=f"{node}/")
+            plans[node] = preflight(stage, self.tracking_uri, self.parent, assumed=assumed, prefix=f"{node}/")
             before = stage
+        return plans
 
     def ensure_demo_data(self) -> None:
         spec = self.config.demo_data

@@ -13,8 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from convllava.config_loader import load_yaml_mapping
+from pydantic import Field, field_validator
+
+from convllava.io.config import ConfigModel
 from jobs.evaluate.benchmarks import LOADERS, Benchmark
+from jobs.tracking.vocabulary import (
+    ARTIFACT_ACCURACY_CHART,
+    ARTIFACT_EVAL_DIR,
+    ARTIFACT_SAMPLES,
+    EVAL_METRICS_FILE,
+    EVAL_OUTPUT_FILES,
+    EVAL_PREDICTIONS_FILE,
+    EVAL_REPORT_FILE,
+    TAG_NOTE,
+    eval_metric,
+)
 
 SUITE_DIR = Path(__file__).parents[1] / "configs" / "suites"
 
@@ -30,36 +43,50 @@ class EvalResult:
     output: Path
 
 
+class BenchmarkSpec(ConfigModel):
+    """One benchmark of a suite YAML: its adapter (`kind`), files under the suite's root, adapter options."""
+
+    kind: str
+    name: str | None = None  # default: the kind
+    root: str = "."
+    annotations: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in LOADERS:
+            raise ValueError(f"unknown kind {kind!r} (kinds: {sorted(LOADERS)})")
+        return kind
+
+
+class SuiteConfig(ConfigModel):
+    """A suite YAML (jobs/configs/suites/): benchmarks whose files lie under `root`."""
+
+    benchmarks: list[BenchmarkSpec]
+    name: str | None = None  # default: the file's name
+    root: str = "."
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _some(cls, benchmarks: list[BenchmarkSpec]) -> list[BenchmarkSpec]:
+        if not benchmarks:
+            raise ValueError("no benchmarks")
+        return benchmarks
+
+
 def load_suite(suite: str, data_root: str | None = None) -> tuple[str, list[Benchmark]]:
     """A suite by name (jobs/configs/suites/NAME.yaml) or path. `root` is relative to the working directory."""
     path = Path(suite) if Path(suite).suffix in (".yaml", ".yml") else SUITE_DIR / f"{suite}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in SUITE_DIR.glob("*.yaml"))
         raise ValueError(f"unknown suite {suite!r}: no {path}; built-in suites: {known}")
-    raw = load_yaml_mapping(path, ValueError)
-    unknown = sorted(set(raw) - {"name", "root", "benchmarks"})
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}")
-    root = Path(data_root or raw.get("root", "."))
-    benches = []
-    for i, b in enumerate(raw.get("benchmarks") or []):
-        bad = sorted(set(b) - {"name", "kind", "root", "annotations", "options"})
-        if bad or b.get("kind") not in LOADERS:
-            raise ValueError(
-                f"{path}: benchmarks[{i}]: unknown key(s) {bad} or kind {b.get('kind')!r} (kinds: {sorted(LOADERS)})"
-            )
-        benches.append(
-            Benchmark(
-                b.get("name", b["kind"]),
-                b["kind"],
-                root / b.get("root", "."),
-                b.get("annotations"),
-                b.get("options") or {},
-            )
-        )
-    if not benches:
-        raise ValueError(f"{path}: no benchmarks")
-    return raw.get("name", path.stem), benches
+    config = SuiteConfig.from_yaml(path)
+    root = Path(data_root or config.root)
+    benches = [
+        Benchmark(b.name or b.kind, b.kind, root / b.root, b.annotations, dict(b.options)) for b in config.benchmarks
+    ]
+    return config.name or path.stem, benches
 
 
 def fixed_metric_names(benches: list[Benchmark]) -> list[str]:
@@ -138,17 +165,17 @@ def run_eval(
                     default=str,
                 )
             )
-    (output / "metrics.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-    (output / "predictions.jsonl").write_text("".join(line + "\n" for line in lines))
+    (output / EVAL_METRICS_FILE).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    (output / EVAL_PREDICTIONS_FILE).write_text("".join(line + "\n" for line in lines))
     report = _report(suite_name, model, results, summary)
-    (output / "report.md").write_text(report + "\n")
+    (output / EVAL_REPORT_FILE).write_text(report + "\n")
     if tracking_uri and run_id:
         _log(tracking_uri, run_id, results, output)
         _log_pictures(tracking_uri, run_id, results, samples(benches, items, by_id))
         _log_questions(tracking_uri, run_id, benches, items)
         from jobs.tracking.runs import client
 
-        client(tracking_uri).set_tag(run_id, "mlflow.note.content", report)  # the run's description in the UI
+        client(tracking_uri).set_tag(run_id, TAG_NOTE, report)  # the run's description in the UI
     return EvalResult(results, report, output)
 
 
@@ -226,13 +253,11 @@ def _log_pictures(tracking_uri: str, run_id: str, results: dict[str, float], row
         ax.set_title("accuracy per question type against chance")
         ax.legend()
         fig.tight_layout()
-        best_effort("log accuracy chart", lambda: c.log_figure(run_id, fig, "eval/accuracy_vs_chance.png"))
+        best_effort("log accuracy chart", lambda: c.log_figure(run_id, fig, ARTIFACT_ACCURACY_CHART))
         plt.close(fig)
     if rows:
         table = {key: [r[key] for r in rows] for key in rows[0]}
-        best_effort(
-            "log sample predictions", lambda: c.log_table(run_id, data=table, artifact_file="eval/samples.json")
-        )
+        best_effort("log sample predictions", lambda: c.log_table(run_id, data=table, artifact_file=ARTIFACT_SAMPLES))
 
 
 def _report(suite: str, model: str, results: dict[str, float], summary: str) -> str:
@@ -248,10 +273,9 @@ def _log(tracking_uri: str, run_id: str, results: dict[str, float], output: Path
     from jobs.tracking.runs import client
 
     c = client(tracking_uri)
-    safe = {k.replace("@", "_at_"): v for k, v in results.items()}  # MLflow metric names: no '@'
-    c.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, 0, 0) for k, v in safe.items()])
-    for name in ("metrics.json", "predictions.jsonl", "report.md"):
-        c.log_artifact(run_id, str(output / name), "eval")
+    c.log_batch(run_id, metrics=[Metric(eval_metric(k), v, 0, 0) for k, v in results.items()])
+    for name in EVAL_OUTPUT_FILES:
+        c.log_artifact(run_id, str(output / name), ARTIFACT_EVAL_DIR)
 
 
 def metric_value(results: dict[str, Any], name: str) -> float:

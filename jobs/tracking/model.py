@@ -28,14 +28,15 @@ from mlflow.models.model import ModelInfo
 
 from jobs.dag.config import MODEL_MODES as MODES
 from jobs.tracking.runs import using_tracking_uri
+from jobs.tracking.vocabulary import LOGGED_MODEL_NAME
 
 
 class ConvLlavaModel(mlflow.pyfunc.PythonModel):
     """Greedy answers of a ConvLLaVA checkpoint to (image, question) rows."""
 
     def load_context(self, context) -> None:
-        from convllava.checkpoint import load_model
-        from convllava.inference import GenerationOptions
+        from convllava.modeling.checkpoint import load_model
+        from convllava.modeling.inference import GenerationOptions
 
         config = context.model_config or {}
         path = context.artifacts.get("checkpoint") or config["checkpoint_uri"]
@@ -45,7 +46,7 @@ class ConvLlavaModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> list[str]:
         from PIL import Image
 
-        from convllava.inference import generate
+        from convllava.modeling.inference import generate
 
         rows = model_input.to_dict("records")
         images = []
@@ -71,7 +72,7 @@ def log_model(
     import pandas as pd
     from mlflow.models import infer_signature
 
-    from convllava.storage import resolve_local
+    from convllava.io.storage import resolve_local
 
     if mode not in MODES:
         raise ValueError(f"model mode must be one of {MODES}, got {mode!r}")
@@ -90,7 +91,7 @@ def log_model(
     ):
         warnings.simplefilter("ignore", UserWarning)
         info = mlflow.pyfunc.log_model(
-            name="model",
+            name=LOGGED_MODEL_NAME,
             python_model=ConvLlavaModel(),
             artifacts=artifacts,
             model_config=config,

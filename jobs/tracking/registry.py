@@ -7,12 +7,18 @@ import re
 from typing import Any
 
 from jobs.tracking.runs import client, using_tracking_uri
+from jobs.tracking.vocabulary import (
+    ALIAS_CANDIDATE,
+    ALIAS_CHAMPION,
+    GATE_CANDIDATE,
+    GATE_CHAMPION,
+    TAG_CHECKPOINT_URI,
+    TAG_GATE_DECISION,
+    TAG_PRIMARY_METRIC,
+    TAG_PRIMARY_METRIC_VALUE,
+    gate_tag,
+)
 
-METRIC_TAG = "convllava.primary_metric"
-VALUE_TAG = "convllava.primary_metric_value"
-
-
-CHECKPOINT_TAG = "convllava.checkpoint_uri"
 REGISTERED_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
 
@@ -41,12 +47,16 @@ def register_and_gate(
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    tags = {METRIC_TAG: metric, VALUE_TAG: repr(float(value)), CHECKPOINT_TAG: checkpoint_uri or model_uri}
+    tags = {
+        TAG_PRIMARY_METRIC: metric,
+        TAG_PRIMARY_METRIC_VALUE: repr(float(value)),
+        TAG_CHECKPOINT_URI: checkpoint_uri or model_uri,
+    }
     # A SQL store in this process resolves a `models:/m-...` source through MLflow's global tracking URI (MLflow's
     # own TODO in SqlAlchemyStore.create_model_version); a server resolves it on its side.
     with using_tracking_uri(tracking_uri):
         version = c.create_model_version(name, source=model_uri, run_id=run_id, tags=tags, model_id=model_id).version
-    c.set_registered_model_alias(name, "candidate", version)
+    c.set_registered_model_alias(name, ALIAS_CANDIDATE, version)
     champion = current_champion(tracking_uri, name)
     if champion is None:
         better, champion_value, champion_version = True, None, None
@@ -55,7 +65,7 @@ def register_and_gate(
         better = value > champion_value if higher_is_better else value < champion_value
     decision = "promoted" if better else "kept the current champion"
     if better:
-        c.set_registered_model_alias(name, "champion", version)
+        c.set_registered_model_alias(name, ALIAS_CHAMPION, version)
     gate = {
         "model": name,
         "version": int(version),
@@ -66,13 +76,13 @@ def register_and_gate(
         "decision": decision,
     }
     for key, val in gate.items():
-        c.set_model_version_tag(name, version, f"convllava.gate.{key}", str(val))
-    c.set_tag(run_id, "convllava.gate_decision", decision)
+        c.set_model_version_tag(name, version, gate_tag(key), str(val))
+    c.set_tag(run_id, TAG_GATE_DECISION, decision)
     from mlflow.entities import Metric
 
-    metrics = [Metric("gate/candidate", float(value), 0, 0)]
+    metrics = [Metric(GATE_CANDIDATE, float(value), 0, 0)]
     if champion_value is not None:
-        metrics.append(Metric("gate/champion", float(champion_value), 0, 0))
+        metrics.append(Metric(GATE_CHAMPION, float(champion_value), 0, 0))
     c.log_batch(run_id, metrics=metrics)
     return gate
 
@@ -83,10 +93,10 @@ def current_champion(tracking_uri: str, name: str) -> tuple[int, float] | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        mv = client(tracking_uri).get_model_version_by_alias(name, "champion")
+        mv = client(tracking_uri).get_model_version_by_alias(name, ALIAS_CHAMPION)
     except MlflowException:
         return None
-    return int(mv.version), float(mv.tags[VALUE_TAG])
+    return int(mv.version), float(mv.tags[TAG_PRIMARY_METRIC_VALUE])
 
 
 def champion_source(tracking_uri: str, name: str) -> str | None:
@@ -94,10 +104,10 @@ def champion_source(tracking_uri: str, name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        version = client(tracking_uri).get_model_version_by_alias(name, "champion")
+        version = client(tracking_uri).get_model_version_by_alias(name, ALIAS_CHAMPION)
     except MlflowException:
         return None
-    return version.tags.get(CHECKPOINT_TAG, version.source)
+    return version.tags.get(TAG_CHECKPOINT_URI, version.source)
 
 
 def version_source(tracking_uri: str, uri: str) -> str:
@@ -114,4 +124,4 @@ def version_source(tracking_uri: str, uri: str) -> str:
         version = c.get_model_version(name, number) if number else c.get_model_version_by_alias(name, alias)
     except MlflowException as e:
         raise ValueError(f"init_from {uri}: no such registered model version in {tracking_uri} ({e.message})") from None
-    return version.tags.get(CHECKPOINT_TAG, version.source)
+    return version.tags.get(TAG_CHECKPOINT_URI, version.source)

@@ -15,6 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from jobs.tracking.vocabulary import (
+    DATASET_CONTEXT_TAG,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    TAG_PARENT_RUN,
+    TRAIN_LOSS,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -55,9 +63,8 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
-# MLflow 3's UI opens an experiment in the view its kind names; without the tag it guesses the GenAI one (traces,
-# evaluation runs). Ours are model training: the runs table with the pipeline's parent and child runs.
-EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# MLflow 3's UI opens an experiment in the view its kind names (EXPERIMENT_KIND_TAG); without the tag it guesses the
+# GenAI one (traces, evaluation runs). Ours are model training: the runs table with the pipeline's parent and child runs.
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_location: str | None = None) -> str:
@@ -87,7 +94,7 @@ def log_dataset(
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from convllava.storage import is_s3
+    from convllava.io.storage import is_s3
 
     dataset = Dataset(
         name=name,
@@ -96,7 +103,7 @@ def log_dataset(
         source=json.dumps({"uri": uri}),
         profile=json.dumps(profile, sort_keys=True),
     )
-    entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+    entry = DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, context)])
     return best_effort(f"log dataset {name}", lambda: client(tracking_uri).log_inputs(run_id, datasets=[entry]))
 
 
@@ -112,7 +119,7 @@ def start_run(
     exp_id = ensure_experiment(tracking_uri, experiment, artifact_location)
     tags = dict(tags or {})
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[TAG_PARENT_RUN] = parent_run_id
     return client(tracking_uri).create_run(exp_id, run_name=run_name, tags=tags).info.run_id
 
 
@@ -147,7 +154,7 @@ class MetricLogger:
     run_stage sets them for the workers), and leave `MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS` unset: MLflow then
     merges batches and reports a failed merge on its first batch only."""
 
-    def __init__(self, tracking_uri: str, run_id: str, key: str = "train/loss", flush_timeout_s: float = 60.0) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, key: str = TRAIN_LOSS, flush_timeout_s: float = 60.0) -> None:
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.flush_timeout_s = flush_timeout_s
         self.sent: list[tuple[list, list]] = []  # (metrics, MLflow's futures for them) not known to be stored
@@ -247,9 +254,11 @@ class MetricLogger:
         return missing
 
     def _send(self, metrics: list) -> None:
+        from jobs.private_apis import operation_futures
+
         if metrics:
             operations = self.client.log_batch(self.run_id, metrics=metrics, synchronous=False)
-            self.sent.append((metrics, operations._operation_futures))  # RunOperations.wait() would block
+            self.sent.append((metrics, operation_futures(operations)))  # RunOperations.wait() would block
 
     def _settle(self) -> int:
         """Forget the batches MLflow stored; send those it reports failed again, as one batch.

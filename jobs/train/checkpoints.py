@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from convllava.storage import listing
+from convllava.io.storage import listing
 
 TRAINER_STATE = "trainer_state.json"
 

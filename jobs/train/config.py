@@ -1,4 +1,4 @@
-"""The stage configuration: one dataclass for all three stages; stages differ only in values.
+"""The stage configuration: one config for all three stages; stages differ only in values.
 
 Flow: YAML (`jobs/configs/...`) → `StageConfig` → `key=value` CLI overrides → validated, frozen. The resolved
 config is logged to MLflow and written into every checkpoint.
@@ -6,18 +6,14 @@ config is logged to MLflow and written into every checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import yaml
+from pydantic import Field, field_validator, model_validator
 
-from convllava.config_loader import ConfigLoadError, apply_overrides, load, load_yaml_mapping, parse_overrides
+from convllava.io.config import ConfigLoadError, ConfigModel
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
 Stage = Literal[1, 2, 3]
@@ -26,18 +22,13 @@ Schedule = Literal["cosine", "constant"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 
 
-class StageConfigError(ConfigLoadError):
-    """A stage configuration value or key that is not accepted; the message names it."""
-
-
-@dataclass(frozen=True)
-class StageConfig:
+class StageConfig(ConfigModel):
     """Args:
     name: stage name, e.g. `stage1`; names the Ray Train run and the MLflow run.
     data: preprocessed shards (local folder or `s3://`), the output of `convllava preprocess`.
     init_from: checkpoint to start from (local or `s3://`); None builds `preset` from scratch.
     preset / tokenizer: used when `init_from` is None.
-    trainable: groups of `convllava.trainable` that train; the rest is frozen.
+    trainable: groups of `convllava.modeling.trainable` that train; the rest is frozen.
     lr: learning rate; `lr_groups` sets other rates for some of the trainable groups.
     global_batch_size / micro_batch_size: gradient accumulation = global / (micro × workers), exactly (for an elastic
         stage, at every size it may run at: the global batch never changes, the accumulation adapts).
@@ -52,7 +43,7 @@ class StageConfig:
         the workers from the last checkpoint: the steps since it are done again).
     group_by_length: micro-batches of similar lengths (less padding) inside each shuffle window.
     shuffle_window / prefetch: a rank shuffles its share of the data `shuffle_window` row groups at a time and reads
-        `prefetch` row groups ahead of the step (`convllava.data.plan_shard_epoch`, `convllava.loader.RankLoader`);
+        `prefetch` row groups ahead of the step (`convllava.data.epochs.plan_shard_epoch`, `convllava.data.loader.RankLoader`);
         memory per rank ≈ (shuffle_window + prefetch) row groups (≤ 32 MB of images each by default).
     checkpoint_every / keep_last: checkpoint every N optimizer steps (and at the end); keep the last K.
     max_failures: worker failures Ray Train recovers from, resuming from the latest checkpoint.
@@ -68,7 +59,7 @@ class StageConfig:
     init_from: str | None = None
     preset: str | None = None
     tokenizer: str = "tiny"
-    lr_groups: dict[str, float] = field(default_factory=dict)
+    lr_groups: dict[str, float] = Field(default_factory=dict)
     epochs: int = 1
     max_steps: int | None = None
     warmup_ratio: float = 0.03
@@ -90,15 +81,23 @@ class StageConfig:
     log_every: int = 1
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        def fail(name: str, why: str) -> None:
-            raise StageConfigError(f"stage config {self.name!r}: {name}: {why}")
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers_shape(cls, value: Any) -> Any:
+        """A number or [MIN, MAX] (checked here: pydantic would name both arms of the union)."""
+        if isinstance(value, list | tuple):
+            if len(value) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) for n in value):
+                raise ValueError(f"give a number or [MIN, MAX] with 1 <= MIN <= MAX, got {list(value)}")
+            return tuple(value)
+        return value
 
-        object.__setattr__(self, "trainable", tuple(self.trainable))
-        if isinstance(self.workers, list | tuple):
-            object.__setattr__(self, "workers", tuple(self.workers))
-            if len(self.workers) != 2 or not 1 <= self.workers[0] <= self.workers[1]:
-                fail("workers", f"give a number or [MIN, MAX] with 1 <= MIN <= MAX, got {list(self.workers)}")
+    @model_validator(mode="after")
+    def _check(self) -> StageConfig:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"stage config {self.name!r}: {name}: {why}")
+
+        if self.elastic and not 1 <= self.workers[0] <= self.workers[1]:
+            fail("workers", f"give a number or [MIN, MAX] with 1 <= MIN <= MAX, got {list(self.workers)}")
         if not self.trainable:
             fail("trainable", "name at least one group")
         for key in self.lr_groups:
@@ -122,10 +121,6 @@ class StageConfig:
             fail("max_steps", f"must be >= 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
             fail("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
-        if self.schedule not in SCHEDULES:
-            fail("schedule", f"must be one of {list(SCHEDULES)}, got {self.schedule!r}")
-        if self.stage not in STAGES:
-            fail("stage", f"must be one of {list(STAGES)}, got {self.stage!r}")
         if self.resize_check_s <= 0:
             fail("resize_check_s", f"must be > 0, got {self.resize_check_s}")
         if self.checkpoint_every < 0 or self.max_failures < 0:
@@ -150,11 +145,12 @@ class StageConfig:
                 f"(micro_batch_size × the least common multiple of {self.min_workers}..{self.max_workers})",
             )
         self.deepspeed_config()  # fail early on a missing file
+        return self
 
     def check_runnable(self) -> None:
         """What a run needs beyond a valid file: a starting point (stage 2/3 YAMLs get it from the pipeline)."""
         if self.init_from is None and self.preset is None:
-            raise StageConfigError(
+            raise ConfigLoadError(
                 f"stage config {self.name!r}: init_from: give a checkpoint (--init-from, or the previous stage's "
                 "in a pipeline) or a preset to start from scratch"
             )
@@ -185,33 +181,5 @@ class StageConfig:
         if not path.suffix:
             path = CONFIG_DIR / "deepspeed" / f"{self.deepspeed}.json"
         if not path.is_file():
-            raise StageConfigError(f"stage config {self.name!r}: deepspeed: {path} not found")
+            raise ConfigLoadError(f"stage config {self.name!r}: deepspeed: {path} not found")
         return json.loads(path.read_text())
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["trainable"] = list(self.trainable)
-        if self.elastic:
-            d["workers"] = list(self.workers)
-        return d
-
-    def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def replace(self, **changes: Any) -> StageConfig:
-        """A copy with `changes` applied (dotted keys as in overrides: `lr_groups.llm=2e-5`), validated again."""
-        return StageConfig.from_dict(apply_overrides(StageConfig, self.to_dict(), changes))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> StageConfig:
-        return load(cls, data, where, StageConfigError)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> StageConfig:
-        """Load a stage YAML and apply `key=value` overrides (values parsed as YAML: `lr=1e-3`, `trainable=[llm]`)."""
-        data = load_yaml_mapping(path, StageConfigError)
-        data = apply_overrides(cls, data, parse_overrides(overrides or [], StageConfigError))
-        return cls.from_dict(data, where=str(path))

@@ -15,14 +15,18 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from convllava.storage import is_s3, read_bytes, s3_filesystem
+from convllava.io.storage import is_s3, read_bytes, s3_filesystem
 from jobs.progress import StepFeed
+from jobs.tracking.vocabulary import ARTIFACT_STAGE_CONFIG, DEFAULT_EXPERIMENT, TAG_CONFIG_HASH, TAG_STAGE
 from jobs.train.config import StageConfig
 from jobs.train.interfaces import StageResult
 from jobs.train.strategy import DeepSpeedStrategy
 from pipelines.ray_runtime import adopt_secrets, alive_nodes, ensure_ray, share_secrets, worker_runtime_env
+
+if TYPE_CHECKING:
+    from jobs.train.plan import MemoryPlan
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +71,7 @@ def upload_checkpoint(checkpoint, checkpoint_dir_name: str):
     """
     import ray.train
 
-    from convllava.storage import listing
+    from convllava.io.storage import listing
     from jobs.train.checkpoints import CheckpointIncomplete
 
     persisted = ray.train.get_context().get_storage().persist_current_checkpoint(checkpoint, checkpoint_dir_name)
@@ -97,14 +101,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import ray.train.torch
 
-    # Ray Train's "Reporting training result ..." INFO line per checkpoint and rank (its logger is named by file)
-    from ray.train.v2._internal.execution import context as train_context
-
+    from jobs.private_apis import quiet_train_report_log
     from jobs.progress import FeedMetrics
     from jobs.tracking.runs import MetricLogger
     from jobs.train.recipe import StageRecipe
 
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    quiet_train_report_log()  # Ray Train's "Reporting training result ..." INFO line per checkpoint and rank
 
     ctx = ray.train.get_context()
     # The config travels as plain data: Ray Train's controller unpickles the loop config too, and a StageConfig
@@ -206,10 +208,19 @@ def stop_system_metrics(monitor) -> None:
         log.warning("last system metrics not recorded: %s", e)
 
 
+def log_stage_config(config: StageConfig, tracking_uri: str, run_id: str) -> None:
+    """The stage's resolved config into its run: every field as a param, and the YAML `train --config` takes
+    (`stage_config.yaml`). `run_stage` calls it once, for `convllava train` and for a pipeline's stage alike."""
+    from jobs.tracking.runs import client, log_params
+
+    log_params(tracking_uri, run_id, config.to_dict())
+    client(tracking_uri).log_text(run_id, config.to_yaml(), ARTIFACT_STAGE_CONFIG)
+
+
 def log_stage_data(config: StageConfig, tracking_uri: str, run_id: str) -> None:
     """The stage's shards as the run's training dataset (source = the shard folder or `s3://` prefix, digest = the
     shards' fingerprint, the manifest's counts as its profile): only the manifest is read."""
-    from convllava.shards import Manifest
+    from convllava.data.shards import Manifest
     from jobs.tracking.runs import log_dataset
 
     manifest = Manifest.find(config.data)
@@ -240,9 +251,9 @@ def checkpoint_bytes(config: StageConfig) -> int | None:
     cannot be read here (the workers then report why)."""
     import torch
 
-    from convllava.config import ConvLlavaConfig
-    from convllava.modeling import ConvLlavaForCausalLM
-    from convllava.trainable import set_trainable
+    from convllava.modeling.config import ConvLlavaConfig
+    from convllava.modeling.model import ConvLlavaForCausalLM
+    from convllava.modeling.trainable import set_trainable
 
     try:
         if not config.init_from:
@@ -310,6 +321,7 @@ def run_stage(
     run_name: str | None = None,
     address: str | None = None,
     on_step: Callable[[int, int, dict[str, float]], None] | None = None,
+    plan: MemoryPlan | None = None,
 ) -> StageResult:
     """Train one stage; returns where its verified checkpoint and consolidated model live.
 
@@ -319,13 +331,15 @@ def run_stage(
             under the same storage resumes from its latest checkpoint.
         tracking_uri / run_id: MLflow store and the run rank 0 logs into (created when only the URI is given).
         on_step: called on this process with (step, total_steps, metrics) for each step rank 0 logs.
+        plan: the stage's memory plan when the caller made it (a pipeline's preflight): logged into the run and
+            checked, not made again. None: planned here.
     """
     called = time.time()
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
-    from jobs.tracking.runs import best_effort, log_metric_rows, log_params, start_run
+    from jobs.private_apis import StageTrainer
+    from jobs.tracking.runs import best_effort, log_metric_rows, start_run
     from jobs.train.checkpoints import TRAINER_STATE, verify_stored_checkpoint
-    from jobs.train.trainer import StageTrainer
 
     config.check_runnable()
     # Workers run in another directory: local paths must be absolute before they travel.
@@ -348,21 +362,20 @@ def run_stage(
     if owns_run:
         run_id = start_run(
             tracking_uri,
-            "convllava",
+            DEFAULT_EXPERIMENT,
             run_name or config.name,
-            tags={"convllava.stage": str(config.stage), "convllava.config_hash": config.config_hash()},
+            tags={TAG_STAGE: str(config.stage), TAG_CONFIG_HASH: config.config_hash()},
         )
-        log_params(tracking_uri, run_id, config.to_dict())
     from jobs.tracking.runs import client
 
     if tracking_uri and run_id:
-        client(tracking_uri).log_text(run_id, config.to_yaml(), "stage_config.yaml")
+        log_stage_config(config, tracking_uri, run_id)
         log_stage_data(config, tracking_uri, run_id)
     # The memory plan before any worker starts: a stage that cannot fit its GPUs is refused here, with the advice.
     from jobs.train.preflight import preflight
 
     try:
-        preflight(config, tracking_uri, run_id)
+        preflight(config, tracking_uri, run_id, plan=plan)
     except BaseException:
         if owns_run:
             best_effort(f"mark run {run_id} FAILED", lambda: client(tracking_uri).set_terminated(run_id, "FAILED"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from convllava.data import EpochPlan, ShardLayout, plan_shard_epoch
+from convllava.data.epochs import EpochPlan, ShardLayout, plan_shard_epoch
 from jobs.train.config import StageConfig
 
 

@@ -5,7 +5,7 @@ parameters per group, and adds up the bytes one worker holds at its peak:
 
 - model states (weights, gradients, optimizer states) under the configured ZeRO stage, precision and offload, and
   DeepSpeed's communication buckets: `jobs.train.model_states`.
-- activations of the largest micro-batch the shards hold, measured on fake tensors (`convllava.memory`): the
+- activations of the largest micro-batch the shards hold, measured on fake tensors (`jobs.train.memory`): the
   bucket with the most pixels and the one with the longest sequence, each at its longest length, padded as
   `collate` pads. Both with and without gradient checkpointing; the configured one counts.
 - a fixed reserve on GPUs (CUDA context, NCCL buffers, allocator fragmentation): max(2 GiB, 5% of the GPU).
@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
-from convllava.buckets import Bucket
-from convllava.config import ConvLlavaConfig
-from convllava.memory import ActivationMemory, largest_layer_params, measure_activations
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.storage import is_s3, read_bytes
-from convllava.trainable import set_trainable, trainable_table
-from jobs.train.config import StageConfig, StageConfigError
+from convllava.io.config import ConfigLoadError
+from convllava.io.storage import is_s3, read_bytes
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.modeling.trainable import set_trainable, trainable_table
+from convllava.processing.buckets import Bucket
+from jobs.train.config import StageConfig
+from jobs.train.memory import ActivationMemory, largest_layer_params, measure_activations
 from jobs.train.model_states import model_states
 
 GIB = 2**30
@@ -190,7 +191,7 @@ def model_config_for(config: StageConfig) -> ConvLlavaConfig:
         return ConvLlavaConfig.from_pretrained(uri)
     if config.preset:
         return ConvLlavaConfig.from_preset(config.preset)
-    raise StageConfigError(f"stage config {config.name!r}: init_from/preset: give one to plan (preset=convllava-1536)")
+    raise ConfigLoadError(f"stage config {config.name!r}: init_from/preset: give one to plan (preset=convllava-1536)")
 
 
 def _geometries(
@@ -201,7 +202,7 @@ def _geometries(
     assumed: tuple[int, tuple[int, int]] | None,
 ) -> tuple[list[Geometry], str, int | None, str]:
     """The micro-batches to measure, why those, and the steps per epoch (or why unknown)."""
-    from convllava.shards import ShardSet
+    from convllava.data.shards import ShardSet
     from jobs.train.epochs import stage_plan
 
     try:

@@ -22,17 +22,19 @@ from typing import Any
 
 import torch
 
-from convllava.attention import attention_unavailable, resolve_attn_implementation
-from convllava.checkpoint import is_convllava_checkpoint, load_model
-from convllava.config import ConvLlavaConfig
-from convllava.data import collate
-from convllava.loader import RankLoader
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
-from convllava.processor_config import ProcessorConfig
-from convllava.shards import ShardSet
-from convllava.storage import resolve_local
-from convllava.trainable import format_table, param_group, set_trainable, trainable_table
+from convllava.data.epochs import collate
+from convllava.data.loader import RankLoader
+from convllava.data.preprocess_config import PreprocessConfig
+from convllava.data.shards import ShardSet
+from convllava.io.storage import resolve_local
+from convllava.modeling.attention import attention_unavailable, resolve_attn_implementation
+from convllava.modeling.checkpoint import is_convllava_checkpoint, load_model
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.modeling.trainable import format_table, param_group, set_trainable, trainable_table
+from convllava.processing.processor import ConvLlavaProcessor
+from convllava.processing.processor_config import ProcessorConfig
+from jobs.tracking import vocabulary as names
 from jobs.train.checkpoints import (
     TRAINER_STATE,
     StoredCheckpoint,
@@ -77,8 +79,8 @@ def startup_metrics(marks: list[tuple[str, float]]) -> dict[str, float]:
     `worker_init` (imports, process group: the train loop runs); the recipe adds `model`, `engine` (DeepSpeed's
     initialize), `restore` (a checkpoint's state, when resuming) and `first_step` (the first optimizer step is done).
     """
-    out = {f"startup/{label}_s": t - prev for (_, prev), (label, t) in itertools.pairwise(marks)}
-    out["startup/total_s"] = marks[-1][1] - marks[0][1]
+    out = {names.startup_metric(label): t - prev for (_, prev), (label, t) in itertools.pairwise(marks)}
+    out[names.startup_metric("total")] = marks[-1][1] - marks[0][1]
     return out
 
 
@@ -165,11 +167,9 @@ class StageRecipe:
             self.logger.requeue(self.unsent_metrics)  # metrics the checkpoint's run could not send before it stopped
             if self.resized_from is not None:  # an elastic stage resumed at another size: one event per resize
                 self.logger.rewind(self.step)  # steps the lost group logged after this checkpoint are trained again
-                self.logger.set_tag(
-                    f"convllava.resize.step_{self.step:06d}", f"{self.resized_from} -> {self.world_size} workers"
-                )
+                self.logger.set_tag(names.resize_tag(self.step), f"{self.resized_from} -> {self.world_size} workers")
             if self.step == 0:
-                self.logger.log_text(self.table, "trainable_parameters.txt")
+                self.logger.log_text(self.table, names.ARTIFACT_TRAINABLE)
 
     def build_model(self) -> tuple[ConvLlavaForCausalLM, ConvLlavaProcessor]:
         """The model and processor, built the way the configured ZeRO stage needs.
@@ -197,7 +197,7 @@ class StageRecipe:
                 return load_model(c.init_from, attn_implementation=attn)
             model_config = ConvLlavaConfig.from_preset(c.preset, **({"attn_implementation": attn} if attn else {}))
             # The saved processor tokenizes prompts the way the shards were tokenized (one_pass or llava).
-            tokenization = self.shards.manifest.config.get("tokenization", "one_pass")
+            tokenization = self.shards.manifest.config.tokenization
             # `_from_config` is the constructor transformers' ZeRO-3 integration hooks into (the same weights as
             # `ConvLlavaForCausalLM(config)` for the same seed otherwise).
             return (
@@ -275,17 +275,17 @@ class StageRecipe:
             (peak,) = self.collectives.max([peak_memory_bytes(self.device) / 2**30])
             elapsed = time.perf_counter() - start
             metrics = {
-                "train/loss": totals[0] / totals[1],
-                "train/lr": self.scheduler.get_last_lr()[0],
-                "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                "train/samples_per_s": c.global_batch_size / elapsed,
-                "train/tokens_per_s": totals[2] / elapsed,
-                "train/visual_tokens_per_s": totals[3] / elapsed,
-                "train/text_padding_fraction": totals[4] / totals[1],
-                "train/peak_memory_gib": peak,
-                "train/step_time_s": elapsed,
-                "train/epoch": epoch + (index + 1) / self.steps_per_epoch,
-                "train/world_size": self.world_size,
+                names.TRAIN_LOSS: totals[0] / totals[1],
+                names.TRAIN_LR: self.scheduler.get_last_lr()[0],
+                names.TRAIN_GRAD_NORM: float(self.engine.get_global_grad_norm() or 0.0),
+                names.TRAIN_SAMPLES_PER_S: c.global_batch_size / elapsed,
+                names.TRAIN_TOKENS_PER_S: totals[2] / elapsed,
+                names.TRAIN_VISUAL_TOKENS_PER_S: totals[3] / elapsed,
+                names.TRAIN_TEXT_PADDING_FRACTION: totals[4] / totals[1],
+                names.TRAIN_PEAK_MEMORY_GIB: peak,
+                names.TRAIN_STEP_TIME_S: elapsed,
+                names.TRAIN_EPOCH: epoch + (index + 1) / self.steps_per_epoch,
+                names.TRAIN_WORLD_SIZE: self.world_size,
             }
             if self.marks[-1][0] != "first_step":  # this process's first step
                 self.marks.append(("first_step", time.time()))
@@ -386,17 +386,17 @@ class StageRecipe:
             )
 
 
-def check_shards_match_processor(data: str, made_with: dict[str, Any], processor: ProcessorConfig) -> None:
+def check_shards_match_processor(data: str, made_with: PreprocessConfig, processor: ProcessorConfig) -> None:
     """Refuse shards the model's processor would not have made: another resolution or image mode (other pixels,
     other visual token counts), template or tokenization (other token ids and labels). Each mismatch is named, with
-    the preprocess setting that fixes it."""
+    the preprocess setting that fixes it. (A manifest from before `tokenization` existed reads as `one_pass`.)"""
     wanted = {
         "resolution": processor.image.resolution,
         "mode": processor.image.mode,
         "template": processor.template,
         "tokenization": processor.tokenization,
     }
-    made = {"tokenization": "one_pass", **{k: made_with[k] for k in wanted if k in made_with}}
+    made = {k: getattr(made_with, k) for k in wanted}
     wrong = {k: v for k, v in wanted.items() if made.get(k) != v}
     if wrong:
         found = "; ".join(f"{k} {made.get(k)!r} (the model's processor: {v!r})" for k, v in wrong.items())

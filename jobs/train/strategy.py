@@ -89,11 +89,11 @@ class DeepSpeedStrategy:
         from transformers.integrations.deepspeed import prevent_arange_dtype_change
         from transformers.modeling_utils import set_zero3_state
 
-        from convllava.config import ConvLlavaConfig
-        from convllava.modeling import ConvLlavaForCausalLM
-        from convllava.processor import ConvLlavaProcessor
-        from convllava.storage import resolve_local
-        from convllava.weights import FlatRanges
+        from convllava.io.storage import resolve_local
+        from convllava.modeling.config import ConvLlavaConfig
+        from convllava.modeling.model import ConvLlavaForCausalLM
+        from convllava.modeling.weights import FlatRanges
+        from convllava.processing.processor import ConvLlavaProcessor
 
         directory = resolve_local(init_from)
         config = ConvLlavaConfig.from_pretrained(directory)
@@ -145,7 +145,7 @@ class DeepSpeedStrategy:
 
 
 def load_partitions(model: torch.nn.Module, source) -> None:
-    """Fill a ZeRO-3 model's partitions from `source` (`convllava.weights.FlatRanges`): DeepSpeed keeps rank r's
+    """Fill a ZeRO-3 model's partitions from `source` (`convllava.modeling.weights.FlatRanges`): DeepSpeed keeps rank r's
     elements [r*n, (r+1)*n) of each flattened parameter (n = its partition size, the last one zero-padded), so each
     rank reads just those. Buffers are not partitioned: every rank reads them whole (they are small).
 
@@ -154,7 +154,7 @@ def load_partitions(model: torch.nn.Module, source) -> None:
     """
     import torch.distributed as dist
 
-    from convllava.weights import CheckpointError
+    from convllava.modeling.weights import CheckpointError
 
     keys = source.keys()
     names: dict[int, list[str]] = {}

@@ -21,8 +21,8 @@ import yaml
 from pipeline_harness import NODES, pipeline_cli, small_config
 from tracking_harness import free_port
 
-from convllava.checkpoint import save_checkpoint
-from convllava.storage import upload_dir
+from convllava.io.storage import upload_dir
+from convllava.modeling.checkpoint import save_checkpoint
 from jobs.tracking import registry
 from jobs.tracking.model import example_image, log_model
 from jobs.tracking.runs import client, ensure_experiment
@@ -148,7 +148,7 @@ def _raw_data(root: Path) -> Path:
     s3://RAW/raw/, where a lab keeps raw data and the pipelines read their training data."""
     import boto3
 
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
 
     generate_demo_data(root, seed=0, n_caption=48, n_instruct=48, n_eval=6)
     boto3.client("s3").create_bucket(Bucket=RAW)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convllava.data import collate, plan_epoch
-from convllava.labels import IGNORE_INDEX
+from convllava.data.epochs import collate, plan_epoch
+from convllava.processing.labels import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------------------------------- ShardSet
 IMAGE_SIZES = {"wide": (320, 160), "tall": (160, 320), "square": (256, 256)}  # (W, H) → 192x320, 320x192, 256x256
@@ -55,7 +55,7 @@ def shards_dir(tmp_path_factory, ray_local) -> Path:
             }
         )
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    mixture = Mixture((Source("data", str(root / "data.jsonl"), str(root)),))
+    mixture = Mixture(sources=(Source(name="data", annotations=str(root / "data.jsonl"), image_root=str(root)),))
     # Small files (4 rows) of small row groups (2 rows): buckets span several shard files, files several row groups.
     config = PreprocessConfig(
         resolution=256, max_length=512, unit_size=5, shard_rows=4, row_group_rows=2, image_format="png"
@@ -65,7 +65,7 @@ def shards_dir(tmp_path_factory, ray_local) -> Path:
 
 
 def test_shardset_indexes_real_shards(shards_dir):
-    from convllava.shards import ShardSet
+    from convllava.data.shards import ShardSet
 
     manifest = json.loads((shards_dir / "manifest.json").read_text())
     shards = ShardSet(str(shards_dir), cache_pieces=2)
@@ -120,9 +120,9 @@ def test_shardset_indexes_real_shards(shards_dir):
 def test_rank_loader_reads_each_row_group_once_and_gives_the_planned_rows(shards_dir):
     import pyarrow.parquet as pq
 
-    from convllava.data import plan_shard_epoch
-    from convllava.loader import RankLoader
-    from convllava.shards import ShardSet
+    from convllava.data.epochs import plan_shard_epoch
+    from convllava.data.loader import RankLoader
+    from convllava.data.shards import ShardSet
 
     shards = ShardSet(str(shards_dir))
     files = [pq.ParquetFile(shards_dir / path).metadata for path in shards.shards]
@@ -163,7 +163,7 @@ def test_rank_loader_reads_each_row_group_once_and_gives_the_planned_rows(shards
 
 
 def test_shardset_refuses_unusable_outputs(shards_dir, tmp_path):
-    from convllava.shards import ShardSet, ShardSetError
+    from convllava.data.shards import ShardSet, ShardSetError
 
     with pytest.raises(ShardSetError, match="manifest.json not found: this is not a finished preprocessing output"):
         ShardSet(str(tmp_path / "nothing"))
@@ -183,14 +183,14 @@ def test_shardset_refuses_unusable_outputs(shards_dir, tmp_path):
 
 
 def test_manifest_reads_and_writes_the_same_json(shards_dir, tmp_path):
-    from convllava.shards import MANIFEST, Manifest, ManifestError
-    from convllava.storage import Store
+    from convllava.data.shards import MANIFEST, Manifest, ManifestError
+    from convllava.io.storage import Store
 
     written = (shards_dir / MANIFEST).read_text()
     manifest = Manifest.load(str(shards_dir))
     assert manifest.to_json() == written  # the file preprocess wrote, byte for byte
     assert (manifest.written, manifest.sources["data"].written, manifest.run.processed) == (24, 24, 24)
-    assert [s.bucket for s in manifest.shards].count("text") >= 1 and manifest.config["unit_size"] == 5
+    assert [s.bucket for s in manifest.shards].count("text") >= 1 and manifest.config.unit_size == 5
     assert manifest.profile()["rows_per_bucket"] == manifest.buckets
     manifest.save(Store(str(tmp_path)))
     assert (tmp_path / MANIFEST).read_text() == written
@@ -203,7 +203,7 @@ def test_manifest_reads_and_writes_the_same_json(shards_dir, tmp_path):
 def test_shardset_reads_from_s3(shards_dir, s3_bucket):
     import boto3
 
-    from convllava.shards import ShardSet
+    from convllava.data.shards import ShardSet
 
     client = boto3.client("s3")
     for path in sorted(p for p in shards_dir.rglob("*") if p.is_file()):

@@ -24,10 +24,10 @@ pytestmark = pytest.mark.integration
 def test_convllava_eval_runs_the_tiny_model_over_the_paper_suite(paper_root, tmp_path, ray_local):
     import torch
 
-    from convllava.checkpoint import save_checkpoint
-    from convllava.config import ConvLlavaConfig
-    from convllava.modeling import ConvLlavaForCausalLM
-    from convllava.processor import ConvLlavaProcessor
+    from convllava.modeling.checkpoint import save_checkpoint
+    from convllava.modeling.config import ConvLlavaConfig
+    from convllava.modeling.model import ConvLlavaForCausalLM
+    from convllava.processing.processor import ConvLlavaProcessor
 
     torch.manual_seed(0)
     model_config = ConvLlavaConfig.from_preset("tiny")

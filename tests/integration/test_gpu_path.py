@@ -70,10 +70,10 @@ def test_zero3_builds_and_loads_a_partition_per_rank_never_the_full_model(shards
     peaked at 1.3-1.4x the full model here). Under ZeRO-2 each rank holds the whole model. Both see exactly the checkpoint's weights."""
     from plan_harness import mid_config
 
-    from convllava.checkpoint import save_checkpoint
-    from convllava.memory import largest_layer_params
-    from convllava.modeling import ConvLlavaForCausalLM
-    from convllava.processor import ConvLlavaProcessor
+    from convllava.modeling.checkpoint import save_checkpoint
+    from convllava.modeling.model import ConvLlavaForCausalLM
+    from convllava.processing.processor import ConvLlavaProcessor
+    from jobs.train.memory import largest_layer_params
 
     torch.manual_seed(0)
     config = mid_config()

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from reliability.faultproxy import FaultProxy
 
-from convllava.data import plan_shard_epoch
-from convllava.shards import SHARD_SCHEMA, ShardSet, write_shard
-from convllava.storage import Store, upload_dir
+from convllava.data.epochs import plan_shard_epoch
+from convllava.data.shards import SHARD_SCHEMA, ShardSet, write_shard
+from convllava.io.storage import Store, upload_dir
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ def test_the_index_costs_under_100_bytes_per_sample(tmp_path):
 
     import psutil
 
-    from convllava.shards import Manifest, ShardFile
+    from convllava.data.shards import Manifest, ShardFile
 
     n, per_file = 200_000, 10_000
     store = Store(str(tmp_path / "out"))
@@ -106,6 +106,7 @@ def test_the_index_costs_under_100_bytes_per_sample(tmp_path):
     manifest = Manifest.from_dict(
         {
             **{k: None for k in Manifest.__dataclass_fields__},
+            "config": {},  # the defaults
             "read": n,
             "written": n,
             "quarantined": 0,

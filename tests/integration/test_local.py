@@ -9,27 +9,12 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from train_harness import cli_without_ray_or_mlflow
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_STAGE1 = ROOT / "jobs" / "configs" / "tiny" / "stage1.yaml"
 
 pytestmark = pytest.mark.integration
-
-# Ray and MLflow made unimportable (what `importlib.util.find_spec` reports for a package that is not installed),
-# then the CLI's local training in this one process.
-ONE_PROCESS = """
-import sys
-for name in ("ray", "mlflow"):
-    sys.modules[name] = None
-from jobs.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as e:
-    code = e.code
-loaded = sorted(m for m, mod in sys.modules.items() if mod is not None and m.split(".")[0] in ("ray", "mlflow"))
-print("LOADED", loaded)
-sys.exit(code)
-"""
 
 
 def _steps(run: Path) -> list[int]:
@@ -49,7 +34,7 @@ def test_a_stage_trains_in_one_process_with_neither_ray_nor_mlflow(shards, tmp_p
         "checkpoint_every=2",
         "keep_last=1",
     ]
-    out = subprocess.run([sys.executable, "-c", ONE_PROCESS, *args], cwd=ROOT, capture_output=True, text=True)
+    out = cli_without_ray_or_mlflow(*args)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LOADED []" in out.stdout
     run = tmp_path / "runs" / "stage1"

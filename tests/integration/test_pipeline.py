@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -15,9 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
-from pipeline_harness import NODES, pipeline_cli, runs_of, small_config
+from pipeline_harness import NODES, pipeline_cli, runs_of
 
-from convllava.shards import Manifest
+from convllava.data.shards import Manifest
 from jobs.dag.report import accuracy_table, pipeline_status
 from jobs.dag.retrain import run_retrain
 from jobs.dag.runner import PipelineLocked, run_pipeline, workdir_lock
@@ -260,69 +259,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-QUIET_LINES = 100  # a 2-step-per-stage pipeline's whole non-TTY output: 291 lines before Ray's chatter was routed
-
-
-def test_two_embedded_pipelines_at_once_each_quiet_on_its_own_ray(tmp_path, ray_local):
-    """Two `pipeline run`s started together on one machine, stdout not a terminal, while this test session's Ray runs
-    too: each starts a local Ray of its own and both finish; Ray Train's placement-group cleaners each watch their own
-    instance (with several instances on a machine, Ray's State API client used to fail with "Found multiple active
-    Ray instances"); each store holds its own pipeline only. And the output is the pipeline's: Ray Train's
-    placement-group and worker-group lines and Ray Data's progress dumps stay in Ray's log files, prints are not
-    doubled, and the summary is there."""
-    names = ("quiet-a", "quiet-b")
-    configs = {name: small_config(tmp_path / f"{name}.yaml", name) for name in names}
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = {
-        name: subprocess.Popen(
-            pipeline_cli(configs[name], tmp_path / name),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in names
-    }
-    outputs = {name: proc.communicate() for name, proc in procs.items()}
-    for name, (stdout, stderr) in outputs.items():
-        assert procs[name].returncode == 0, stderr[-3000:]
-        _check_quiet(name, (stdout + stderr).splitlines())
-        tracking = default_tracking_uri(tmp_path / name)
-        parents, children = runs_of(tracking, name)
-        assert len(parents) == 1 and sorted(children[parents[0].info.run_id]) == sorted(NODES)
-        other = next(n for n in names if n != name)
-        assert client(tracking).get_experiment_by_name(other) is None, f"{other} recorded into {name}'s store"
-
-
-def _check_quiet(name: str, lines: list[str]) -> None:
-    assert len(lines) <= QUIET_LINES, "\n".join(lines)
-    text = "\n".join(lines)
-    for noise in (
-        "PlacementGroupCleaner",
-        "Found multiple active Ray instances",
-        "logging_progress.py",
-        "Execution plan of Dataset",
-        "Started training worker group",
-        "Reporting training result",
-        "Loading weights",
-        "Setting accelerator to CPU",
-    ):
-        assert noise not in text, noise
-    # The progress view in a log: a line per node start and end, one per logged step (log_every 1, 2 steps a stage)
-    for k, node in enumerate(NODES, start=1):
-        assert f"[{k}/5] {node} started" in lines, node
-        assert re.search(rf"^\[{k}/5\] {node} ran in [\d.]+ s", text, re.M), node
-    for k, stage in ((2, "stage1"), (3, "stage2"), (4, "stage3")):
-        steps = re.findall(
-            rf"^\[{k}/5\] {stage} step (\d)/2  loss \d+\.\d{{4}}  [\d.]+ samples/s  ETA \d+:\d\d$", text, re.M
-        )
-        assert steps == ["1", "2"], stage
-    for stage in ("stage1", "stage2", "stage3"):
-        assert len(re.findall(rf"\[{stage}\] trainable parameters: [\d,]+ of [\d,]+ \(", text)) == 1, stage
-    assert re.search(r"^eval +ran +[\d.]+s +demo/overall = ", text, re.M)
-    assert f"registered {name}-model version 1 as candidate; champion: promoted" in text
 
 
 def test_submit_to_a_local_head(tmp_path):

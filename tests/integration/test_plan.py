@@ -20,8 +20,8 @@ pytestmark = pytest.mark.integration
 
 
 def test_plan_cli_on_the_demo_shards_prints_the_table_and_fits(shards):
-    from convllava.data import plan_shard_epoch
-    from convllava.shards import ShardSet
+    from convllava.data.epochs import plan_shard_epoch
+    from convllava.data.shards import ShardSet
 
     config_path = CONFIG_DIR / "tiny" / "stage1.yaml"
     code, out = plan_cli("--config", str(config_path), "--gpu-memory", "16", f"data={shards}")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from convllava.checkpoint import image_settings, load_model, save_checkpoint
-from convllava.image_processing import load_image
-from convllava.inference import GenerationOptions, generate
-from convllava.storage import read_bytes
+from convllava.io.storage import read_bytes
+from convllava.modeling.checkpoint import image_settings, load_model, save_checkpoint
+from convllava.modeling.inference import GenerationOptions, generate
+from convllava.processing.image_processing import load_image
 from pipelines.predict import image_bucket, make_batches, read_questions, replicas_for, run_predict
 
 pytestmark = pytest.mark.integration

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from preprocess_harness import ASK, conv, good_set, rec, rows, run, save
 
-from convllava.shards import read_quarantine
-from convllava.storage import Store
+from convllava.data.shards import read_quarantine
+from convllava.io.storage import Store
 from pipelines.preprocess import QuarantineLimitExceeded
 
 pytestmark = pytest.mark.integration

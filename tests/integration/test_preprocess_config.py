@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from preprocess_harness import good_set, rec, write_jsonl
 
-from convllava.shards import SHARD_BYTES, read_quarantine
-from convllava.storage import OutputError, Store
-from pipelines.config import ConfigError, Mixture, PreprocessConfig, Source
+from convllava.data.preprocess_config import SHARD_BYTES
+from convllava.data.shards import read_quarantine
+from convllava.io.config import ConfigLoadError
+from convllava.io.storage import OutputError, Store
+from pipelines.config import Mixture, PreprocessConfig, Source
 from pipelines.preprocess import run_preprocess
 
 pytestmark = pytest.mark.integration
@@ -24,12 +26,12 @@ pytestmark = pytest.mark.integration
 
 def test_config_errors_name_the_key_and_unwritable_output_fails_first(tmp_path):
     (tmp_path / "c.yaml").write_text("resolution: 256\nresolutoin: 512\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key\(s\) \['resolutoin'\]"):
+    with pytest.raises(ConfigLoadError, match=r"c\.yaml: resolutoin: unknown key; known keys: \[.*'resolution'"):
         PreprocessConfig.from_yaml(tmp_path / "c.yaml")
-    with pytest.raises(ConfigError, match="resolution"):
+    with pytest.raises(ConfigLoadError, match="resolution"):
         PreprocessConfig(resolution=300)
     for name in ("unit_size", "shard_rows", "shard_bytes", "row_group_rows", "row_group_bytes"):
-        with pytest.raises(ConfigError, match=f"preprocess config: {name}: must be >= 1, got 0"):
+        with pytest.raises(ConfigLoadError, match=f"preprocess config: {name}: must be >= 1, got 0"):
             PreprocessConfig(**{name: 0})
     # Shard and row-group sizes come from YAML like any key; they cut files, so the output hash stays.
     (tmp_path / "s.yaml").write_text("resolution: 256\nshard_rows: 500\nrow_group_bytes: 4096\n")
@@ -37,11 +39,13 @@ def test_config_errors_name_the_key_and_unwritable_output_fails_first(tmp_path):
     assert (sized.shard_rows, sized.row_group_bytes, sized.shard_bytes) == (500, 4096, SHARD_BYTES)
     assert sized.output_hash() == PreprocessConfig(resolution=256).output_hash()
     (tmp_path / "m.yaml").write_text("sources:\n  - {name: a, annotations: a.jsonl, image_root: ., weight: 2}\n")
-    with pytest.raises(ConfigError, match=r"sources\[0\]: unknown key\(s\) \['weight'\]"):
+    with pytest.raises(
+        ConfigLoadError, match=r"m\.yaml: sources\[0\]\.weight: unknown key; known keys: \['annotations'"
+    ):
         Mixture.from_yaml(tmp_path / "m.yaml")
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    mixture = Mixture((Source("a", str(tmp_path / "a.jsonl"), str(tmp_path)),))
+    mixture = Mixture(sources=(Source(name="a", annotations=str(tmp_path / "a.jsonl"), image_root=str(tmp_path)),))
     with pytest.raises(OutputError, match="not writable.*nothing was processed"):
         run_preprocess(mixture, PreprocessConfig(resolution=256), str(blocker / "out"), echo=lambda *_: None)
 
@@ -104,7 +108,9 @@ def test_tokenization_is_a_preprocess_option_in_the_hash():
         )
     }
     assert default.output_hash() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
-    with pytest.raises(ConfigError, match=r"preprocess config: tokenization: must be one of \('one_pass', 'llava'\)"):
+    with pytest.raises(
+        ConfigLoadError, match=r"^PreprocessConfig: tokenization: Input should be 'one_pass' or 'llava'"
+    ):
         PreprocessConfig(tokenization="bpe")
 
 
@@ -116,5 +122,5 @@ def test_actors_share_the_cpus_with_their_threads():
     assert PreprocessConfig(workers=2).actors(2) == (2, 1)
     assert PreprocessConfig(threads=1).actors(4) == (4, 1)
     assert PreprocessConfig(workers=3, threads=2).actors(2) == (3, 2)
-    with pytest.raises(ConfigError, match="threads: must be >= 1"):
+    with pytest.raises(ConfigLoadError, match="threads: must be >= 1"):
         PreprocessConfig(threads=0)

@@ -18,8 +18,8 @@ from PIL import Image
 from preprocess_harness import conv, good_set, rec, rows, save, write_jsonl
 
 import pipelines.partition
-from convllava.shards import read_index, read_quarantine
-from convllava.storage import Store
+from convllava.data.shards import read_index, read_quarantine
+from convllava.io.storage import Store
 from pipelines.config import Mixture, PreprocessConfig, Source
 from pipelines.preprocess import run_preprocess
 
@@ -38,7 +38,11 @@ def _inputs(root: Path, n: int = 24) -> tuple[list, list]:
 def _write(root: Path, jsonl: list, array: list) -> Mixture:
     write_jsonl(root / "a.jsonl", jsonl)
     (root / "b.json").write_text(json.dumps(array, indent=1))
-    return Mixture((Source("a", str(root / "a.jsonl"), str(root)), Source("b", str(root / "b.json"), str(root))))
+    sources = (
+        Source(name="a", annotations=str(root / "a.jsonl"), image_root=str(root)),
+        Source(name="b", annotations=str(root / "b.json"), image_root=str(root)),
+    )
+    return Mixture(sources=sources)
 
 
 def _run(mixture: Mixture, out: Path, **cfg) -> dict:

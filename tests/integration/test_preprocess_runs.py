@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from preprocess_harness import ASK, conv, good_set, rec, rows, run, save, write_jsonl
 
-from convllava.shards import read_index
-from convllava.storage import Store
+from convllava.data.shards import read_index
+from convllava.io.storage import Store
 from pipelines.config import Mixture, PreprocessConfig, Source
 from pipelines.preprocess import run_preprocess
 
@@ -71,6 +71,35 @@ def test_deterministic_and_incremental(ray_local, tmp_path):
     assert _tree(tmp_path / "one") == after
 
 
+def test_in_process_writes_what_ray_writes(ray_local, tmp_path):
+    """`in_process` (the quickstart's few samples) runs the same stages in this process: the same shard files under
+    the same names, the same index entries and counts, after a first run (units whose parts merge) and after a rerun
+    that drops a removed sample's row from its shard."""
+    root = tmp_path / "data"
+    records = good_set(root)
+    config = PreprocessConfig(resolution=256, max_length=256, unit_size=2)
+
+    def both(records: list[dict]) -> dict[bool, dict]:
+        write_jsonl(root / "data.jsonl", records)
+        mixture = Mixture(sources=(Source(name="data", annotations=str(root / "data.jsonl"), image_root=str(root)),))
+        for in_process in (False, True):
+            out = str(tmp_path / ("local" if in_process else "ray"))
+            run_preprocess(mixture, config, out, echo=lambda *_: None, in_process=in_process)
+        assert _tree(tmp_path / "local") == _tree(tmp_path / "ray")
+        assert read_index(Store(str(tmp_path / "local"))) == read_index(Store(str(tmp_path / "ray")))
+        return {
+            p: json.loads((tmp_path / n / "manifest.json").read_text()) for p, n in ((True, "local"), (False, "ray"))
+        }
+
+    first = both(records)
+    assert first[True]["run"]["processed"] == first[False]["run"]["processed"] == 7 and len(first[True]["shards"]) > 0
+    second = both(records[:-1])
+    for key in ("read", "written", "quarantined", "buckets", "shards", "input_fingerprint", "config_hash"):
+        assert second[True][key] == second[False][key], key
+    assert second[True]["run"] == {**second[False]["run"], "seconds": second[True]["run"]["seconds"]}
+    assert second[True]["run"]["removed"] == 1 and second[True]["run"]["reused"] == 6
+
+
 def test_mixture_yaml_ratios_and_caps(ray_local, tmp_path):
     root = tmp_path / "data"
     records = good_set(root, n=6)
@@ -89,13 +118,17 @@ def test_mixture_yaml_ratios_and_caps(ray_local, tmp_path):
 
 
 def test_s3_round_trip(ray_local, s3_bucket, tmp_path):
-    from convllava.storage import upload_dir
+    from convllava.io.storage import upload_dir
 
     root = tmp_path / "data"
     records = good_set(root)
     write_jsonl(root / "data.jsonl", records)
     upload_dir(root, f"s3://{s3_bucket}/raw")
-    mixture = Mixture((Source("data", f"s3://{s3_bucket}/raw/data.jsonl", f"s3://{s3_bucket}/raw"),))
+    mixture = Mixture(
+        sources=(
+            Source(name="data", annotations=f"s3://{s3_bucket}/raw/data.jsonl", image_root=f"s3://{s3_bucket}/raw"),
+        )
+    )
     config = PreprocessConfig(resolution=256, max_length=256, unit_size=2)  # units' parts merge on S3
     run_preprocess(mixture, config, f"s3://{s3_bucket}/shards", echo=lambda *_: None)
     local = run(root, records, tmp_path / "local")

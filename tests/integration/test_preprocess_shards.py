@@ -18,10 +18,10 @@ from PIL import Image
 from preprocess_harness import good_set, rec, rows, run, save
 from transformers import CLIPImageProcessorPil
 
-from convllava.data import collate
-from convllava.image_processing import ConvLlavaImageProcessor, load_image
-from convllava.shards import read_index
-from convllava.storage import Store
+from convllava.data.epochs import collate
+from convllava.data.shards import read_index
+from convllava.io.storage import Store
+from convllava.processing.image_processing import ConvLlavaImageProcessor, load_image
 from pipelines.worker import part_aggregates
 
 pytestmark = pytest.mark.integration
@@ -221,9 +221,9 @@ def test_square_png_shards_carry_the_released_models_pixels(ray_local, tmp_path,
 
 
 def test_llava_tokenization_shards_hold_the_released_models_tokens(ray_local, tmp_path, vicuna_tokenizer_dir):
-    from convllava.processor import ConvLlavaProcessor
-    from convllava.processor_config import ProcessorConfig
-    from convllava.tokenizer import load_tokenizer
+    from convllava.processing.processor import ConvLlavaProcessor
+    from convllava.processing.processor_config import ProcessorConfig
+    from convllava.processing.tokenizer import load_tokenizer
 
     root = tmp_path / "data"
     records = good_set(root, n=2)

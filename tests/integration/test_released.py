@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from convllava.checkpoint import load_model
+from convllava.modeling.checkpoint import load_model
 from jobs import cli
 
 pytestmark = pytest.mark.integration
@@ -19,8 +19,8 @@ pytestmark = pytest.mark.integration
 def test_eval_cli_scores_the_released_layout_end_to_end(released_spm, photos, tmp_path, ray_local):
     from lmms_eval.tasks.textvqa.utils import textvqa_process_results
 
-    from convllava.image_processing import load_image
-    from convllava.inference import GenerationOptions, generate
+    from convllava.modeling.inference import GenerationOptions, generate
+    from convllava.processing.image_processing import load_image
     from jobs.evaluate.benchmarks import SHORT_PROMPT
 
     data = tmp_path / "data"

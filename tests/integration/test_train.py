@@ -17,10 +17,10 @@ pytestmark = pytest.mark.integration
 
 
 def _check_trained_exactly(before: dict, after: dict, trainable: tuple[str, ...]) -> None:
-    from convllava.checkpoint import load_model
+    from convllava.modeling.checkpoint import load_model
 
     model, _ = load_model(Path(after["__dir__"]))
-    from convllava.trainable import group_prefixes
+    from convllava.modeling.trainable import group_prefixes
 
     prefixes = tuple(p for g in trainable for p in group_prefixes(model)[g])
     changed = [k for k in before if k in after and not torch.equal(before[k], after[k])]
@@ -41,8 +41,8 @@ def test_three_stages_train_exactly_their_parameters_and_loss_falls(shards, tmp_
         after = stage_weights(result.model_uri)
         after["__dir__"] = result.model_uri
         if init is None:  # stage 1 starts from the preset's seeded init
-            from convllava.config import ConvLlavaConfig
-            from convllava.modeling import ConvLlavaForCausalLM
+            from convllava.modeling.config import ConvLlavaConfig
+            from convllava.modeling.model import ConvLlavaForCausalLM
 
             torch.manual_seed(config.seed)
             fresh = ConvLlavaForCausalLM(ConvLlavaConfig.from_preset("tiny", attn_implementation="sdpa"))
@@ -84,9 +84,9 @@ def test_text_only_micro_batch_on_one_rank_does_not_stall_zero3(shards, tiny_mod
     must still run tower and projector (on a blank image, weighted zero) or the other rank waits for ever. `make demo`
     hung this way in stage 3, which starts from a saved model (loaded in inference mode, so `model.train()` matters).
     """
-    from convllava.checkpoint import save_checkpoint
-    from convllava.data import plan_shard_epoch
-    from convllava.shards import ShardSet
+    from convllava.data.epochs import plan_shard_epoch
+    from convllava.data.shards import ShardSet
+    from convllava.modeling.checkpoint import save_checkpoint
     from pipelines.config import Mixture, PreprocessConfig
     from pipelines.preprocess import run_preprocess
 
@@ -136,7 +136,7 @@ def test_text_only_micro_batch_on_one_rank_does_not_stall_zero3(shards, tiny_mod
 def test_s3_storage_and_init_from_s3(shards, s3_bucket, tmp_path):
     import boto3
 
-    from convllava.checkpoint import load_model
+    from convllava.modeling.checkpoint import load_model
 
     result = run_stage(
         tiny(1, shards, max_steps=2, checkpoint_every=0),

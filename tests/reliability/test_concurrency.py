@@ -50,3 +50,30 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
     holder.wait()
     with workdir_lock(tmp_path):  # a killed driver never leaves the work dir locked (flock dies with it)
         assert (tmp_path / ".pipeline.lock").read_text() == f"pid {os.getpid()}"
+
+
+def test_a_waiting_pipeline_refuses_after_wait_s_and_runs_once_the_holder_is_gone(tmp_path):
+    """`retrain` waits its turn (wait_s): it refuses naming the holder when the wait runs out, and takes the lock as
+    soon as the holder dies while it waits."""
+    import threading
+    import time
+
+    import pytest
+
+    from jobs.dag.runner import PipelineLocked, workdir_lock
+
+    holder = _holder(tmp_path)
+    try:
+        start = time.monotonic()
+        with pytest.raises(PipelineLocked, match=rf"in use by another pipeline run \(pid {holder.pid}\)"):
+            with workdir_lock(tmp_path, wait_s=1.5):
+                pass
+        assert time.monotonic() - start >= 1.5
+        threading.Timer(1.0, holder.kill).start()
+        start = time.monotonic()
+        with workdir_lock(tmp_path, wait_s=60):
+            assert (tmp_path / ".pipeline.lock").read_text() == f"pid {os.getpid()}"
+        assert 1.0 <= time.monotonic() - start < 30
+    finally:
+        holder.kill()
+        holder.wait()

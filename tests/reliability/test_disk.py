@@ -43,7 +43,7 @@ def tiny(data: Path, **changes) -> StageConfig:
 
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory) -> Path:
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
 
     root = tmp_path_factory.mktemp("disk-data")
     generate_demo_data(root, seed=0, n_caption=48, n_instruct=0, n_eval=0, with_photos=False)
@@ -51,15 +51,15 @@ def raw(tmp_path_factory) -> Path:
 
 
 def _index(output: Path) -> dict[str, str]:
-    from convllava.shards import read_index
-    from convllava.storage import Store
+    from convllava.data.shards import read_index
+    from convllava.io.storage import Store
 
     return {k: e["status"] for k, e in read_index(Store(str(output))).items()}
 
 
 def test_preprocessing_onto_a_full_disk_keeps_what_it_finished_and_a_rerun_completes(ray_local, raw, tmp_path):
-    from convllava.shards import MANIFEST, ShardSet
-    from convllava.storage import OutputError
+    from convllava.data.shards import MANIFEST, ShardSet
+    from convllava.io.storage import OutputError
     from pipelines.config import Mixture, PreprocessConfig
     from pipelines.preprocess import run_preprocess
 
@@ -110,7 +110,7 @@ def test_preprocessing_onto_a_full_disk_keeps_what_it_finished_and_a_rerun_compl
 
 
 def test_preprocessing_into_a_read_only_disk_fails_before_any_work(ray_local, raw, tmp_path):
-    from convllava.storage import OutputError
+    from convllava.io.storage import OutputError
     from pipelines.config import Mixture, PreprocessConfig
     from pipelines.preprocess import run_preprocess
 

@@ -37,11 +37,11 @@ def _scan(paths: list[Path], texts: dict[str, str] | None = None) -> tuple[int, 
 def test_secrets_never_leak(shards, mlflow_server, s3_bucket, tmp_path, monkeypatch, capfd):
     import boto3
 
-    from convllava.checkpoint import load_model
+    from convllava.modeling.checkpoint import load_model
     from jobs.tracking.runs import default_tracking_uri
     from jobs.train.driver import run_stage
     from pipelines.config import Mixture, PreprocessConfig
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
     from pipelines.preprocess import run_preprocess
 
     for name, value in MARKERS.items():  # after s3_server set its own: moto accepts any credentials

@@ -1,6 +1,6 @@
 """Storage faults: S3 errors, dropped connections and outages between the platform and its object store.
 
-Every test puts `FaultProxy` between the clients (pyarrow: `convllava.storage`, inside Ray Train's workers and
+Every test puts `FaultProxy` between the clients (pyarrow: `convllava.io.storage`, inside Ray Train's workers and
 controller too) and moto's server by pointing `AWS_ENDPOINT_URL` at the proxy, injects faults, and asserts what a
 user relies on: transient faults are retried and lose nothing, a checkpoint whose upload failed is never recorded, a
 store that stays down fails the run with a clear error instead of hanging.
@@ -160,9 +160,9 @@ def test_a_store_that_stays_down_fails_the_run_cleanly(shards, proxy, s3_bucket,
 
 
 def test_preprocessing_to_a_down_store_fails_before_processing(proxy, s3_bucket, tmp_path):
-    from convllava.storage import OutputError
+    from convllava.io.storage import OutputError
     from pipelines.config import Mixture, PreprocessConfig
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
     from pipelines.preprocess import run_preprocess
 
     generate_demo_data(tmp_path / "data", seed=0, n_caption=4, n_instruct=4, n_eval=0, with_photos=False)
@@ -183,8 +183,8 @@ def test_preprocessing_to_a_down_store_fails_before_processing(proxy, s3_bucket,
 
 
 def test_storage_reads_survive_transient_errors(proxy, moto, s3_bucket, tmp_path):
-    from convllava.storage import download_prefix
-    from convllava.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+    from convllava.io.storage import download_prefix
+    from convllava.processing.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
     files = sorted(p for p in Path(TINY_TOKENIZER_DIR).rglob("*") if p.is_file())
     for path in files:

@@ -2,7 +2,14 @@ import math
 
 import pytest
 
-from convllava.buckets import Bucket, check_size, fit_in_canvas, make_buckets, nearest_bucket, num_visual_tokens
+from convllava.processing.buckets import (
+    Bucket,
+    check_size,
+    fit_in_canvas,
+    make_buckets,
+    nearest_bucket,
+    num_visual_tokens,
+)
 
 
 @pytest.mark.parametrize(

@@ -19,12 +19,12 @@ from checkpoint_harness import (
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from convllava.checkpoint import load_model
-from convllava.llava_checkpoint import from_llava_checkpoint
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.tokenizer import load_tokenizer
-from convllava.vision import ConvNeXtTower, checkpoint_filter_fn
-from convllava.weights import CheckpointError
+from convllava.modeling.checkpoint import load_model
+from convllava.modeling.llava_checkpoint import from_llava_checkpoint
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.modeling.vision import ConvNeXtTower, checkpoint_filter_fn
+from convllava.modeling.weights import CheckpointError
+from convllava.processing.tokenizer import load_tokenizer
 
 # --------------------------------------------------------------------------- HF ConvNext → timm
 

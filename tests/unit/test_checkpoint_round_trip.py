@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from checkpoint_harness import QUESTION, logits_of
 
-from convllava.checkpoint import load_model, save_checkpoint
-from convllava.image_processing import load_image
-from convllava.llava_checkpoint import from_llava_checkpoint
-from convllava.storage import upload_dir
+from convllava.io.storage import upload_dir
+from convllava.modeling.checkpoint import load_model, save_checkpoint
+from convllava.modeling.llava_checkpoint import from_llava_checkpoint
+from convllava.processing.image_processing import load_image
 
 
 def test_s3_llava_layout_and_our_format(released, s3_bucket, tmp_path, input_ids, pixels):

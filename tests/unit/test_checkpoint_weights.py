@@ -19,12 +19,12 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from convllava import llava_checkpoint, weights
-from convllava.checkpoint import load_model
-from convllava.llava_checkpoint import from_llava_checkpoint
-from convllava.tokenizer import load_tokenizer
-from convllava.vision import checkpoint_filter_fn
-from convllava.weights import CheckpointError
+from convllava.modeling import llava_checkpoint, weights
+from convllava.modeling.checkpoint import load_model
+from convllava.modeling.llava_checkpoint import from_llava_checkpoint
+from convllava.modeling.vision import checkpoint_filter_fn
+from convllava.modeling.weights import CheckpointError
+from convllava.processing.tokenizer import load_tokenizer
 from jobs import cli
 
 
@@ -121,8 +121,8 @@ def test_anything_left_on_meta_is_named(released):
 MEASURE = """
 import gc, json, sys, torch
 from pathlib import Path
-from convllava.checkpoint import load_model
-from convllava.llava_checkpoint import from_llava_checkpoint
+from convllava.modeling.checkpoint import load_model
+from convllava.modeling.llava_checkpoint import from_llava_checkpoint
 
 def status(key):
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from convllava.config import PRESETS, ConvLlavaConfig
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.vision import ConvNeXtTower
+from convllava.modeling.config import PRESETS, ConvLlavaConfig
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.modeling.vision import ConvNeXtTower
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from convllava.data import SampleInfo, ShardLayout, collate, plan_epoch, plan_shard_epoch, text_padding_fraction
-from convllava.image_processing import CLIP_MEAN, CLIP_STD
+from convllava.data.epochs import SampleInfo, ShardLayout, collate, plan_epoch, plan_shard_epoch, text_padding_fraction
+from convllava.processing.image_processing import CLIP_MEAN, CLIP_STD
 
 SIZES = {"micro_batch_size": 4, "grad_accum": 2, "world_size": 3}
 # ---------------------------------------------------------------------------------------------------- ShardSet

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from convllava.checkpoint import load_model, save_checkpoint
-from convllava.storage import download_prefix, upload_dir
-from convllava.tokenizer import load_tokenizer
+from convllava.io.storage import download_prefix, upload_dir
+from convllava.modeling.checkpoint import load_model, save_checkpoint
+from convllava.processing.tokenizer import load_tokenizer
 
 
 def test_tokenizer_and_model_load_from_s3(s3_bucket, tmp_path, tiny_model, tiny_processor):

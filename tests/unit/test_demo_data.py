@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import yaml
 
-from convllava.image_processing import load_image
-from convllava.sample_images import sample_photos
+from convllava.data.sample_images import sample_photos
+from convllava.processing.image_processing import load_image
 from pipelines.config import Mixture
-from pipelines.demo_data import _caption, _qa, generate_demo_data
-from pipelines.demo_scenes import COLORS, Scene, Shape
+from pipelines.demo.data import _caption, _qa, generate_demo_data
+from pipelines.demo.scenes import COLORS, Scene, Shape
 from pipelines.partition import iter_source
 
 SMALL = {"n_caption": 40, "n_instruct": 40, "n_eval": 20}

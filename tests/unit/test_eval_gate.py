@@ -13,7 +13,8 @@ import pytest
 import yaml
 from eval_gate_harness import score_answers
 
-from jobs.dag.config import PipelineConfig, PipelineConfigError
+from convllava.io.config import ConfigLoadError
+from jobs.dag.config import PipelineConfig
 from jobs.evaluate.suite import fixed_metric_names, load_suite, metric_value
 from jobs.tracking import registry
 from jobs.tracking.runs import client
@@ -102,7 +103,7 @@ def test_primary_metrics_the_paper_suite_reports_are_accepted(tmp_path, metric):
 @pytest.mark.parametrize("metric", ["textvqa/acc", "vqav2/accuracy", "accuracy", "textvqa"])
 def test_a_primary_metric_the_suite_does_not_report_is_refused(tmp_path, metric):
     path = _cluster_with(tmp_path, primary_metric=metric)
-    with pytest.raises(PipelineConfigError) as info:
+    with pytest.raises(ConfigLoadError) as info:
         PipelineConfig.from_yaml(path)
     message = str(info.value)
     assert message.startswith(f"{path}: primary_metric: {metric!r}") and "eval.suite 'paper'" in message
@@ -111,7 +112,7 @@ def test_a_primary_metric_the_suite_does_not_report_is_refused(tmp_path, metric)
 
 def test_an_unknown_eval_suite_is_refused_when_the_config_loads(tmp_path):
     path = _cluster_with(tmp_path, eval={"suite": "papr"})
-    with pytest.raises(PipelineConfigError, match=r"cluster\.yaml: eval\.suite: unknown suite 'papr'.*'paper'"):
+    with pytest.raises(ConfigLoadError, match=r"cluster\.yaml: eval\.suite: unknown suite 'papr'.*'paper'"):
         PipelineConfig.from_yaml(path)
 
 

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 
-from convllava.attention import attention_unavailable, resolve_attn_implementation
+from convllava.modeling.attention import attention_unavailable, resolve_attn_implementation
 from jobs.train.checkpoints import CheckpointIncomplete, verify_stored_checkpoint, write_completion_marker
 from jobs.train.device import DeviceCollectives
 from jobs.train.recipe import StageRecipe
@@ -46,7 +46,7 @@ def test_the_recipe_issues_no_collective_outside_device_collectives():
 def test_attention_falls_back_to_sdpa_and_says_why(monkeypatch, caplog):
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError
     assert "flash_attn does not import" in attention_unavailable("flash_attention_2", "cpu")
-    with caplog.at_level("WARNING", logger="convllava.attention"):
+    with caplog.at_level("WARNING", logger="convllava.modeling.attention"):
         assert resolve_attn_implementation("flash_attention_2", "cpu") == "sdpa"
     assert "flash_attention_2 requested, using sdpa: flash_attn does not import" in caplog.text
     # flash-attn installed, but this worker computes on the CPU (or a pre-Ampere GPU): still sdpa.
@@ -64,7 +64,7 @@ def test_partitions_are_read_from_the_checkpoint_slice_by_slice(tmp_path):
     reading only the rows that hold it; a tensor the checkpoint lacks is named."""
     from safetensors.torch import save_file
 
-    from convllava.weights import CheckpointError, FlatRanges
+    from convllava.modeling.weights import CheckpointError, FlatRanges
 
     torch.manual_seed(0)
     tensors = {"a": torch.randn(7), "b": torch.randn(5, 3), "c": torch.randn(3, 2, 2, 5), "s": torch.tensor(2.5)}
@@ -165,7 +165,7 @@ def test_a_stored_checkpoint_that_is_incomplete_is_refused_naming_what(tmp_path)
 
 
 def test_a_stored_checkpoint_on_s3_is_verified_without_download(s3_bucket, tmp_path):
-    from convllava.storage import s3_filesystem, upload_dir
+    from convllava.io.storage import s3_filesystem, upload_dir
 
     _checkpoint(tmp_path / "ck", 2, sharded=False)
     upload_dir(tmp_path / "ck", f"s3://{s3_bucket}/runs/ck")
@@ -181,9 +181,9 @@ def test_the_gpu_checks_tokenizer_has_vicunas_image_id(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
     from gpu_train_check import vicuna_shaped_tokenizer
 
-    from convllava.config import ConvLlavaConfig
-    from convllava.processor import ConvLlavaProcessor
-    from convllava.tokenizer import load_tokenizer
+    from convllava.modeling.config import ConvLlavaConfig
+    from convllava.processing.processor import ConvLlavaProcessor
+    from convllava.processing.tokenizer import load_tokenizer
 
     directory = vicuna_shaped_tokenizer(tmp_path / "tok")
     processor = ConvLlavaProcessor.for_model(ConvLlavaConfig.from_preset("convllava-768"), str(directory))

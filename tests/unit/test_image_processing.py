@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil
 
-from convllava.image_processing import ConvLlavaImageProcessor, ImageError, load_image, to_rgb
 from convllava.metrics.grounding import box_to_original
+from convllava.processing.image_processing import ConvLlavaImageProcessor, ImageError, load_image, to_rgb
 
 
 def _png(image: Image.Image, fmt: str = "PNG", **kw) -> bytes:

@@ -10,19 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from convllava.checkpoint import load_model
-from convllava.image_processing import ImageError, load_image
-from convllava.inference import GenerationOptions, generate
 from convllava.metrics.demo import normalize_short_answer
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
+from convllava.modeling.checkpoint import load_model
+from convllava.modeling.inference import GenerationOptions, generate
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.processing.image_processing import ImageError, load_image
+from convllava.processing.processor import ConvLlavaProcessor
 
 N_EVAL = 10
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_ckpt) -> tuple[ConvLlavaForCausalLM, ConvLlavaProcessor]:
-    """The checkpoint loaded independently of the adapters, for `convllava.inference.generate`."""
+    """The checkpoint loaded independently of the adapters, for `convllava.modeling.inference.generate`."""
     return load_model(tiny_ckpt)
 
 

@@ -51,7 +51,7 @@ def test_demo_accuracy_per_type_with_chance():
 
 
 def test_demo_accuracy_reads_the_generated_eval_files(tmp_path):
-    from pipelines.demo_data import generate_demo_data
+    from pipelines.demo.data import generate_demo_data
 
     generate_demo_data(tmp_path, seed=3, n_caption=0, n_instruct=0, n_eval=6, with_photos=False)
     records = [json.loads(line) for f in sorted((tmp_path / "eval").glob("*.jsonl")) for line in f.open()]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from convllava.checkpoint import save_checkpoint
-from convllava.inference import GenerationOptions, generate
+from convllava.modeling.checkpoint import save_checkpoint
+from convllava.modeling.inference import GenerationOptions, generate
 from jobs.dag.report import describe
 from jobs.dag.runbook import NodeOutcome
 from jobs.dag.runner import PipelineResult

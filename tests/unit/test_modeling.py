@@ -3,11 +3,11 @@ import torch
 from PIL import Image
 from transformers import Qwen2Config
 
-from convllava.checkpoint import load_model, save_checkpoint
-from convllava.config import ConvLlavaConfig
-from convllava.inference import GenerationOptions, chat_reply, generate
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
+from convllava.modeling.checkpoint import load_model, save_checkpoint
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.inference import GenerationOptions, chat_reply, generate
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.processing.processor import ConvLlavaProcessor
 
 CONV = [{"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A red box."}]
 
@@ -147,7 +147,7 @@ def test_any_causal_lm_works_including_tied_embeddings(tmp_path, tiny_processor)
 def test_text_only_training_batch_runs_tower_and_projector_with_zero_weight(tiny_model):
     """Every data-parallel rank must run the same modules (ZeRO-3 gathers parameters per module): a text-only batch
     in training mode runs a blank image through tower and projector, which changes neither loss nor gradients."""
-    from convllava.trainable import set_trainable
+    from convllava.modeling.trainable import set_trainable
 
     set_trainable(tiny_model, ["vision.stage5", "projector", "llm"])
     ids = torch.randint(5, 100, (2, 12))

@@ -15,10 +15,10 @@ import pytest
 import torch
 from plan_harness import mid_config, plan_cli
 
-from convllava.config import ConvLlavaConfig
-from convllava.memory import largest_layer_params, measure_activations
-from convllava.modeling import ConvLlavaForCausalLM
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.model import ConvLlavaForCausalLM
 from jobs.train.config import CONFIG_DIR, StageConfig
+from jobs.train.memory import largest_layer_params, measure_activations
 from jobs.train.model_states import model_states
 from jobs.train.plan import GIB, plan_stage
 from jobs.train.preflight import MemoryPlanError, preflight
@@ -214,9 +214,9 @@ def test_the_paper_stages_at_1536_fit_8_80gb_gpus_with_their_configs():
 
 
 def test_plan_reads_the_architecture_of_an_s3_init_from(s3_bucket, tmp_path):
-    from convllava.checkpoint import save_checkpoint
-    from convllava.processor import ConvLlavaProcessor
-    from convllava.storage import upload_dir
+    from convllava.io.storage import upload_dir
+    from convllava.modeling.checkpoint import save_checkpoint
+    from convllava.processing.processor import ConvLlavaProcessor
 
     config = ConvLlavaConfig.from_preset("tiny")
     ckpt = save_checkpoint(ConvLlavaForCausalLM(config), ConvLlavaProcessor.for_model(config, "tiny"), tmp_path / "c")
@@ -246,3 +246,32 @@ def test_preflight_logs_the_plan_and_refuses_a_stage_that_does_not_fit(tmp_path,
     monkeypatch.setenv("CONVLLAVA_GPU_MEMORY_GIB", "80")
     plan = preflight(config, assumed=(1024, (256, 256)))
     assert plan.fits and plan.device_memory == 80 * GIB
+
+
+def test_a_handed_plan_is_logged_and_checked_not_made_again(tmp_path, monkeypatch):
+    """A pipeline's preflight plans each stage once and hands the plan to the stage: `preflight(plan=...)` logs it
+    into the stage run and refuses it when it does not fit, without planning again. A stage run that a resumed
+    pipeline reopens keeps the plan params it has (MLflow refuses a changed param) and gets the new plan's text."""
+    import jobs.train.preflight as preflight_module
+    from jobs.tracking.runs import client, start_run
+
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    config = _stage()
+    first = plan_stage(config, gpu_memory_gib=80, assumed=(1024, (256, 256)))  # before the shards exist
+    again = plan_stage(config, gpu_memory_gib=80, assumed=(512, (128, 128)))  # a resumed pipeline's, other shapes
+    tight = plan_stage(config, gpu_memory_gib=0.05, assumed=(1024, (256, 256)))
+
+    def no_second_plan(*args, **kwargs):
+        raise AssertionError("the stage was planned again")
+
+    monkeypatch.setattr(preflight_module, "plan_stage", no_second_plan)
+    run_id = start_run(tracking, "plan", "stage2")
+    assert preflight(config, tracking, run_id, plan=first) is first
+    c = client(tracking)
+    assert c.get_run(run_id).data.params["plan/seq_len"] == "1024"
+    assert preflight(config, tracking, run_id, plan=again) is again  # the reopened run: no MlflowException
+    assert c.get_run(run_id).data.params["plan/seq_len"] == "1024"
+    text = Path(c.download_artifacts(run_id, "plan.txt", str(tmp_path))).read_text()
+    assert "512 tokens" in text and "1024 tokens" not in text
+    with pytest.raises(MemoryPlanError, match="stage stage2 does not fit its GPUs"):
+        preflight(config, plan=tight)

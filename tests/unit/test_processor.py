@@ -3,13 +3,13 @@ import json
 import pytest
 from PIL import Image
 
-from convllava.image_processing import CLIP_MEAN, CLIP_STD, ImageProcessorConfig
-from convllava.labels import IGNORE_INDEX, PreflightError, SequenceTooLongError
-from convllava.processor import ConvLlavaProcessor
-from convllava.processor_config import ProcessorConfig
-from convllava.templates import VICUNA_SYSTEM, ConversationError, ConversationTemplate, get_template
-from convllava.tiny_tokenizer import build_tiny_tokenizer
-from convllava.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from convllava.processing.image_processing import CLIP_MEAN, CLIP_STD, ImageProcessorConfig
+from convllava.processing.labels import IGNORE_INDEX, PreflightError, SequenceTooLongError
+from convllava.processing.processor import ConvLlavaProcessor
+from convllava.processing.processor_config import ProcessorConfig
+from convllava.processing.templates import VICUNA_SYSTEM, ConversationError, ConversationTemplate, get_template
+from convllava.processing.tiny_tokenizer import build_tiny_tokenizer
+from convllava.processing.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
 CONV = [
     {"from": "human", "value": "<image>\nWhat colour is the circle?"},
@@ -319,7 +319,7 @@ def test_llava_prompts_are_the_generation_prompt_left_padded(vicuna_llava, llama
 
 def test_tokenization_option_is_validated_persisted_and_reaches_for_model(tmp_path, tiny_config, tiny_processor):
     assert tiny_processor.config.tokenization == "one_pass"  # our models' default
-    with pytest.raises(ValueError, match=r"tokenization: expected one of \('one_pass', 'llava'\), got 'llama'"):
+    with pytest.raises(ValueError, match=r"^ProcessorConfig: tokenization: Input should be 'one_pass' or 'llava'"):
         ProcessorConfig(tokenization="llama")
     proc = ConvLlavaProcessor.for_model(tiny_config, tiny_processor.tokenizer, tokenization="llava")
     assert proc.config.tokenization == "llava" and proc.config.template == tiny_config.template
@@ -362,7 +362,7 @@ def test_reply_membership_matches_the_scan_of_every_span():
     disjoint spans (empty ones, adjacent ones, unsorted) and token ranges (empty, overlapping, out of order)."""
     import random
 
-    from convllava.labels import reply_membership
+    from convllava.processing.labels import reply_membership
 
     rng = random.Random(0)
     held = crossed = 0

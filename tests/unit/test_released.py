@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from convllava.buckets import num_visual_tokens
-from convllava.checkpoint import load_model
-from convllava.templates import VICUNA_SYSTEM
+from convllava.modeling.checkpoint import load_model
+from convllava.processing.buckets import num_visual_tokens
+from convllava.processing.templates import VICUNA_SYSTEM
 from jobs import cli
 from unit.test_image_processing import llava_pad_reference
 from unit.test_processor import IMAGE_INDEX, expand_images, tokenizer_image_token

@@ -1,4 +1,4 @@
-"""The storage layer (`convllava.storage`) on local disk, and how it builds its S3 filesystem."""
+"""The storage layer (`convllava.io.storage`) on local disk, and how it builds its S3 filesystem."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from convllava.storage import Store, download_prefix, read_bytes, s3_filesystem, upload_dir, write_bytes
+from convllava.io.storage import Store, download_prefix, read_bytes, s3_filesystem, upload_dir, write_bytes
 
 
 def _settings(fs) -> dict:

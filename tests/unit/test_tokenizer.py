@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
 
-from convllava.templates import VICUNA_SYSTEM
-from convllava.tokenizer import adds_dummy_prefix, encode_with_offsets, load_tokenizer
+from convllava.processing.templates import VICUNA_SYSTEM
+from convllava.processing.tokenizer import adds_dummy_prefix, encode_with_offsets, load_tokenizer
 
 TEXTS = [
     VICUNA_SYSTEM,

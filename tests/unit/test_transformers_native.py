@@ -6,7 +6,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 import convllava
-from convllava.checkpoint import save_checkpoint
+from convllava.modeling.checkpoint import save_checkpoint
 
 IMAGES = [Image.new("RGB", (300, 150), (220, 20, 20)), Image.new("RGB", (160, 320), (20, 20, 220))]
 

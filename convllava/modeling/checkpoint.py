@@ -1,7 +1,7 @@
 """Our checkpoint format, saved and loaded; `load_model` also takes a released LLaVA-layout directory as it is.
 
 Our format is what `save_pretrained` writes: config.json (`convllava`), model.safetensors, processor files. The
-released layout is read by `convllava.llava_checkpoint`; weight files by `convllava.weights`.
+released layout is read by `convllava.modeling.llava_checkpoint`; weight files by `convllava.modeling.weights`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Any
 
 import torch
 
-from convllava.config import ConvLlavaConfig
-from convllava.llava_checkpoint import from_llava_checkpoint, released_image_settings
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
-from convllava.processor_config import PROCESSOR_CONFIG, read_processor_config
-from convllava.storage import resolve_local
-from convllava.weights import CheckpointError
+from convllava.io.storage import resolve_local
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.llava_checkpoint import from_llava_checkpoint, released_image_settings
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.modeling.weights import CheckpointError
+from convllava.processing.processor import ConvLlavaProcessor
+from convllava.processing.processor_config import PROCESSOR_CONFIG, read_processor_config
 
 
 def image_settings(path: str | os.PathLike) -> dict[str, Any]:

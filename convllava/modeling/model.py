@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Gene
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from convllava.buckets import STRIDE
-from convllava.config import ConvLlavaConfig
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.processing.buckets import STRIDE
 
 
 def build_projector(projector_type: str, vision_dim: int, text_dim: int) -> nn.Module:
@@ -70,7 +70,9 @@ class ConvLlavaForCausalLM(ConvLlavaPreTrainedModel, GenerationMixin):
     """
 
     def __init__(self, config: ConvLlavaConfig) -> None:
-        from convllava.vision import ConvNeXtTower  # timm, imported where a model is built (not by `import convllava`)
+        from convllava.modeling.vision import (
+            ConvNeXtTower,  # timm, imported where a model is built (not by `import convllava`)
+        )
 
         super().__init__(config)
         self.vision_tower = ConvNeXtTower(
@@ -215,8 +217,8 @@ class ConvLlavaForCausalLM(ConvLlavaPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_llava_checkpoint(cls, path, **kwargs) -> ConvLlavaForCausalLM:
-        """Load a released ConvLLaVA checkpoint (LLaVA layout); see `convllava.llava_checkpoint`."""
-        from convllava.llava_checkpoint import from_llava_checkpoint  # that module imports this one
+        """Load a released ConvLLaVA checkpoint (LLaVA layout); see `convllava.modeling.llava_checkpoint`."""
+        from convllava.modeling.llava_checkpoint import from_llava_checkpoint  # that module imports this one
 
         model, _ = from_llava_checkpoint(path, **kwargs)
         return model

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from convllava.image_processing import ImageProcessorConfig, _config_fields
-from convllava.templates import TOKENIZATIONS, Tokenization, get_template
+from pydantic import Field, field_validator
+
+from convllava.io.config import ConfigModel
+from convllava.processing.image_processing import ImageProcessorConfig
+from convllava.processing.templates import Tokenization, get_template
 
 PROCESSOR_CONFIG = "processor_config.json"
 Truncation = Literal["truncate", "error"]
 
 
-@dataclass(frozen=True)
-class ProcessorConfig:
+class ProcessorConfig(ConfigModel):
     """Args:
-    template: conversation template (`convllava.templates.TEMPLATES`).
+    template: conversation template (`convllava.processing.templates.TEMPLATES`).
     max_length: maximum tokens per sample, visual tokens included.
     truncation: `truncate` (never through an image) or `error`.
     tokenization: `one_pass` (our models) or `llava` (LLaVA's `tokenizer_image_token`, for released checkpoints).
@@ -29,23 +30,28 @@ class ProcessorConfig:
     max_length: int = 2048
     truncation: Truncation = "truncate"
     tokenization: Tokenization = "one_pass"
-    image: ImageProcessorConfig = ImageProcessorConfig()
+    image: ImageProcessorConfig = Field(default_factory=ImageProcessorConfig)
 
-    def __post_init__(self) -> None:
-        get_template(self.template)
-        if self.max_length < 8:
-            raise ValueError(f"max_length must be at least 8, got {self.max_length}")
-        if self.truncation not in ("truncate", "error"):
-            raise ValueError(f"truncation: expected 'truncate' or 'error', got {self.truncation!r}")
-        if self.tokenization not in TOKENIZATIONS:
-            raise ValueError(f"tokenization: expected one of {TOKENIZATIONS}, got {self.tokenization!r}")
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        get_template(value)
+        return value
+
+    @field_validator("max_length")
+    @classmethod
+    def _long_enough(cls, value: int) -> int:
+        if value < 8:
+            raise ValueError(f"max_length must be at least 8, got {value}")
+        return value
 
 
 def read_processor_config(directory: str | os.PathLike) -> ProcessorConfig:
     """The ProcessorConfig of a checkpoint's processor_config.json in either layout: the image settings under
     `image_processor` (what transformers' `ProcessorMixin` writes) or under `image` (checkpoints saved before)."""
-    raw = json.loads((Path(directory) / PROCESSOR_CONFIG).read_text())
+    path = Path(directory) / PROCESSOR_CONFIG
+    raw = json.loads(path.read_text())
     raw.pop("processor_class", None)
     image = raw.pop("image_processor") if "image_processor" in raw else raw.pop("image", {})
     image.pop("image_processor_type", None)
-    return ProcessorConfig(**raw, image=ImageProcessorConfig(**_config_fields(image)))
+    return ProcessorConfig.from_dict({**raw, "image": image}, str(path))

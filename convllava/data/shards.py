@@ -14,7 +14,7 @@ A preprocessing output (local directory or `s3://` prefix) holds
 every shard (the planner needs buckets, lengths and row-group boundaries, not images), so every rank builds the same
 `layout` (numpy columns, ~30 bytes per sample with the keys) and the same epoch plan cheaply. Sample i is row r of
 shard file s in manifest order, rows in file order. Full rows (images included) are read a row group at a time:
-`RankLoader` (convllava.loader) reads each row group a rank's plan needs once, ahead of the steps; `rows` gives
+`RankLoader` (convllava.data.loader) reads each row group a rank's plan needs once, ahead of the steps; `rows` gives
 random access through a small cache of row groups.
 """
 
@@ -37,17 +37,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from convllava.data import SampleInfo, ShardLayout
-from convllava.storage import Store
+from convllava.data.epochs import SampleInfo, ShardLayout
+from convllava.data.preprocess_config import ROW_GROUP_BYTES, ROW_GROUP_ROWS, PreprocessConfig
+from convllava.io.config import ConfigLoadError
+from convllava.io.storage import Store
 
 INDEX_DIR, QUARANTINE, MANIFEST = "index", "quarantine", "manifest.json"
 SHARDS_DIR = "shards"
 TEXT_BUCKET = "text"  # the bucket of samples without an image
-# Shard file sizes (preprocessing's defaults): a shard file holds at most SHARD_ROWS rows and about SHARD_BYTES of
-# images; inside it, a row group (what a training rank reads in one request) at most ROW_GROUP_ROWS rows and
-# ROW_GROUP_BYTES of images.
-SHARD_ROWS, SHARD_BYTES = 10_000, 256 << 20
-ROW_GROUP_ROWS, ROW_GROUP_BYTES = 1024, 32 << 20
 FOOTER_CACHE = 8  # shard footers (Parquet metadata) a reader keeps: the files its current window reads
 
 SHARD_SCHEMA = pa.schema(
@@ -246,7 +243,8 @@ class RunCounts:
 class Manifest:
     """`manifest.json`: the counts, provenance and shard list of one preprocessing output.
 
-    `written + quarantined == read` when `reconciled`; `config` is the PreprocessConfig's `to_dict()`.
+    `written + quarantined == read` when `reconciled`; `config` is the PreprocessConfig that made the output (plain
+    data only in the file).
     """
 
     read: int
@@ -258,7 +256,7 @@ class Manifest:
     sources: dict[str, SourceCounts]
     quarantine_reasons: dict[str, int]
     input_fingerprint: str
-    config: dict[str, Any]
+    config: PreprocessConfig
     config_hash: str
     code_version: str
     padded_pixel_fraction: float
@@ -271,7 +269,7 @@ class Manifest:
     index_partitions: int
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "config": self.config.to_dict()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -286,7 +284,12 @@ class Manifest:
                 f"{where}: not a preprocessing manifest (missing {missing}, unknown {unknown}); "
                 "re-run preprocess on this output"
             )
+        try:
+            config = PreprocessConfig.from_dict(data["config"], f"{where}: config")
+        except ConfigLoadError as e:
+            raise ManifestError(f"{e}; re-run preprocess on this output") from None
         typed = {
+            "config": config,
             "sources": {name: SourceCounts(**counts) for name, counts in data["sources"].items()},
             "shards": [ShardFile(**s) for s in data["shards"]],
             "run": RunCounts(**data["run"]),
@@ -379,7 +382,7 @@ class ShardSet:
     Attributes:
         manifest: the output's Manifest.
         shards: shard paths (relative to the output root), in manifest order.
-        layout: the compact index the planner reads (`convllava.data.ShardLayout`: bucket codes, lengths, row-group
+        layout: the compact index the planner reads (`convllava.data.epochs.ShardLayout`: bucket codes, lengths, row-group
             boundaries as numpy arrays).
         num_image_tokens: (N,) int32 visual tokens per sample (token budgets without reading images).
         keys: (N,) each sample's key (`source/id`, as in index.jsonl) as one Arrow string array.

@@ -17,14 +17,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig
 
-from convllava.config import ConvLlavaConfig
-from convllava.image_processing import MODES
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
-from convllava.storage import is_s3, resolve_local
-from convllava.tokenizer import load_tokenizer
-from convllava.vision import checkpoint_filter_fn
-from convllava.weights import (
+from convllava.io.storage import is_s3, resolve_local
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.modeling.vision import checkpoint_filter_fn
+from convllava.modeling.weights import (
     Assigner,
     CheckpointError,
     empty_model,
@@ -33,6 +30,9 @@ from convllava.weights import (
     load_weight_file,
     weight_files,
 )
+from convllava.processing.image_processing import MODES
+from convllava.processing.processor import ConvLlavaProcessor
+from convllava.processing.tokenizer import load_tokenizer
 
 # LLaVA's `architectures` entry → the Hugging Face model_type of its language model.
 LLAVA_ARCHITECTURES = {

@@ -13,7 +13,7 @@ import sys
 import torch
 from torch import nn
 
-from convllava.buckets import STRIDE, check_size
+from convllava.processing.buckets import STRIDE, check_size
 
 # Importing timm imports wandb when it is installed (`timm.utils.summary`'s optional run logging, a helper of timm's
 # training scripts that we never call): 1.3 s of CPU in every process that builds a model, each training worker

@@ -1,7 +1,7 @@
 """Checkpoint weight files: finding and safely reading them, and assigning them into a model built on the meta device.
 
-Both checkpoint layouts go through here: our own (`convllava.checkpoint`; `FlatRanges` for ZeRO-3 partitions) and the
-released LLaVA one (`convllava.llava_checkpoint`), which loads shard by shard as `from_pretrained` does.
+Both checkpoint layouts go through here: our own (`convllava.modeling.checkpoint`; `FlatRanges` for ZeRO-3 partitions) and the
+released LLaVA one (`convllava.modeling.llava_checkpoint`), which loads shard by shard as `from_pretrained` does.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from transformers.modeling_utils import local_torch_dtype
 
-from convllava.config import ConvLlavaConfig
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.storage import resolve_local
+from convllava.io.storage import resolve_local
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.model import ConvLlavaForCausalLM
 
 
 class CheckpointError(ValueError):

@@ -3,7 +3,7 @@
 No hub download is possible or wanted for tests and the demo, so the tiny preset carries its own
 tokenizer: byte-level (any text is encodable), 1024 ids, Llama-style special tokens, merges learnt
 from a small corpus of the words the demo data and the chat templates use. Rebuild with
-`python -m convllava.tiny_tokenizer`; a test checks the shipped files match this builder.
+`python -m convllava.processing.tiny_tokenizer`; a test checks the shipped files match this builder.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def main(out_dir: str | None = None) -> None:
-    from convllava.tokenizer import TINY_TOKENIZER_DIR
+    from convllava.processing.tokenizer import TINY_TOKENIZER_DIR
 
     target = Path(out_dir) if out_dir else TINY_TOKENIZER_DIR
     build_tiny_tokenizer().save_pretrained(str(target))

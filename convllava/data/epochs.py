@@ -28,9 +28,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from convllava.buckets import Bucket, num_visual_tokens
-from convllava.image_processing import CLIP_MEAN, CLIP_STD, ConvLlavaImageProcessor, ImageProcessorConfig, load_image
-from convllava.labels import IGNORE_INDEX, pad_batch
+from convllava.processing.buckets import Bucket, num_visual_tokens
+from convllava.processing.image_processing import (
+    CLIP_MEAN,
+    CLIP_STD,
+    ConvLlavaImageProcessor,
+    ImageProcessorConfig,
+    load_image,
+)
+from convllava.processing.labels import IGNORE_INDEX, pad_batch
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 A scene holds 1–MAX_SHAPES non-overlapping shapes (circle/square/triangle in six well-separated colours) on a canvas
 of varied size and aspect ratio (sides 192..768 px, aspect 1:3..3:1); detail scenes also carry a small number.
-`pipelines.demo_data` turns scenes into captions, questions and the eval sets.
+`pipelines.demo.data` turns scenes into captions, questions and the eval sets.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ from pathlib import Path
 from tokenizers import pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from convllava.storage import resolve_local
-from convllava.templates import IMAGE_TOKEN
+from convllava.io.storage import resolve_local
+from convllava.processing.templates import IMAGE_TOKEN
 
-TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny-tokenizer"
+TINY_TOKENIZER_DIR = Path(__file__).parents[1] / "assets" / "tiny-tokenizer"
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerBase:

@@ -8,8 +8,8 @@ from typing import Any
 from transformers import AutoConfig, LlamaConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from convllava.buckets import check_resolution
-from convllava.image_processing import MODES
+from convllava.processing.buckets import check_resolution
+from convllava.processing.image_processing import MODES
 
 PROJECTOR_TYPES = ("mlp2x_gelu", "linear")
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.processor import ConvLlavaProcessor
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.processing.processor import ConvLlavaProcessor
 
 
 @dataclass(frozen=True)

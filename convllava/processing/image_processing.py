@@ -15,17 +15,18 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from pydantic import model_validator
 from transformers import BaseImageProcessor, BatchFeature
 
-from convllava.buckets import (
-    MODES,
+from convllava.io.config import ConfigModel
+from convllava.processing.buckets import (  # MODES: re-exported (convllava.modeling.config, convllava.modeling.llava_checkpoint)
+    MODES,  # noqa: F401
     STRIDE,
     Bucket,
     Mode,
@@ -100,22 +101,21 @@ def load_image(
         raise ImageError(f"{name}: not a readable image ({type(e).__name__}: {e})") from e
 
 
-@dataclass(frozen=True)
-class ImageProcessorConfig:
+class ImageProcessorConfig(ConfigModel):
     resolution: int = 768
     mode: Mode = "bucket"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     max_aspect: float = 4.0
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> ImageProcessorConfig:
         check_resolution(self.resolution)
-        if self.mode not in MODES:
-            raise ValueError(f"mode: expected one of {MODES}, got {self.mode!r}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+        if min(self.std) <= 0:
             raise ValueError(f"mean/std: need three values each and positive std, got {self.mean} / {self.std}")
         if self.max_aspect < 1:
             raise ValueError(f"max_aspect must be >= 1, got {self.max_aspect}")
+        return self
 
 
 class ConvLlavaImageProcessor(BaseImageProcessor):
@@ -146,7 +146,7 @@ class ConvLlavaImageProcessor(BaseImageProcessor):
         return self.config.std
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image_processor_type": type(self).__name__, **asdict(self.config)}
+        return {"image_processor_type": type(self).__name__, **self.config.model_dump()}
 
     @property
     def fill(self) -> tuple[int, int, int]:
@@ -255,7 +255,7 @@ def _config_fields(kwargs: dict[str, Any]) -> dict[str, Any]:
     Raises:
         TypeError: a key that is not a field, so a misspelt option is never silently dropped.
     """
-    unknown = set(kwargs) - {f.name for f in fields(ImageProcessorConfig)}
+    unknown = set(kwargs) - set(ImageProcessorConfig.model_fields)
     if unknown:
         raise TypeError(f"unknown image processor option(s) {sorted(unknown)}")
     return {k: tuple(v) if k in ("mean", "std") else v for k, v in kwargs.items()}

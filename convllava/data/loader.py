@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from convllava.data import EpochPlan
-from convllava.shards import ShardSet
+from convllava.data.epochs import EpochPlan
+from convllava.data.shards import ShardSet
 
 Row = dict[str, Any]
 

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from convllava.buckets import STRIDE
-from convllava.config import ConvLlavaConfig
-from convllava.modeling import ConvLlavaForCausalLM
-from convllava.trainable import set_trainable
+from convllava.modeling.config import ConvLlavaConfig
+from convllava.modeling.model import ConvLlavaForCausalLM
+from convllava.modeling.trainable import set_trainable
+from convllava.processing.buckets import STRIDE
 
 FUSED_ATTENTION = "convllava_fused_attention_plan"
 
@@ -100,7 +100,7 @@ def measure_activations(
     image of `image_size` (H, W) whose visual tokens lead the sequence (None: text only).
 
     Args:
-        trainable: the stage's trainable groups (`convllava.trainable`); frozen parts save no activations.
+        trainable: the stage's trainable groups (`convllava.modeling.trainable`); frozen parts save no activations.
         attention: "fused" (flash-attn / sdpa's fused backends) or "eager" (the T×T matrix is kept).
     """
     if attention not in ("fused", "eager"):

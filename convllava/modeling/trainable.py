@@ -21,7 +21,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from convllava.modeling import ConvLlavaForCausalLM
+from convllava.modeling.model import ConvLlavaForCausalLM
 
 
 def group_prefixes(model: ConvLlavaForCausalLM) -> dict[str, list[str]]:

@@ -16,18 +16,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoProcessor, BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
+from transformers import BatchFeature, PreTrainedTokenizerBase, ProcessorMixin
 
-from convllava.buckets import num_visual_tokens
-from convllava.config import ConvLlavaConfig
-from convllava.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig, stack_images
-from convllava.labels import (
+from convllava.processing.buckets import num_visual_tokens
+from convllava.processing.image_processing import ConvLlavaImageProcessor, ImageProcessorConfig, stack_images
+from convllava.processing.labels import (
     IGNORE_INDEX,
     PreflightError,
     SequenceTooLongError,
@@ -35,9 +33,9 @@ from convllava.labels import (
     pad_batch,
     reply_membership,
 )
-from convllava.processor_config import ProcessorConfig, read_processor_config
-from convllava.templates import IMAGE_TOKEN, ConversationError, ConversationTemplate, get_template
-from convllava.tokenizer import encode_llava, ensure_special_tokens, load_tokenizer
+from convllava.processing.processor_config import ProcessorConfig, read_processor_config
+from convllava.processing.templates import IMAGE_TOKEN, ConversationError, ConversationTemplate, get_template
+from convllava.processing.tokenizer import encode_llava, ensure_special_tokens, load_tokenizer
 
 Images = Image.Image | Sequence[Image.Image] | None  # one sample's images
 
@@ -369,8 +367,7 @@ class ConvLlavaProcessor(ProcessorMixin):
     # ------------------------------------------------------------------ persistence
     def to_dict(self) -> dict[str, Any]:
         """processor_config.json: the ProcessorConfig, its image part nested as transformers nests image processors."""
-        fields = asdict(self.config)
-        del fields["image"]
+        fields = self.config.model_dump(exclude={"image"})
         return {"processor_class": type(self).__name__, **fields, "image_processor": self.image_processor.to_dict()}
 
     @classmethod
@@ -381,12 +378,3 @@ class ConvLlavaProcessor(ProcessorMixin):
         """
         directory = Path(pretrained_model_name_or_path)
         return cls(load_tokenizer(directory), read_processor_config(directory))
-
-
-AutoProcessor.register(ConvLlavaConfig, ConvLlavaProcessor, exist_ok=True)
-# One class for both of transformers' backend names: it resizes with PIL, as the released models' preprocessing did.
-AutoImageProcessor.register(
-    ConvLlavaConfig,
-    image_processor_classes=dict.fromkeys(("pil", "torchvision"), ConvLlavaImageProcessor),
-    exist_ok=True,
-)

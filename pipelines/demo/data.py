@@ -1,7 +1,7 @@
 """A seeded, reproducible LLaVA-format demo data set that a tiny ConvLLaVA model can learn on a CPU.
 
-Scenes of `pipelines.demo_scenes` (1–3 flat shapes on light canvases of varied size and aspect ratio) plus the
-real photos of `convllava.sample_images`, with captions, questions and held-out eval sets about them.
+Scenes of `pipelines.demo.scenes` (1–3 flat shapes on light canvases of varied size and aspect ratio) plus the
+real photos of `convllava.data.sample_images`, with captions, questions and held-out eval sets about them.
 Same seed → byte-identical files; a different seed → different data.
 
 Layout of OUTPUT:
@@ -33,10 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from pydantic import model_validator
 
+from convllava.data.sample_images import sample_photos
+from convllava.io.config import ConfigModel
 from convllava.metrics import GROUNDING_PROMPT
-from convllava.sample_images import sample_photos
-from pipelines.demo_scenes import COLORS, MAX_SHAPES, SHAPES, Scene, random_scene, render
+from pipelines.demo.scenes import COLORS, MAX_SHAPES, SHAPES, Scene, random_scene, render
 
 NUMBER_WORDS = ("zero", "one", "two", "three")
 DETAIL_FRACTION = 0.25  # instruct scenes that carry a small number and a question about it
@@ -55,8 +57,7 @@ PHOTO_QUESTION = "What is the main subject of this photo? Answer with one word."
 MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("red", "blue"): "purple"}
 
 
-@dataclass(frozen=True)
-class DemoDataConfig:
+class DemoDataConfig(ConfigModel):
     """How much demo data to generate: the defaults of `generate_demo_data`, `convllava demo-data` and a pipeline
     config's `demo_data` section.
 
@@ -74,13 +75,15 @@ class DemoDataConfig:
     eval: int = 200
     with_photos: bool = True
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> DemoDataConfig:
         for name in ("captions", "instruct", "eval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"demo data: {name} must be >= 0, got {getattr(self, name)}")
         if self.eval % 2:
             why = "POPE pairs one yes with one no question per scene"
             raise ValueError(f"demo data: eval must be even ({why}), got {self.eval}")
+        return self
 
     def generate(self, output: str | Path) -> DemoDataSummary:
         """Write this demo data set into `output` (see `generate_demo_data`)."""
@@ -104,7 +107,7 @@ class DemoDataSummary:
     def to_json(self) -> dict:
         data = asdict(self)
         del data["output"]
-        return {"generator": "pipelines.demo_data", **data}
+        return {"generator": "pipelines.demo.data", **data}
 
 
 def _a(name: str) -> str:
@@ -294,12 +297,15 @@ def _prepare(output: Path) -> None:
     """Make OUTPUT ready: new or empty, or a previous demo data set (whose files are replaced)."""
     if output.exists() and any(output.iterdir()):
         try:
-            ours = json.loads((output / "metadata.json").read_text()).get("generator") == "pipelines.demo_data"
+            ours = json.loads((output / "metadata.json").read_text()).get("generator") in (
+                "pipelines.demo.data",
+                "pipelines.demo_data",
+            )  # (its name before the move)
         except (OSError, ValueError, AttributeError):
             ours = False
         if not ours:
             raise FileExistsError(
-                f"{output} is not empty and holds no demo data set (no metadata.json from pipelines.demo_data); "
+                f"{output} is not empty and holds no demo data set (no metadata.json from pipelines.demo.data); "
                 "choose a new or empty folder"
             )
         for name in ("images", "eval"):
@@ -338,7 +344,8 @@ def generate_demo_data(
         ValueError: a negative count or an odd n_eval (named as DemoDataConfig's field).
         FileExistsError: `output` is not empty and is not an earlier demo data set.
     """
-    DemoDataConfig(seed, n_caption, n_instruct, n_eval, with_photos)  # the checks, in one place
+    # the checks, in one place
+    DemoDataConfig(seed=seed, captions=n_caption, instruct=n_instruct, eval=n_eval, with_photos=with_photos)
     output = Path(output)
     _prepare(output)
     builder = _Builder(output, seed)
@@ -354,7 +361,7 @@ def generate_demo_data(
         _write_jsonl(output / "eval" / f"{name}.jsonl", records)
     sources = [("captions", "captions.json"), ("instruct", "instruct.jsonl")]
     mixture = {"sources": [{"name": n, "annotations": a, "image_root": ".", "ratio": 1.0} for n, a in sources]}
-    header = f"# Demo data mixture written by pipelines.demo_data.generate_demo_data(seed={seed}).\n"
+    header = f"# Demo data mixture written by pipelines.demo.data.generate_demo_data(seed={seed}).\n"
     (output / "mixture.yaml").write_text(header + yaml.safe_dump(mixture, sort_keys=False))
 
     chance = {
