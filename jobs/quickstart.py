@@ -27,16 +27,16 @@ from jobs.train.config import CONFIG_DIR, StageConfig
 from jobs.train.local import METRICS_FILE, run_local
 
 QUICKSTART_CONFIG = CONFIG_DIR / "quickstart.yaml"
-# The photos' data is preprocessed as the stage's model reads it: the tiny preset's processor (resolution 256,
-# buckets, Vicuna template).
-PREPROCESS = {"resolution": 256, "mode": "bucket", "tokenizer": "tiny", "template": "vicuna_v1", "max_length": 512}
 
 
-def prepare_quickstart_data(workdir: str | Path) -> Path:
-    """The sample photos' data set in WORKDIR/data and its shards in WORKDIR/shards; returns the shards' folder.
+def prepare_quickstart_data(workdir: str | Path, stage: StageConfig) -> Path:
+    """The sample photos' data set in WORKDIR/data and its shards in WORKDIR/shards, preprocessed as the stage's
+    model reads them (its preset's resolution, image mode and template, the stage's tokenizer); returns the shards'
+    folder.
 
     The data set is written once: copying the photos again would give them new modification times, which
     preprocessing takes for changed images (new shards, which a finished run's checkpoint was not trained on)."""
+    from convllava.modeling.config import ConvLlavaConfig
     from pipelines.config import Mixture, PreprocessConfig
     from pipelines.demo.data import generate_demo_data
     from pipelines.preprocess import run_preprocess
@@ -46,7 +46,15 @@ def prepare_quickstart_data(workdir: str | Path) -> Path:
     if not (data / "metadata.json").is_file():  # written last
         generate_demo_data(data, n_caption=0, n_instruct=0, n_eval=0, with_photos=True)
     mixture = Mixture.from_yaml(data / "mixture.yaml")
-    run_preprocess(mixture, PreprocessConfig(**PREPROCESS), str(shards), echo=lambda *_: None, in_process=True)
+    model = ConvLlavaConfig.from_preset(stage.preset)
+    config = PreprocessConfig(
+        resolution=model.image_resolution,
+        mode=model.image_mode,
+        template=model.template,
+        tokenizer=stage.tokenizer,
+        max_length=512,
+    )
+    run_preprocess(mixture, config, str(shards), echo=lambda *_: None, in_process=True)
     return shards
 
 
@@ -65,9 +73,9 @@ def run_quickstart(workdir: str | Path = "work/quickstart", overrides: Sequence[
 
     workdir = Path(workdir)
     start = time.time()
-    shards = prepare_quickstart_data(workdir)
+    config = StageConfig.from_yaml(QUICKSTART_CONFIG, [f"data={workdir / 'shards'}", *overrides])
+    shards = prepare_quickstart_data(workdir, config)
     print(f"shards of {len(sample_photos())} photos (a caption and a subject each) in {shards}")
-    config = StageConfig.from_yaml(QUICKSTART_CONFIG, [f"data={shards}", *overrides])
     print(f"train: convllava train --local --config {QUICKSTART_CONFIG} --workdir {workdir} data={shards}")
     result = run_local(config, workdir / "runs")
     losses = [json.loads(line)[TRAIN_LOSS] for line in (workdir / "runs" / config.name / METRICS_FILE).open()]
