@@ -313,6 +313,35 @@ def check_storage(storage: str, storage_path: str, filesystem, config: StageConf
         )
 
 
+def final_checkpoint(config: StageConfig, result) -> tuple[str, dict[str, Any]]:
+    """(path, trainer state) of the checkpoint a finished stage hands on: Ray Train's latest registered one, unless
+    a newer one of the same run config is complete in the run's storage. That happens when a driver dies in the
+    second between the last upload and the controller's registration: the rerun resumes at the last step
+    (`resume_point`), trains nothing, reports nothing, and Ray Train still names the older checkpoint.
+
+    Never records an incomplete checkpoint, and never downloads one (100+ GB at the paper's scale): the ranks'
+    markers and the trainer state are checked against the storage listing.
+
+    Raises:
+        RuntimeError: the stage has no complete checkpoint at all.
+    """
+    from jobs.train.checkpoints import newest_complete, verify_stored_checkpoint
+
+    registered = None
+    if result.checkpoint is not None:
+        path = result.checkpoint.path
+        registered = path, verify_stored_checkpoint(result.checkpoint.filesystem, path)
+        if registered[1]["step"] == registered[1]["total_steps"]:
+            return registered
+    newest = newest_complete(result.filesystem, result.path)
+    if newest is not None and newest[1]["config_hash"] == config.config_hash():
+        if registered is None or newest[1]["step"] > registered[1]["step"]:
+            return newest
+    if registered is None:
+        raise RuntimeError(f"stage {config.name} finished without a checkpoint")
+    return registered
+
+
 def run_stage(
     config: StageConfig,
     storage: str,
@@ -339,7 +368,7 @@ def run_stage(
 
     from jobs.private_apis import StageTrainer
     from jobs.tracking.runs import best_effort, log_metric_rows, start_run
-    from jobs.train.checkpoints import TRAINER_STATE, verify_stored_checkpoint
+    from jobs.train.checkpoints import TRAINER_STATE
 
     config.check_runnable()
     # Workers run in another directory: local paths must be absolute before they travel.
@@ -431,12 +460,8 @@ def run_stage(
         best_effort(f"mark run {run_id} {status}", lambda: client(tracking_uri).set_terminated(run_id, status))
     if result.error:
         raise RuntimeError(f"stage {config.name} failed: {result.error}") from result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"stage {config.name} finished without a checkpoint")
-    # Never record an incomplete checkpoint, and never download it here (100+ GB at the paper's scale): what the
-    # ranks recorded is checked against the storage listing, reading only the markers and the trainer state.
-    state = verify_stored_checkpoint(result.checkpoint.filesystem, result.checkpoint.path)
-    checkpoint_uri = f"s3://{result.checkpoint.path}" if filesystem is not None else result.checkpoint.path
+    path, state = final_checkpoint(config, result)
+    checkpoint_uri = f"s3://{path}" if filesystem is not None else path
     if state["step"] != state["total_steps"]:
         raise RuntimeError(f"stage {config.name}: last checkpoint is at step {state['step']} of {state['total_steps']}")
     # Metrics rank 0 could not send before it finished (server down at the end): the driver tries once more.

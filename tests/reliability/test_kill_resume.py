@@ -22,10 +22,17 @@ from jobs.train.driver import run_stage
 pytestmark = pytest.mark.integration
 
 
-def test_killed_worker_resumes_exactly(shards, tmp_path):
-    tracking = default_tracking_uri(tmp_path)
+@pytest.fixture(scope="module")
+def uninterrupted(shards, tmp_path_factory):
+    """A stage of 8 steps run through without a failure, checkpointing every 2: (config, storage, tracking, result)."""
+    where = tmp_path_factory.mktemp("uninterrupted")
+    tracking = default_tracking_uri(where)
     config = tiny(1, shards, max_steps=8, checkpoint_every=2, keep_last=3)
-    reference = run_stage(config, str(tmp_path / "runs"), tracking_uri=tracking, run_name="reference")
+    return config, where / "runs", tracking, run_stage(config, str(where / "runs"), tracking, run_name="reference")
+
+
+def test_killed_worker_resumes_exactly(uninterrupted, tmp_path):
+    config, _, tracking, reference = uninterrupted
 
     outcome: dict = {}
     thread = threading.Thread(
@@ -50,6 +57,31 @@ def test_killed_worker_resumes_exactly(shards, tmp_path):
     history = loss_history(tracking, result.run_id)
     assert [s for s, _ in history] == list(range(1, 9))  # no duplicated steps after the restart
     assert [v for _, v in history] == [v for _, v in loss_history(tracking, reference.run_id)]
+
+
+def test_a_final_checkpoint_ray_train_never_registered_ends_the_stage(uninterrupted):
+    """The driver dies in the second after the last checkpoint is complete in storage and before Ray Train's
+    controller registers it (its record still names the one before): the rerun resumes at the last step, trains
+    nothing, and hands on the complete final checkpoint, not Ray Train's older one and not an error."""
+    config, storage, tracking, first = uninterrupted
+    snapshot_file = storage / "reference" / "checkpoint_manager_snapshot.json"
+    snapshot = json.loads(snapshot_file.read_text())
+    kept = ["checkpoint_000004", "checkpoint_000006", "checkpoint_000008"]
+    assert [r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]] == kept
+    # Ray Train's record as it stood after registering checkpoint 6 (the last report not yet counted)
+    snapshot["checkpoint_results"] = snapshot["checkpoint_results"][:-1]
+    snapshot["checkpoint_report_indices"] = snapshot["checkpoint_report_indices"][:-1]
+    snapshot["latest_checkpoint_result"] = snapshot["checkpoint_results"][-1]
+    snapshot["current_report_index"] -= 1
+    snapshot_file.write_text(json.dumps(snapshot))
+
+    again = run_stage(config, str(storage), tracking_uri=tracking, run_name="reference")
+    assert again.steps == first.steps == 8
+    assert again.checkpoint_uri == first.checkpoint_uri == str(storage / "reference" / "checkpoint_000008")
+    final, expected = stage_weights(again.model_uri), stage_weights(first.model_uri)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+    assert [s for s, _ in loss_history(tracking, first.run_id)] == list(range(1, 9))
+    assert loss_history(tracking, again.run_id) == []  # the rerun (its own MLflow run here) trained no step
 
 
 def test_killed_driver_resumes_without_redoing_finished_stages(tmp_path):
