@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 Overrides = Iterable[str] | Mapping[str, Any]
 
@@ -52,6 +52,20 @@ class ConfigModel(BaseModel):
     # Only the error type changes here: pydantic validates nested configs on its own path (not through this
     # `__init__`), so their errors keep the full field path. pydantic marks its own `__init__` the same way.
     __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_flag_number_swap(cls, value: Any, info: ValidationInfo) -> Any:
+        """pydantic's lax mode reads `true` as 1 for a number and 1, "yes" or "off" as a flag: `epochs: true` or
+        `freeze: 1` is a mistake in a config, never the meaning. A flag must be true/false and a number must not be
+        one. (Numbers written as strings stay accepted: PyYAML reads `lr: 1e-4` as the string '1e-4'.)"""
+        field = cls.model_fields.get(info.field_name or "")
+        kind = _scalar(field.annotation) if field else None
+        if kind is bool and not isinstance(value, bool) and value is not None:
+            raise ValueError(f"expected true or false (got {value!r})")
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError(f"expected a number, not {str(value).lower()}")
+        return value
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = "config", overrides: Overrides | None = None) -> Self:
@@ -183,6 +197,12 @@ def _set(tp: Any, data: dict[str, Any], parts: list[str], value: Any) -> None:
         data[head] = entries
     else:  # not a nested config: keep the dotted key so validation names it as unknown
         data[".".join(parts)] = value
+
+
+def _scalar(tp: Any) -> type | None:
+    """bool, int or float when a field is one of them (or optional), else None."""
+    tp = _strip_optional(tp)
+    return tp if tp in (bool, int, float) else None
 
 
 def _is_model(tp: Any) -> bool:

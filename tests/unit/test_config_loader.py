@@ -102,6 +102,12 @@ def test_nested_optional_list_tuple_dict_and_literal_values_are_typed():
         ({"name": 3, "inner": {"rate": 1}}, r"^{f}: name: Input should be a valid string \(got 3\)$"),
         ({"name": "x", "inner": {"rate": 1, "steps": 0}}, r"^{f}: inner: steps: must be >= 1, got 0$"),  # its own check
         ({"name": "x", "inner": [1]}, r"^{f}: inner: Input should be a valid dictionary .*\(got a list\)$"),
+        # pydantic's lax mode would read these as 1, True and False: a flag is true/false, a number is not one
+        ({"name": "x", "inner": {"rate": 1, "steps": True}}, r"^{f}: inner\.steps: expected a number, not true$"),
+        ({"name": "x", "inner": {"rate": False}}, r"^{f}: inner\.rate: expected a number, not false$"),
+        ({"name": "x", "inner": {"rate": 1}, "limit": True}, r"^{f}: limit: expected a number, not true$"),
+        ({"name": "x", "inner": {"rate": 1}, "flag": 1}, r"^{f}: flag: expected true or false \(got 1\)$"),
+        ({"name": "x", "inner": {"rate": 1}, "flag": "off"}, r"^{f}: flag: expected true or false \(got 'off'\)$"),
     ],
 )
 def test_yaml_errors_name_the_file_and_the_field_path(tmp_path, data, message):
@@ -145,6 +151,8 @@ def test_dotted_overrides_reach_nested_fields_and_replace_other_values_whole(tmp
         (["sizes=[1, x]"], r"^{f}: override sizes=\[1, \"x\"\]: sizes\[1\]: Input should be a valid integer"),
         (["inner.rate=[1"], r"^{f}: override 'inner\.rate=\[1': the value is not valid YAML"),
         (["inner.rate"], r"^{f}: override 'inner\.rate': expected key=value$"),
+        (["flag=1"], r"^{f}: override flag=1: flag: expected true or false \(got 1\)$"),
+        (["inner.steps=yes"], r"^{f}: override inner\.steps=true: inner\.steps: expected a number, not true$"),
     ],
 )
 def test_bad_overrides_name_the_file_the_override_and_the_field(tmp_path, items, message):
